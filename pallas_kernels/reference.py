@@ -1,0 +1,48 @@
+"""Element-wise masks and dense float32 attention: the reference every kernel is tested against."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def triangle_mask(seq_len: int, n_init: int, n_local: int, n_last: int) -> np.ndarray:
+    """Bool ``[seq_len, seq_len]``: ``mask[i, j]`` is True where query ``i`` sees key ``j``.
+
+    Written straight from the definition, O(T^2): for tests and small T only.
+    """
+    i = np.arange(seq_len)[:, None]
+    j = np.arange(seq_len)[None, :]
+    causal = j <= i
+    visible = (j < n_init) | (i - j < n_local) | (i >= seq_len - n_last)
+    return causal & visible
+
+
+def causal_mask(seq_len: int) -> np.ndarray:
+    """Bool ``[seq_len, seq_len]`` lower-triangular mask."""
+    return np.tril(np.ones((seq_len, seq_len), dtype=bool))
+
+
+def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | np.ndarray) -> jax.Array:
+    """Dense attention in float32 with an explicit bool mask ``[T, S]``; GQA by repeating K/V.
+
+    q ``[B, T, Hq, D]``, k/v ``[B, S, Hkv, D]``; returns ``[B, T, Hq, D]`` in q's dtype. Rows with no
+    visible key return zeros.
+    """
+    hq, hkv = q.shape[2], k.shape[2]
+    group = hq // hkv
+    qf = q.astype(jnp.float32)
+    kf = jnp.repeat(k.astype(jnp.float32), group, axis=2)
+    vf = jnp.repeat(v.astype(jnp.float32), group, axis=2)
+    scores = jnp.einsum("bthd,bshd->bhts", qf, kf, precision=jax.lax.Precision.HIGHEST)
+    scores = scores / np.sqrt(q.shape[-1])
+    mask = jnp.asarray(mask)[None, None]
+    scores = jnp.where(mask, scores, -jnp.inf)
+    peak = jnp.max(scores, axis=-1, keepdims=True)
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    weights = jnp.where(mask, jnp.exp(scores - peak), 0.0)
+    denom = jnp.sum(weights, axis=-1, keepdims=True)
+    probs = weights / jnp.where(denom == 0, 1.0, denom)
+    out = jnp.einsum("bhts,bshd->bthd", probs, vf, precision=jax.lax.Precision.HIGHEST)
+    return out.astype(q.dtype)

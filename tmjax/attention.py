@@ -1,0 +1,88 @@
+"""Public attention entry points; each backend is one module of ``tmjax.pallas_kernels``.
+
+A backend module exposes two functions with the same signature as below (minus ``implementation``):
+``triangle_attention(q, k, v, *, n_init, n_local, n_last, length)`` and
+``causal_attention(q, k, v, *, length)``. Backends are imported lazily so that a CPU install never
+imports GPU-only code.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import jax
+
+IMPLEMENTATIONS = ("xla", "triton", "mosaic_gpu", "tpu")
+
+
+def default_implementation() -> str:
+    """The backend ``implementation=None`` picks: Hopper -> mosaic_gpu, other CUDA -> triton,
+    TPU -> tpu, anything else -> xla."""
+    device = jax.devices()[0]
+    if device.platform == "gpu":
+        capability = getattr(device, "compute_capability", "0.0")
+        major = int(str(capability).split(".")[0])
+        return "mosaic_gpu" if major == 9 else "triton"
+    if device.platform == "tpu":
+        return "tpu"
+    return "xla"
+
+
+def _backend(implementation: str | None) -> ModuleType:
+    name = default_implementation() if implementation is None else implementation
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {name!r}; choose one of {IMPLEMENTATIONS} or None")
+    return importlib.import_module(f"tmjax.pallas_kernels.{name}")
+
+
+def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"q, k, v must be [B, T, H, D]; got shapes {q.shape}, {k.shape}, {v.shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {k.shape} vs {v.shape}")
+    b, t, hq, d = q.shape
+    if k.shape[0] != b or k.shape[1] != t or k.shape[3] != d:
+        raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch, length or head_dim")
+    if hq % k.shape[2]:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({k.shape[2]})")
+
+
+def triangle_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    n_init: int = 8,
+    n_local: int = 512,
+    n_last: int = 128,
+    length: int | jax.Array | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Triangle attention (sinks + local window + dense last rows), softmax scale ``D ** -0.5``.
+
+    q ``[B, T, Hq, D]``, k/v ``[B, T, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA: KV head j serves query
+    heads ``[j*g, (j+1)*g)``). ``length`` (static int or traced int32 scalar, default T) is the true
+    sequence length when the inputs are right-padded: the dense rows are ``[length - n_last, length)``
+    and output rows at or beyond ``length`` are unspecified. Returns ``[B, T, Hq, D]`` in q's dtype.
+    """
+    _check_shapes(q, k, v)
+    for name, value, low in (("n_init", n_init, 0), ("n_local", n_local, 1), ("n_last", n_last, 0)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    return _backend(implementation).triangle_attention(
+        q, k, v, n_init=n_init, n_local=n_local, n_last=n_last, length=length
+    )
+
+
+def causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    length: int | jax.Array | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Dense causal attention with the same layout, dtype and ``length`` rules as ``triangle_attention``."""
+    _check_shapes(q, k, v)
+    return _backend(implementation).causal_attention(q, k, v, length=length)
