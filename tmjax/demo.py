@@ -1,0 +1,120 @@
+"""``tmjax demo``: find a fact hidden in a long prompt with SmolLM2-135M-Instruct, dense vs TriangleMix.
+
+Builds a passkey-retrieval prompt (thousands of tokens of filler with one fact at a chosen depth), runs
+dense prefill + greedy decoding and TriangleMix prefill + greedy decoding, and prints the answers,
+prefill time, decode speed and whether both answers agree. Runs on the CPU (XLA attention) and uses
+the GPU when jax has one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+
+import jax
+import numpy as np
+
+FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
+
+
+def build_prompt(tokenizer, target_tokens: int, depth: float, seed: int) -> tuple[str, str]:
+    """Chat prompt of about ``target_tokens`` tokens hiding a passkey at ``depth`` (0..1); returns
+    (prompt text with the chat template applied, passkey)."""
+    passkey = str(random.Random(seed).randint(10000, 99999))
+    fact = f"The pass key is {passkey}. Remember it. {passkey} is the pass key. "
+    question = "What is the pass key? Answer with the number only."
+    filler_tokens = len(tokenizer.encode(FILLER, add_special_tokens=False))
+    repeats = max(1, (target_tokens - 60) // filler_tokens)
+    before = int(repeats * depth)
+    haystack = FILLER * before + fact + FILLER * (repeats - before)
+    intro = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
+    messages = [{"role": "user", "content": intro + haystack + "\n\n" + question}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text, passkey
+
+
+def _run(params, tokens: np.ndarray, layout, max_new_tokens: int, eos_id: int | None) -> dict:
+    """Prefill (timed after a compile run) then greedy decode step by step (timed)."""
+    import tmjax
+
+    batch = tokens[None, :]
+    t0 = time.perf_counter()
+    jax.block_until_ready(tmjax.prefill(params, batch, layout=layout))
+    compile_and_run = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    logits, cache = tmjax.prefill(params, batch, layout=layout)
+    jax.block_until_ready(logits)
+    prefill_s = time.perf_counter() - t0
+
+    out = [int(np.argmax(np.asarray(logits[0])))]
+    jax.block_until_ready(tmjax.decode_step(params, np.asarray(out[-1:], np.int32), cache))  # compile
+    t0 = time.perf_counter()
+    while len(out) < max_new_tokens and out[-1] != eos_id:
+        logits, cache = tmjax.decode_step(params, np.asarray(out[-1:], np.int32), cache)
+        out.append(int(np.argmax(np.asarray(logits[0]))))
+    decode_s = time.perf_counter() - t0
+    steps = len(out) - 1
+    return dict(
+        tokens=out,
+        prefill_s=prefill_s,
+        compile_s=max(compile_and_run - prefill_s, 0.0),
+        decode_tok_s=steps / decode_s if steps else float("nan"),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tmjax demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-tokens", type=int, default=4000, help="approximate prompt length (default 4000)")
+    parser.add_argument("--depth", type=float, default=0.4, help="where the fact sits, 0..1 (default 0.4)")
+    parser.add_argument("--switch-layer", type=int, default=None,
+                        help="first Triangle layer (default: the model's recommended layer, see README)")
+    parser.add_argument("--n-local", type=int, default=512)
+    parser.add_argument("--n-last", type=int, default=128)
+    parser.add_argument("--n-init", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.depth <= 1.0:
+        parser.error(f"--depth must be within 0..1, got {args.depth}")
+    if args.prompt_tokens < 200:
+        parser.error(f"--prompt-tokens must be at least 200, got {args.prompt_tokens}")
+
+    import tmjax
+    from tmjax.checkpoint import tokenizer as load_tokenizer
+    from tmjax.default_model import smollm2_checkpoint
+
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()})")
+    path = smollm2_checkpoint(args.dtype)
+    params = tmjax.load(path)
+    tokenizer = load_tokenizer(path)
+    num_layers = params.config.num_layers
+    switch = args.switch_layer if args.switch_layer is not None else DEFAULT_SWITCH_LAYER
+    layout = tmjax.TriangleMix(switch, n_init=args.n_init, n_local=args.n_local, n_last=args.n_last)
+    layout.check_layers(num_layers)
+
+    text, passkey = build_prompt(tokenizer, args.prompt_tokens, args.depth, args.seed)
+    tokens = np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int32)
+    print(f"model: SmolLM2-135M-Instruct ({num_layers} layers, {args.dtype}) from {path}")
+    print(f"prompt: {len(tokens)} tokens, pass key {passkey} hidden at depth {args.depth:.0%}")
+    print(f"TriangleMix: layers {switch}..{num_layers - 1} triangle "
+          f"(n_init={args.n_init}, n_local={args.n_local}, n_last={args.n_last})\n")
+
+    results = {}
+    for name, lay in (("dense", None), ("TriangleMix", layout)):
+        r = _run(params, tokens, lay, args.max_new_tokens, tokenizer.eos_token_id)
+        r["answer"] = tokenizer.decode(r["tokens"], skip_special_tokens=True).strip()
+        results[name] = r
+        print(f"{name:>12}: answer {r['answer']!r}  correct={passkey in r['answer']}  "
+              f"prefill {r['prefill_s']:.2f} s (compile {r['compile_s']:.1f} s)  decode {r['decode_tok_s']:.1f} tok/s")
+    same = results["dense"]["tokens"] == results["TriangleMix"]["tokens"]
+    speedup = results["dense"]["prefill_s"] / results["TriangleMix"]["prefill_s"]
+    print(f"\nTriangleMix answer identical to dense: {same}; prefill speed-up {speedup:.2f}x")
+    return 0
+
+
+# First Triangle layer for SmolLM2-135M-Instruct (30 layers).
+DEFAULT_SWITCH_LAYER = 15
