@@ -1,0 +1,271 @@
+"""Long-context tasks built offline from a seed, and their exact scorer.
+
+Every task hides a few facts in a long haystack and asks for them back. A generator first draws the
+facts from the seed, then grows the haystack (a prefix-stable stream of filler units) to the largest
+size whose prompt still fits ``max_tokens`` as counted by the caller's ``count`` (the model's tokenizer
+with its chat template), so the same seed gives the same sample for the same tokenizer and length.
+Each prompt ends with an answer prefix, so that the model's first generated token is the answer's
+first token: that is what the gradient probe and the first-token KL measure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+import string
+import zlib
+from collections.abc import Callable, Sequence
+
+TASKS = (
+    "niah_single",
+    "niah_multikey",
+    "niah_multivalue",
+    "kv_retrieval",
+    "variable_tracking",
+    "common_words",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One task instance: ``prompt`` is the user message, ``answer_prefix`` starts the reply."""
+
+    task: str
+    seed: int
+    prompt: str
+    answer_prefix: str
+    answers: tuple[str, ...]
+    max_new_tokens: int
+
+
+Counter = Callable[[Sample], int]
+
+# Plain sentences for the haystack; the needles are the only statements about codes or variables.
+_FILLER = (
+    "The river bends twice before it reaches the old mill.",
+    "Most of the village gathers at the market on the first morning of the month.",
+    "A cold wind came down from the hills and the shutters rattled all night.",
+    "She kept her notes in a green folder that never left her desk.",
+    "The train to the coast was late again, so the travellers played cards.",
+    "Bread from the corner bakery sells out before noon on most days.",
+    "The library moved its maps to the second floor after the flood.",
+    "Two gardeners argued politely about when to prune the apple trees.",
+    "The lighthouse keeper wrote a short letter to his sister every week.",
+    "Children raced paper boats along the gutter after the rain stopped.",
+    "The committee postponed its decision until the spring meeting.",
+    "An old clock in the hall gains a minute every few days.",
+    "The bridge was painted grey, then red, then grey once more.",
+    "Fishermen mended their nets in the shade of the harbour wall.",
+    "The museum opened a small room for drawings by local students.",
+    "A choir practised in the chapel while the snow kept falling.",
+    "Nobody remembered who had planted the row of chestnut trees.",
+    "The baker's cat slept on a sack of flour by the warm oven.",
+    "Clouds drifted east and the afternoon turned bright and quiet.",
+    "The road to the quarry is closed to heavy trucks in winter.",
+)
+
+# Keys for the needles: common concrete nouns, one or two tokens in most tokenizers.
+_KEYS = (
+    "anchor", "apple", "badger", "banner", "barrel", "basket", "beacon", "blanket", "bottle", "bridge",
+    "bucket", "butter", "cabin", "camera", "candle", "canyon", "carpet", "castle", "cellar", "cherry",
+    "circle", "closet", "cobalt", "compass", "copper", "cotton", "crystal", "dagger", "desert", "dragon",
+    "engine", "falcon", "feather", "fiddle", "forest", "fossil", "garden", "garlic", "glacier", "goblet",
+    "granite", "hammer", "harbor", "helmet", "hornet", "island", "jacket", "jungle", "kettle", "ladder",
+    "lantern", "lemon", "lizard", "magnet", "marble", "meadow", "mirror", "monkey", "mustard", "needle",
+    "noodle", "orange", "oyster", "paddle", "palace", "parrot", "pebble", "pencil", "pepper", "pillow",
+    "planet", "pocket", "puzzle", "rabbit", "ribbon", "rocket", "saddle", "salmon", "signal", "silver",
+    "spider", "spoon", "statue", "tablet", "teapot", "temple", "thunder", "ticket", "tiger", "tunnel",
+    "turtle", "velvet", "violin", "walnut", "wagon", "window", "wizard", "yogurt", "zebra", "zipper",
+)
+
+_SYLLABLE_ONSETS = "bdfgklmnprstvz"
+_SYLLABLE_VOWELS = "aeiou"
+
+
+def _rng(task: str, seed: int, stream: str) -> random.Random:
+    """An independent, platform-stable random stream per (task, seed, purpose)."""
+    return random.Random(zlib.crc32(f"{task}/{seed}/{stream}".encode()))
+
+
+def _number(rng: random.Random) -> str:
+    return str(rng.randint(1_000_000, 9_999_999))
+
+
+def _uuid(rng: random.Random) -> str:
+    hexdigits = "".join(rng.choice("0123456789abcdef") for _ in range(32))
+    return "-".join((hexdigits[:8], hexdigits[8:12], hexdigits[12:16], hexdigits[16:20], hexdigits[20:]))
+
+
+def _pseudo_words(rng: random.Random, count: int, exclude: set[str] = frozenset()) -> list[str]:
+    """``count`` distinct made-up words of three syllables (unlimited supply, no word list to ship)."""
+    words: list[str] = []
+    seen = set(exclude)
+    while len(words) < count:
+        word = "".join(rng.choice(_SYLLABLE_ONSETS) + rng.choice(_SYLLABLE_VOWELS) for _ in range(3))
+        if word not in seen:
+            seen.add(word)
+            words.append(word)
+    return words
+
+
+def _filler(task: str, seed: int, n: int) -> list[str]:
+    """The first ``n`` haystack sentences; the first ``n`` are the same whatever ``n`` is."""
+    rng = _rng(task, seed, "filler")
+    return [rng.choice(_FILLER) for _ in range(n)]
+
+
+def _insert(units: list[str], items: Sequence[str], depths: Sequence[float]) -> list[str]:
+    """``units`` with ``items[k]`` placed at relative depth ``depths[k]`` (0 = start, 1 = end)."""
+    out = list(units)
+    for item, depth in sorted(zip(items, depths), key=lambda pair: pair[1], reverse=True):
+        out.insert(round(depth * len(units)), item)
+    return out
+
+
+def _haystack_task(task: str, seed: int, n: int, needles: list[str], question: str, prefix: str,
+                   answers: tuple[str, ...], max_new_tokens: int, depths: list[float]) -> Sample:
+    intro = "Some facts are hidden in the long text below. Read it carefully; a question follows.\n\n"
+    body = " ".join(_insert(_filler(task, seed, n), needles, depths))
+    return Sample(task, seed, f"{intro}{body}\n\n{question}", prefix, answers, max_new_tokens)
+
+
+def _niah_single(seed: int, n: int) -> Sample:
+    rng = _rng("niah_single", seed, "facts")
+    key, value, depth = rng.choice(_KEYS), _number(rng), rng.random()
+    return _haystack_task(
+        "niah_single", seed, n, [f"The secret code for {key} is {value}."],
+        f"What is the secret code for {key}? Answer with the number only.",
+        f"The secret code for {key} is", (value,), 12, [depth],
+    )
+
+
+def _niah_multikey(seed: int, n: int, num_keys: int = 4) -> Sample:
+    rng = _rng("niah_multikey", seed, "facts")
+    keys = rng.sample(_KEYS, num_keys)
+    values = [_number(rng) for _ in keys]
+    depths = [rng.random() for _ in keys]
+    asked = rng.randrange(num_keys)
+    return _haystack_task(
+        "niah_multikey", seed, n, [f"The secret code for {k} is {v}." for k, v in zip(keys, values)],
+        f"What is the secret code for {keys[asked]}? Answer with the number only.",
+        f"The secret code for {keys[asked]} is", (values[asked],), 12, depths,
+    )
+
+
+def _niah_multivalue(seed: int, n: int, num_values: int = 4) -> Sample:
+    rng = _rng("niah_multivalue", seed, "facts")
+    key = rng.choice(_KEYS)
+    values = [_number(rng) for _ in range(num_values)]
+    depths = [rng.random() for _ in values]
+    return _haystack_task(
+        "niah_multivalue", seed, n, [f"One of the secret codes for {key} is {v}." for v in values],
+        f"List every secret code for {key} given in the text, separated by commas.",
+        f"The secret codes for {key} are", tuple(values), 12 * num_values, depths,
+    )
+
+
+def _kv_retrieval(seed: int, n: int) -> Sample:
+    rng = _rng("kv_retrieval", seed, "facts")
+    where = rng.random()
+    pairs_rng = _rng("kv_retrieval", seed, "filler")
+    pairs = [(_uuid(pairs_rng), _uuid(pairs_rng)) for _ in range(max(n, 1))]
+    key, value = pairs[min(int(where * len(pairs)), len(pairs) - 1)]
+    body = ",\n".join(f'  "{k}": "{v}"' for k, v in pairs)
+    prompt = (
+        "Below is a JSON object of key-value pairs; every key and value is a UUID.\n\n"
+        f"{{\n{body}\n}}\n\nWhat is the value of the key \"{key}\"? Answer with the UUID only."
+    )
+    return Sample("kv_retrieval", seed, prompt, f'The value of the key "{key}" is', (value,), 48)
+
+
+def _variable_tracking(seed: int, n: int, hops: int = 4) -> Sample:
+    rng = _rng("variable_tracking", seed, "facts")
+    names: list[str] = []
+    while len(names) < hops + 1:
+        name = "".join(rng.choice(string.ascii_uppercase) for _ in range(5))
+        if name not in names:
+            names.append(name)
+    value = str(rng.randint(10_000, 99_999))
+    statements = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+    depths = sorted(rng.random() for _ in statements)  # the chain reads in order
+    intro = "Track the chain of variable assignments hidden in the text below.\n\n"
+    body = " ".join(_insert(_filler("variable_tracking", seed, n), statements, depths))
+    question = f"Which variables hold the value {value}, directly or through other variables? List them all."
+    prefix = f"The variables that hold the value {value} are"
+    return Sample("variable_tracking", seed, f"{intro}{body}\n\n{question}", prefix, tuple(names), 8 * (hops + 1))
+
+
+def _common_words(seed: int, n: int, num_common: int = 10) -> Sample:
+    rng = _rng("common_words", seed, "facts")
+    common = _pseudo_words(rng, num_common)
+    rare = _pseudo_words(_rng("common_words", seed, "filler"), max(n, 1), exclude=set(common))
+    repeats = max(3, round(0.03 * len(rare)))
+    words = rare + [w for w in common for _ in range(repeats)]
+    _rng("common_words", seed, f"order/{n}").shuffle(words)
+    listing = "\n".join(f"{i + 1}. {w}" for i, w in enumerate(words))
+    prompt = (
+        "Below is a numbered list of words. A few of them appear many times, the others once.\n\n"
+        f"{listing}\n\nWhich {num_common} words appear most often in the list? List them, separated by commas."
+    )
+    prefix = f"The {num_common} words that appear most often are"
+    return Sample("common_words", seed, prompt, prefix, tuple(common), 6 * num_common)
+
+
+_BUILDERS: dict[str, Callable[[int, int], Sample]] = {
+    "niah_single": _niah_single,
+    "niah_multikey": _niah_multikey,
+    "niah_multivalue": _niah_multivalue,
+    "kv_retrieval": _kv_retrieval,
+    "variable_tracking": _variable_tracking,
+    "common_words": _common_words,
+}
+
+
+def generate(task: str, *, seed: int, max_tokens: int, count: Counter) -> Sample:
+    """The sample of ``task`` for ``seed`` with the largest haystack whose ``count(sample)`` (the
+    prompt's token count, chat template and answer prefix included) is at most ``max_tokens``.
+
+    Raises ``ValueError`` for an unknown task, or when even the smallest haystack does not fit.
+    """
+    if task not in _BUILDERS:
+        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    build = _BUILDERS[task]
+    if count(build(seed, 1)) > max_tokens:
+        raise ValueError(f"max_tokens={max_tokens} is too small for task {task!r}: the smallest prompt "
+                         f"has {count(build(seed, 1))} tokens")
+    low, high = 1, 2  # invariant: build(low) fits; grow ``high`` until it does not
+    while count(build(seed, high)) <= max_tokens:
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        if count(build(seed, mid)) <= max_tokens:
+            low = mid
+        else:
+            high = mid
+    return build(seed, low)
+
+
+def generate_suite(tasks: Sequence[str], *, samples_per_task: int, seed: int, max_tokens: int,
+                   count: Counter) -> list[Sample]:
+    """``samples_per_task`` samples of each task; sample ``k`` of every task uses seed ``seed + k``."""
+    if samples_per_task < 1:
+        raise ValueError(f"samples_per_task must be >= 1, got {samples_per_task}")
+    return [generate(t, seed=seed + k, max_tokens=max_tokens, count=count)
+            for t in tasks for k in range(samples_per_task)]
+
+
+def _found(answer: str, output: str) -> bool:
+    """Whether ``answer`` occurs in ``output`` as a whole word (not inside a longer word or number)."""
+    pattern = rf"(?<![0-9A-Za-z]){re.escape(answer)}(?![0-9A-Za-z])"
+    return re.search(pattern, output, flags=re.IGNORECASE) is not None
+
+
+def score(output: str, answers: Sequence[str]) -> float:
+    """Fraction of the expected ``answers`` that appear, each as a whole word, in ``output``.
+
+    Case-insensitive; ``1234567`` is not found in ``12345678``. A one-answer task scores 0 or 1.
+    """
+    if not answers:
+        raise ValueError("score needs at least one expected answer, got none")
+    return sum(_found(a, output) for a in answers) / len(answers)
