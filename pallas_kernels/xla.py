@@ -1,0 +1,191 @@
+"""Blocked attention in plain XLA: the portable backend, O(T) memory for the triangle.
+
+Nothing here builds a ``[T, T]`` matrix. The triangle runs in two parts: a *band* pass where each
+block of queries gathers only its sink keys and the block-aligned keys of its local window (masked
+token-exactly), then the dense last rows, computed as ``n_last`` queries against all keys with an
+online softmax over key chunks and written over the band result. Dense causal attention walks key
+chunks up to the diagonal with the same online softmax. GQA stays native: q is viewed as
+``[B, T, Hkv, G, D]`` and K/V are never repeated. Scores, softmax and accumulation are float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+# Query rows per band block; a band chunk (one loop step) is up to _BAND_CHUNK_BLOCKS blocks.
+_BAND_BLOCK = 64
+_BAND_CHUNK_BLOCKS = 16
+# Query and key rows per step of the online-softmax passes (causal and the dense last rows).
+_CHUNK = 512
+# Finite "minus infinity": masked scores never produce inf - inf = nan.
+_MASKED = -0.7 * float(np.finfo(np.float32).max)
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _round_up(a: int, b: int) -> int:
+    return _cdiv(a, b) * b
+
+
+def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
+    """Right-pad axis 1 with zeros to ``rows``; the padded positions are masked by causality."""
+    extra = rows - x.shape[1]
+    if extra == 0:
+        return x
+    return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
+
+
+def _resolve_length(length: int | jax.Array | None, seq_len: int) -> int | jax.Array:
+    """Static lengths are checked; a traced length is clipped to ``[0, T]`` to keep indices in range."""
+    if length is None:
+        return seq_len
+    if isinstance(length, (int, np.integer)) and not isinstance(length, bool):
+        if not 0 < length <= seq_len:
+            raise ValueError(f"length must be in [1, {seq_len}] (the padded length), got {length}")
+        return int(length)
+    length = jnp.asarray(length)
+    if length.ndim != 0 or not jnp.issubdtype(length.dtype, jnp.integer):
+        raise ValueError(f"length must be an int or an integer scalar array, got {length.dtype}{list(length.shape)}")
+    return jnp.clip(length.astype(jnp.int32), 0, seq_len)
+
+
+def _scores(q: jax.Array, k: jax.Array, subscripts: str) -> jax.Array:
+    scale = q.shape[-1] ** -0.5
+    return jnp.einsum(subscripts, q, k, precision=_HIGHEST, preferred_element_type=jnp.float32) * scale
+
+
+def _online_rows(
+    q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, n_key_chunks: int | jax.Array, chunk: int
+) -> jax.Array:
+    """Causal attention of query rows at positions ``q_pos`` over key chunks ``[0, n_key_chunks)``.
+
+    q ``[B, R, Hkv, G, D]``, k/v ``[B, S, Hkv, D]`` with ``S`` a multiple of ``chunk``. Returns the
+    normalised float32 output ``[B, R, Hkv, G, D]``; rows that saw no key are zero.
+    """
+    b, r, hkv, g, d = q.shape
+
+    def step(c, carry):
+        peak, total, acc = carry
+        kc = lax.dynamic_slice_in_dim(k, c * chunk, chunk, axis=1)
+        vc = lax.dynamic_slice_in_dim(v, c * chunk, chunk, axis=1).astype(jnp.float32)
+        visible = (c * chunk + jnp.arange(chunk))[None, :] <= q_pos[:, None]  # [R, chunk]
+        s = jnp.where(visible, _scores(q, kc, "bqhgd,bkhd->bhgqk"), _MASKED)
+        new_peak = jnp.maximum(peak, s.max(axis=-1))
+        p = jnp.where(visible, jnp.exp(s - new_peak[..., None]), 0.0)
+        rescale = jnp.exp(peak - new_peak)
+        total = total * rescale + p.sum(axis=-1)
+        acc = acc * rescale[..., None] + jnp.einsum("bhgqk,bkhd->bhgqd", p, vc, precision=_HIGHEST)
+        return new_peak, total, acc
+
+    init = (
+        jnp.full((b, hkv, g, r), _MASKED, jnp.float32),
+        jnp.zeros((b, hkv, g, r), jnp.float32),
+        jnp.zeros((b, hkv, g, r, d), jnp.float32),
+    )
+    _, total, acc = lax.fori_loop(0, n_key_chunks, step, init)
+    out = acc / jnp.where(total == 0, 1.0, total)[..., None]
+    return out.transpose(0, 3, 1, 2, 4)
+
+
+def _band(q: jax.Array, k: jax.Array, v: jax.Array, n_init: int, n_local: int, length: int | jax.Array) -> jax.Array:
+    """Sinks + local window for every row; q ``[B, T, Hkv, G, D]``, output in q's dtype.
+
+    Query block ``[s, s + bq)`` gathers keys ``[0, n_init)`` and ``[s - halo, s + bq)``, where the
+    halo is the window's reach rounded up to whole blocks; window keys below ``n_init`` are masked
+    so that a sink is never counted twice. Chunks wholly at or beyond ``length`` are skipped.
+    """
+    b, t, hkv, g, d = q.shape
+    bq = min(_BAND_BLOCK, _round_up(t, 8))
+    n_blocks = _cdiv(t, bq)
+    n_chunks = _cdiv(n_blocks, _BAND_CHUNK_BLOCKS)
+    blocks_per_chunk = _cdiv(n_blocks, n_chunks)
+    rows = blocks_per_chunk * bq
+    padded = n_chunks * rows
+    halo = _round_up(n_local - 1, bq)
+    qp, kp, vp = (_pad_rows(x, padded) for x in (q, k, v))
+
+    # Key positions seen by each query block of a chunk, relative to the chunk's first row.
+    block_start = np.arange(blocks_per_chunk)[:, None] * bq
+    window = block_start - halo + np.arange(halo + bq)[None, :]
+    sinks = np.broadcast_to(np.arange(n_init)[None, :], (blocks_per_chunk, n_init))
+    is_sink = np.concatenate([np.ones_like(sinks, bool), np.zeros_like(window, bool)], axis=1)
+    row_offset = block_start + np.arange(bq)[None, :]  # [C, bq]
+
+    def chunk(c, out):
+        row0 = c * rows
+        key_pos = jnp.concatenate([jnp.asarray(sinks), row0 + window], axis=1)  # [C, K]
+        query_pos = row0 + row_offset
+        i, j = query_pos[:, :, None], key_pos[:, None, :]
+        visible = (j <= i) & (jnp.asarray(is_sink)[:, None, :] | ((j >= n_init) & (i - j < n_local)))
+        index = jnp.clip(key_pos, 0, padded - 1)
+        kc, vc = (jnp.take(x, index, axis=1) for x in (kp, vp))  # [B, C, K, Hkv, D]
+        qc = lax.dynamic_slice_in_dim(qp, row0, rows, axis=1).reshape(b, blocks_per_chunk, bq, hkv, g, d)
+        mask = visible[None, :, None, None]  # [1, C, 1, 1, bq, K]
+        s = jnp.where(mask, _scores(qc, kc, "bcqhgd,bckhd->bchgqk"), _MASKED)
+        p = jnp.where(mask, jnp.exp(s - s.max(axis=-1, keepdims=True)), 0.0)
+        total = p.sum(axis=-1)
+        o = jnp.einsum("bchgqk,bckhd->bchgqd", p, vc.astype(jnp.float32), precision=_HIGHEST)
+        o = o / jnp.where(total == 0, 1.0, total)[..., None]
+        o = o.transpose(0, 1, 4, 2, 3, 5).reshape(b, rows, hkv, g, d)
+        return lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), row0, axis=1)
+
+    out = lax.fori_loop(0, _cdiv(length, rows), chunk, jnp.zeros(qp.shape, q.dtype))
+    return out[:, :t]
+
+
+def triangle_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    n_init: int,
+    n_local: int,
+    n_last: int,
+    length: int | jax.Array | None = None,
+) -> jax.Array:
+    """Triangle attention (see ``tmjax.triangle_attention``) in O(T) memory and work."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    length = _resolve_length(length, t)
+    qg = q.reshape(b, t, hkv, hq // hkv, d)
+    out = _band(qg, k, v, n_init=min(n_init, t), n_local=min(n_local, t), length=length)
+    n_dense = min(n_last, t)
+    if n_dense:
+        start = jnp.clip(length - n_last, 0, t - n_dense)
+        chunk = min(_CHUNK, _round_up(t, 8))
+        kp, vp = (_pad_rows(x, _round_up(t, chunk)) for x in (k, v))
+        rows = lax.dynamic_slice_in_dim(qg, start, n_dense, axis=1)
+        dense = _online_rows(rows, start + jnp.arange(n_dense), kp, vp, _cdiv(start + n_dense, chunk), chunk)
+        out = lax.dynamic_update_slice_in_dim(out, dense.astype(out.dtype), start, axis=1)
+    return out.reshape(b, t, hq, d)
+
+
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, length: int | jax.Array | None = None
+) -> jax.Array:
+    """Dense causal attention, one query chunk at a time over key chunks up to its diagonal."""
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    length = _resolve_length(length, t)
+    chunk = min(_CHUNK, _round_up(t, 8))
+    padded = _round_up(t, chunk)
+    qp = _pad_rows(q.reshape(b, t, hkv, hq // hkv, d), padded)
+    kp, vp = (_pad_rows(x, padded) for x in (k, v))
+    live_chunks = _cdiv(length, chunk)
+
+    def query_chunk(c, out):
+        row0 = c * chunk
+        rows = lax.dynamic_slice_in_dim(qp, row0, chunk, axis=1)
+        o = _online_rows(rows, row0 + jnp.arange(chunk), kp, vp, c + 1, chunk)
+        return lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), row0, axis=1)
+
+    out = lax.fori_loop(0, live_chunks, query_chunk, jnp.zeros(qp.shape, q.dtype))
+    return out[:, :t].reshape(b, t, hq, d)
