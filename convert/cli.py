@@ -1,0 +1,139 @@
+"""``tmjax convert SRC DST``: a Hugging Face folder or a GGUF file -> a tmjax checkpoint.
+
+Everything that can be checked before writing is checked first (destination, config, tensor names);
+tensors are then streamed one at a time into the target tree, which is saved all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from tmjax.checkpoint import DTYPES
+from tmjax.convert import writer
+from tmjax.convert.mapping import expected_hf_names, unexpected_hf_names, weights_from_hf
+from tmjax.models.config import ModelConfig
+
+_LISTED = 5  # how many offending tensor names an error message shows
+
+
+def open_source(src: Path):
+    """A ``SafetensorsSource`` for a folder, a ``GGUFSource`` for a ``.gguf`` file."""
+    if src.is_dir():
+        from tmjax.convert.safetensors_source import SafetensorsSource
+
+        return SafetensorsSource(src)
+    if src.is_file() and src.suffix.lower() == ".gguf":
+        from tmjax.convert.gguf_source import GGUFSource
+
+        return GGUFSource(src)
+    raise ValueError(f"source {src} is neither a Hugging Face model folder nor a .gguf file")
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(repr(n) for n in names[:_LISTED])
+    return shown + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
+
+
+def check_tensor_names(config: ModelConfig, names: list[str], src: Path) -> None:
+    """Fail before any work if the source lacks a tensor the model needs or has one it cannot place."""
+    present = set(names)
+    missing = [n for n in expected_hf_names(config) if n not in present]
+    if missing:
+        raise ValueError(f"{src}: missing tensor(s) {_names(missing)}")
+    extra = unexpected_hf_names(config, names)
+    if extra:
+        raise ValueError(f"{src}: unexpected tensor(s) {_names(extra)} for this {config.architecture} config")
+
+
+@contextlib.contextmanager
+def _progress(total: int, enabled: bool) -> Iterator[Callable[[str], None]]:
+    if not enabled:
+        yield lambda name: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("converting tensors", total=total)
+        yield lambda name: bar.advance(task)
+
+
+def convert(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", force: bool = False,
+            progress: bool = True) -> Path:
+    """Convert ``src`` into a tmjax checkpoint at ``dst`` (returned, absolute).
+
+    Raises ``ValueError`` for bad input and ``FileExistsError`` for an existing ``dst`` (without
+    ``force``); either way nothing is left at ``dst``.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    src, dst = Path(src).absolute(), Path(dst).absolute()
+    writer.check_destination(dst, force)
+    if not src.exists():
+        raise ValueError(f"source {src} does not exist")
+    with open_source(src) as source:
+        try:
+            config = ModelConfig.from_hf(source.hf_config)
+        except ValueError as err:
+            raise ValueError(f"{src}: cannot map its config: {err}") from None
+        names = source.names()
+        check_tensor_names(config, names, src)
+        with writer.staged_output(dst, force=force) as staging:
+            with _progress(len(expected_hf_names(config)), progress) as advance:
+                weights = weights_from_hf(config, source.get_tensor, dtype, on_tensor=advance)
+            writer.save_weights(staging, weights)
+            del weights
+            writer.write_config(staging, source.hf_config)
+            source.write_side_files(staging)
+            writer.write_meta(staging, dtype=dtype, source=str(src), source_format=source.FORMAT)
+    return dst
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tmjax convert",
+        description="Convert a Hugging Face model folder (config.json + safetensors) or a .gguf file "
+        "into a tmjax checkpoint folder (config.json, tmjax.json, orbax weights, tokenizer files).",
+    )
+    parser.add_argument("src", type=Path, help="Hugging Face model folder or .gguf file")
+    parser.add_argument("dst", type=Path, help="checkpoint folder to create")
+    parser.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="weight dtype (default bfloat16)")
+    parser.add_argument("--force", action="store_true", help="replace an existing checkpoint at DST")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``tmjax convert``; returns the process exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # --help or a usage error (argparse has printed it)
+        return int(exit_.code or 0)
+    previous = signal.getsignal(signal.SIGTERM)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if in_main_thread:  # SIGTERM cleans up like Ctrl-C instead of killing mid-write
+        signal.signal(signal.SIGTERM, _terminate)
+    try:
+        dst = convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=not args.quiet)
+    except (ValueError, FileExistsError, OSError) as err:
+        print(f"tmjax convert: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"tmjax convert: interrupted; nothing was written to {args.dst}", file=sys.stderr)
+        return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    print(f"tmjax convert: wrote {dst} ({args.dtype})", file=sys.stderr)
+    return 0
