@@ -1,0 +1,136 @@
+"""What the Pallas backends share: input checks, padding, and the two-pass Triangle driver.
+
+Triangle attention = a band (sinks + local window, causal) that a static block table describes over
+the padded length, plus the dense last rows ``[length - n_last, length)``, whose position depends on
+the true ``length`` (possibly a traced scalar). So every backend runs:
+
+1. the band pass: a block-sparse kernel following ``block_tables.band_table`` over all rows;
+2. the last-rows pass: the ``n_last`` rows starting at ``start = length - n_last`` (a dynamic slice)
+   against every earlier key, with ``start`` given to the kernel as a scalar; GPU backends split it
+   over KV chunks and merge the chunks by log-sum-exp;
+3. a splice: rows in ``[length - n_last, length)`` take the last-rows result.
+
+Dense causal attention is the band pass alone with ``block_tables.causal_table``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tmjax.pallas_kernels.block_tables import BlockTable, band_table, causal_table
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+SUPPORTED_HEAD_DIMS = (64, 128)
+# Finite stand-in for -inf: a row whose keys so far are all masked keeps finite statistics, and the
+# first visible key wipes them out (its rescale factor exp2(MASK - m) is exactly 0).
+MASK_VALUE = -1e30
+LOG2E = math.log2(math.e)
+
+BandPass = Callable[[jax.Array, jax.Array, jax.Array, BlockTable], jax.Array]
+RowsPass = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, backend: str) -> None:
+    """Raise ``ValueError`` for dtypes or head dims the Pallas kernels do not implement."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.dtype(x.dtype) not in SUPPORTED_DTYPES:
+            raise ValueError(f"{backend} attention supports bfloat16 and float16 inputs; {name} is {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"{backend} attention supports head_dim in {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]} "
+            "(use implementation='xla' for other head dims)"
+        )
+
+
+def round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def pad_seq(x: jax.Array, padded_len: int) -> jax.Array:
+    """Right-pad axis 1 with zeros to ``padded_len`` (no copy when already that long)."""
+    extra = padded_len - x.shape[1]
+    if extra == 0:
+        return x
+    return jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))
+
+
+def true_length(length: int | jax.Array | None, seq_len: int) -> jax.Array:
+    """``length`` as an int32 scalar (``None`` means ``seq_len``); a static int is range-checked."""
+    if length is None:
+        return jnp.int32(seq_len)
+    if isinstance(length, (int, np.integer)) and not isinstance(length, bool):
+        if not 1 <= length <= seq_len:
+            raise ValueError(f"length must be in [1, {seq_len}], got {length}")
+    return jnp.asarray(length, jnp.int32)
+
+
+def merge_partials(out: jax.Array, lse: jax.Array) -> jax.Array:
+    """Combine attention over disjoint key chunks (axis 0), normalised per chunk.
+
+    ``out`` ``[C, ..., D]`` (float32), ``lse`` ``[C, ...]`` log-sum-exp in base 2 (``-inf`` for a
+    chunk with no key). Returns the float32 result over all chunks.
+    """
+    peak = jnp.max(lse, axis=0)
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    weight = jnp.exp2(lse - peak)
+    total = jnp.sum(weight, axis=0)
+    merged = jnp.sum(weight[..., None] * out, axis=0)
+    return merged / jnp.where(total == 0, 1.0, total)[..., None]
+
+
+def triangle_two_pass(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    n_init: int,
+    n_local: int,
+    n_last: int,
+    length: int | jax.Array | None,
+    block_q: int,
+    block_kv: int,
+    rows_block: int,
+    band_pass: BandPass,
+    rows_pass: RowsPass,
+) -> jax.Array:
+    """Triangle attention from a backend's band pass and last-rows pass (see the module docstring).
+
+    ``band_pass(q, k, v, table)`` gets inputs padded to a multiple of both block sizes;
+    ``rows_pass(q_rows, k, v, start)`` gets ``R`` query rows (``R`` = ``min(n_last, T)`` rounded up to
+    ``rows_block``) whose first row sits at position ``start`` (int32 scalar) and returns their
+    attention over all keys ``<= row``, ``[B, R, Hq, D]``.
+    """
+    seq_len = q.shape[1]
+    padded = round_up(seq_len, math.lcm(block_q, block_kv, rows_block))
+    qp, kp, vp = (pad_seq(x, padded) for x in (q, k, v))
+    table = band_table(padded, block_q, block_kv, n_init=n_init, n_local=n_local)
+    out = band_pass(qp, kp, vp, table)
+    if n_last > 0:
+        length = true_length(length, seq_len)
+        rows = round_up(min(n_last, seq_len), rows_block)
+        start = jnp.clip(length - n_last, 0, padded - rows).astype(jnp.int32)
+        q_rows = jax.lax.dynamic_slice_in_dim(qp, start, rows, axis=1)
+        last = rows_pass(q_rows, kp, vp, start)
+        band_rows = jax.lax.dynamic_slice_in_dim(out, start, rows, axis=1)
+        dense = (start + jnp.arange(rows)) >= length - n_last
+        spliced = jnp.where(dense[None, :, None, None], last.astype(out.dtype), band_rows)
+        out = jax.lax.dynamic_update_slice_in_dim(out, spliced, start, axis=1)
+    return out[:, :seq_len]
+
+
+def causal_one_pass(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int, block_kv: int, band_pass: BandPass
+) -> jax.Array:
+    """Dense causal attention: the band pass over a causal table (right padding needs no ``length``:
+    a query before the true length never sees a key after it)."""
+    seq_len = q.shape[1]
+    padded = round_up(seq_len, math.lcm(block_q, block_kv))
+    qp, kp, vp = (pad_seq(x, padded) for x in (q, k, v))
+    return band_pass(qp, kp, vp, causal_table(padded, block_q, block_kv))[:, :seq_len]

@@ -1,0 +1,230 @@
+"""Triangle and causal attention as Pallas Mosaic TPU kernels with scalar-prefetched block tables.
+
+The layout is head-major (``[B, Hkv, G, T, D]`` for queries, ``[B, Hkv, T, D]`` for K/V) so that one
+program holds the ``G`` query heads of a KV group as one ``[G * block_q, D]`` tile and each K/V
+block is fetched once for all of them. The grid's last axis walks a table row: the tables sit in
+scalar memory (``PrefetchScalarGridSpec``), the K/V index maps read the listed block of each step,
+and steps past the row's count repeat its last block, which the pipeline does not fetch again. The
+last rows run over a grid of every key block, clamped to the last one that their rows can see.
+
+Tested in the Pallas interpreter (``interpret=True`` or ``TMJAX_PALLAS_INTERPRET=1``); not yet run
+on TPU hardware.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from tmjax.pallas_kernels import _common
+from tmjax.pallas_kernels.block_tables import BlockTable
+
+BLOCK_Q = 128
+BLOCK_KV = 128
+INTERPRET_BLOCK = 16
+
+
+def _interpret(flag: bool | None) -> bool:
+    if flag is not None:
+        return flag
+    return os.environ.get("TMJAX_PALLAS_INTERPRET", "") not in ("", "0")
+
+
+def _step(q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, row0, col0, masked, block_q, scale, n_init, n_local):
+    """One key block of the online softmax for the packed ``[G * block_q, D]`` query tile."""
+    q = q_ref[...].reshape(-1, q_ref.shape[-1])
+    k, v = k_ref[...], v_ref[...]
+    qk = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    qk = qk * (scale * _common.LOG2E)
+    if masked:
+        rows = row0 + jax.lax.broadcasted_iota(jnp.int32, qk.shape, 0) % block_q
+        cols = col0 + jax.lax.broadcasted_iota(jnp.int32, qk.shape, 1)
+        visible = cols <= rows
+        if n_local is not None:
+            visible &= (cols < n_init) | (rows - cols < n_local)
+        qk = jnp.where(visible, qk, _common.MASK_VALUE)
+    m_prev = m_ref[...]
+    m_new = jnp.maximum(m_prev, jnp.max(qk, axis=1, keepdims=True))
+    alpha = jnp.exp2(m_prev - m_new)
+    p = jnp.exp2(qk - m_new)
+    l_ref[...] = l_ref[...] * alpha + jnp.sum(p, axis=1, keepdims=True)
+    pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    acc_ref[...] = acc_ref[...] * alpha + pv
+    m_ref[...] = m_new
+
+
+def _init(acc_ref, m_ref, l_ref):
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+    m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
+    l_ref[...] = jnp.zeros_like(l_ref)
+
+
+def _write(o_ref, acc_ref, l_ref):
+    l = l_ref[...]
+    out = acc_ref[...] / jnp.where(l == 0, 1.0, l)
+    o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
+
+
+def _band_kernel(kv_index_ref, num_full_ref, num_steps_ref, q_ref, k_ref, v_ref, o_ref, acc_ref, m_ref, l_ref, *, max_steps, block_q, block_kv, scale, n_init, n_local):
+    qb, s = pl.program_id(2), pl.program_id(3)
+    n_full, n_steps = num_full_ref[qb], num_steps_ref[qb]
+    step = functools.partial(
+        _step, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, row0=qb * block_q,
+        col0=kv_index_ref[qb * max_steps + s] * block_kv, block_q=block_q, scale=scale, n_init=n_init, n_local=n_local,
+    )
+    pl.when(s == 0)(lambda: _init(acc_ref, m_ref, l_ref))
+    pl.when(s < n_full)(lambda: step(masked=False))
+    pl.when((s >= n_full) & (s < n_steps))(lambda: step(masked=True))
+    pl.when(s == max_steps - 1)(lambda: _write(o_ref, acc_ref, l_ref))
+
+
+def _rows_kernel(start_ref, q_ref, k_ref, v_ref, o_ref, acc_ref, m_ref, l_ref, *, num_blocks, rows, block_kv, scale):
+    s = pl.program_id(2)
+    start = start_ref[0]
+    last_needed = (start + rows - 1) // block_kv
+    step = functools.partial(
+        _step, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, row0=start, col0=s * block_kv,
+        block_q=rows, scale=scale, n_init=0, n_local=None,
+    )
+    full = (s + 1) * block_kv <= start + 1  # every key of the block precedes the first row
+    pl.when(s == 0)(lambda: _init(acc_ref, m_ref, l_ref))
+    pl.when(full)(lambda: step(masked=False))
+    pl.when(~full & (s <= last_needed))(lambda: step(masked=True))
+    pl.when(s == num_blocks - 1)(lambda: _write(o_ref, acc_ref, l_ref))
+
+
+def _scratch(rows: int, head_dim: int):
+    return [
+        pltpu.VMEM((rows, head_dim), jnp.float32),
+        pltpu.VMEM((rows, 1), jnp.float32),
+        pltpu.VMEM((rows, 1), jnp.float32),
+    ]
+
+
+def _head_major(q: jax.Array, hkv: int) -> jax.Array:
+    b, t, hq, d = q.shape
+    return q.reshape(b, t, hkv, hq // hkv, d).transpose(0, 2, 3, 1, 4)
+
+
+def _seq_major(x: jax.Array) -> jax.Array:
+    b, hkv, g, t, d = x.shape
+    return x.transpose(0, 3, 1, 2, 4).reshape(b, t, hkv * g, d)
+
+
+class _Config:
+    def __init__(self, q: jax.Array, k: jax.Array, interpret: bool):
+        self.hkv = k.shape[2]
+        self.group = q.shape[2] // self.hkv
+        self.block_q = INTERPRET_BLOCK if interpret else BLOCK_Q
+        self.block_kv = INTERPRET_BLOCK if interpret else BLOCK_KV
+        self.scale = q.shape[-1] ** -0.5
+        self.interpret = interpret
+        self.params = None if interpret else pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+        )
+
+
+def _band_pass(cfg: _Config, n_init: int, n_local: int | None):
+    def run(q, k, v, table: BlockTable) -> jax.Array:
+        b, t, hq, d = q.shape
+        nq, max_steps = table.kv_index.shape
+        g, bq, bkv = cfg.group, cfg.block_q, cfg.block_kv
+        kernel = functools.partial(
+            _band_kernel, max_steps=max_steps, block_q=bq, block_kv=bkv, scale=cfg.scale, n_init=n_init, n_local=n_local,
+        )
+        q_spec = pl.BlockSpec((None, None, g, bq, d), lambda b_, h, i, s, idx, nf, ns: (b_, h, 0, i, 0))
+        kv_spec = pl.BlockSpec((None, None, bkv, d), lambda b_, h, i, s, idx, nf, ns: (b_, h, idx[i * max_steps + s], 0))
+        grid_spec = pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(b, cfg.hkv, nq, max_steps),
+            in_specs=[q_spec, kv_spec, kv_spec],
+            out_specs=q_spec,
+            scratch_shapes=_scratch(g * bq, d),
+        )
+        out = pl.pallas_call(
+            kernel,
+            grid_spec=grid_spec,
+            out_shape=jax.ShapeDtypeStruct((b, cfg.hkv, g, t, d), q.dtype),
+            compiler_params=cfg.params,
+            interpret=cfg.interpret,
+            name="tmjax_band_attention_tpu",
+        )(
+            jnp.asarray(table.kv_index.reshape(-1)), jnp.asarray(table.num_full), jnp.asarray(table.num_steps),
+            _head_major(q, cfg.hkv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+        )
+        return _seq_major(out)
+
+    return run
+
+
+def _rows_pass(cfg: _Config):
+    def run(q_rows, k, v, start) -> jax.Array:
+        b, r, hq, d = q_rows.shape
+        g, bkv = cfg.group, cfg.block_kv
+        num_blocks = k.shape[1] // bkv
+        kernel = functools.partial(_rows_kernel, num_blocks=num_blocks, rows=r, block_kv=bkv, scale=cfg.scale)
+
+        def kv_index(b_, h, s, start_ref):
+            return b_, h, jnp.minimum(s, (start_ref[0] + r - 1) // bkv), 0
+
+        q_spec = pl.BlockSpec((None, None, g, r, d), lambda b_, h, s, start_ref: (b_, h, 0, 0, 0))
+        kv_spec = pl.BlockSpec((None, None, bkv, d), kv_index)
+        grid_spec = pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(b, cfg.hkv, num_blocks),
+            in_specs=[q_spec, kv_spec, kv_spec],
+            out_specs=q_spec,
+            scratch_shapes=_scratch(g * r, d),
+        )
+        params = None if cfg.interpret else pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")
+        )
+        out = pl.pallas_call(
+            kernel,
+            grid_spec=grid_spec,
+            out_shape=jax.ShapeDtypeStruct((b, cfg.hkv, g, r, d), q_rows.dtype),
+            compiler_params=params,
+            interpret=cfg.interpret,
+            name="tmjax_last_rows_attention_tpu",
+        )(start.reshape(1), _head_major(q_rows, cfg.hkv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+        return _seq_major(out)
+
+    return run
+
+
+def triangle_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    n_init: int,
+    n_local: int,
+    n_last: int,
+    length: int | jax.Array | None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Triangle attention (see ``tmjax.triangle_attention``) with Pallas Mosaic TPU kernels."""
+    _common.check_inputs(q, k, v, "tpu")
+    cfg = _Config(q, k, _interpret(interpret))
+    return _common.triangle_two_pass(
+        q, k, v, n_init=n_init, n_local=n_local, n_last=n_last, length=length,
+        block_q=cfg.block_q, block_kv=cfg.block_kv, rows_block=8,
+        band_pass=_band_pass(cfg, n_init, n_local), rows_pass=_rows_pass(cfg),
+    )
+
+
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, length: int | jax.Array | None, interpret: bool | None = None
+) -> jax.Array:
+    """Dense causal attention through the causal block table (``length`` needs no special care)."""
+    del length
+    _common.check_inputs(q, k, v, "tpu")
+    cfg = _Config(q, k, _interpret(interpret))
+    return _common.causal_one_pass(
+        q, k, v, block_q=cfg.block_q, block_kv=cfg.block_kv, band_pass=_band_pass(cfg, 0, None)
+    )
