@@ -1,0 +1,221 @@
+"""Shared attention suite: every backend against dense float32 attention with element-wise masks.
+
+Adding a backend is one line in ``BACKENDS``; its fields limit which shapes it is run on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tmjax
+from tmjax.pallas_kernels import reference
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One implementation under test and the shapes it is asked to handle."""
+
+    name: str
+    max_seq_len: int = 1 << 16
+    head_dims: tuple[int, ...] = (64, 128)
+    long_context: bool = True  # the 32K-token triangle run
+
+    def require(self, seq_len: int, head_dim: int) -> None:
+        if seq_len > self.max_seq_len or head_dim not in self.head_dims:
+            pytest.skip(f"{self.name} is not run at T={seq_len}, D={head_dim}")
+
+
+BACKENDS = [
+    Backend("xla"),
+]
+
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    seq_len: int
+    n_init: int
+    n_local: int
+    n_last: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+
+# Lengths are multiples of no block size; GQA ratios 1, 4 and 7; head_dim 64 and 128.
+TRIANGLE_CASES = {
+    "ragged": Case(333, 4, 40, 24, 4, 1, 64),
+    "longer": Case(700, 8, 130, 64, 7, 1, 64),
+    "t_below_n_local": Case(100, 4, 128, 16, 7, 1, 128),
+    "t_below_n_init_plus_n_last": Case(50, 30, 8, 40, 2, 2, 64),
+    "no_sinks_no_last_rows": Case(517, 0, 100, 0, 2, 2, 128),
+    "n_last_covers_all": Case(200, 3, 20, 256, 4, 1, 64),
+    "diagonal_only_window": Case(130, 2, 1, 10, 8, 2, 128),
+}
+CAUSAL_CASES = {
+    "ragged": Case(333, 0, 0, 0, 4, 1, 64),
+    "multi_chunk_gqa7": Case(700, 0, 0, 0, 7, 1, 128),
+    "tiny_mha": Case(37, 0, 0, 0, 2, 2, 64),
+}
+
+
+@functools.partial(jax.jit, static_argnames=("implementation", "n_init", "n_local", "n_last"))
+def _triangle(q, k, v, length, *, implementation, n_init, n_local, n_last):
+    return tmjax.triangle_attention(
+        q, k, v, n_init=n_init, n_local=n_local, n_last=n_last, length=length, implementation=implementation
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("implementation",))
+def _causal(q, k, v, length, *, implementation):
+    return tmjax.causal_attention(q, k, v, length=length, implementation=implementation)
+
+
+# Jitted so that each reference is one compilation rather than a string of eager ops.
+_reference = jax.jit(reference.masked_attention)
+
+
+def _inputs(seed: int, batch: int, seq_len: int, q_heads: int, kv_heads: int, head_dim: int, dtype):
+    rng = np.random.default_rng(seed)
+    shapes = [(batch, seq_len, q_heads, head_dim)] + [(batch, seq_len, kv_heads, head_dim)] * 2
+    return [jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype) for s in shapes]
+
+
+def _assert_close(out: jax.Array, ref: jax.Array, tol: float) -> None:
+    """Max abs error relative to the reference's max abs value."""
+    ref = np.asarray(ref, np.float32)
+    chex.assert_trees_all_close(np.asarray(out, np.float32), ref, atol=tol * float(np.abs(ref).max()), rtol=0)
+
+
+def _float32(*arrays):
+    return [a.astype(jnp.float32) for a in arrays]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(TRIANGLE_CASES.values()), ids=list(TRIANGLE_CASES))
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_triangle_matches_dense_reference(backend, case, dtype):
+    backend.require(case.seq_len, case.head_dim)
+    q, k, v = _inputs(0, 2, case.seq_len, case.q_heads, case.kv_heads, case.head_dim, dtype)
+    out = _triangle(
+        q, k, v, None, implementation=backend.name, n_init=case.n_init, n_local=case.n_local, n_last=case.n_last
+    )
+    mask = reference.triangle_mask(case.seq_len, case.n_init, case.n_local, case.n_last)
+    chex.assert_shape(out, q.shape)
+    chex.assert_type(out, dtype)
+    _assert_close(out, _reference(*_float32(q, k, v), mask), TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", list(CAUSAL_CASES.values()), ids=list(CAUSAL_CASES))
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_causal_matches_dense_reference(backend, case, dtype):
+    backend.require(case.seq_len, case.head_dim)
+    q, k, v = _inputs(1, 2, case.seq_len, case.q_heads, case.kv_heads, case.head_dim, dtype)
+    out = _causal(q, k, v, None, implementation=backend.name)
+    chex.assert_shape(out, q.shape)
+    chex.assert_type(out, dtype)
+    _assert_close(out, _reference(*_float32(q, k, v), reference.causal_mask(case.seq_len)), TOLERANCE[dtype])
+
+
+PADDED = Case(300, 4, 40, 24, 4, 2, 64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_right_padding_with_traced_length_matches_unpadded(backend):
+    """Garbage in the padding must not reach rows < length; the dense rows move with length."""
+    c = PADDED
+    backend.require(c.seq_len, c.head_dim)
+    q, k, v = _inputs(2, 2, c.seq_len, c.q_heads, c.kv_heads, c.head_dim, jnp.float32)
+    sizes = dict(n_init=c.n_init, n_local=c.n_local, n_last=c.n_last)
+    # 300: no padding; 237: typical; 20: shorter than n_last (all rows dense); 1: a single token.
+    for length in (300, 237, 20, 1):
+        traced = jnp.asarray(length, jnp.int32)
+        tri = _triangle(q, k, v, traced, implementation=backend.name, **sizes)[:, :length]
+        causal = _causal(q, k, v, traced, implementation=backend.name)[:, :length]
+        # Reference masks keep the padded shape (one compilation); padded keys are never visible.
+        tri_mask, causal_mask = np.zeros((2, c.seq_len, c.seq_len), bool)
+        tri_mask[:length, :length] = reference.triangle_mask(length, c.n_init, c.n_local, c.n_last)
+        causal_mask[:length, :length] = reference.causal_mask(length)
+        _assert_close(tri, _reference(q, k, v, tri_mask)[:, :length], 1e-5)
+        _assert_close(causal, _reference(q, k, v, causal_mask)[:, :length], 1e-5)
+        unpadded = _triangle(*(x[:, :length] for x in (q, k, v)), None, implementation=backend.name, **sizes)
+        # Not bit-exact: the key chunking of the dense rows follows T.
+        chex.assert_trees_all_close(tri, unpadded, atol=1e-6, rtol=0)
+        if length in (237, 20):
+            static = jax.jit(functools.partial(tmjax.triangle_attention, **sizes, length=length, implementation=backend.name))
+            chex.assert_trees_all_close(static(q, k, v)[:, :length], unpadded, atol=1e-6, rtol=0)
+
+
+def _triangle_mask_rows(rows: np.ndarray, seq_len: int, n_init: int, n_local: int, n_last: int) -> np.ndarray:
+    """Rows of the triangle mask, recomputed from the definition without the ``[T, T]`` matrix."""
+    i, j = rows[:, None], np.arange(seq_len)[None, :]
+    return (j <= i) & ((j < n_init) | (i - j < n_local) | (i >= seq_len - n_last))
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_triangle_at_32k_tokens_is_linear_memory(backend):
+    seq_len, n_init, n_local, n_last = 32768, 8, 512, 128
+    if not backend.long_context:
+        pytest.skip(f"{backend.name} is not run at 32K tokens")
+    q, k, v = _inputs(3, 1, seq_len, 2, 1, 16, jnp.float32)
+    fn = functools.partial(
+        _triangle, implementation=backend.name, n_init=n_init, n_local=n_local, n_last=n_last
+    )
+    compiled = jax.jit(fn).lower(q, k, v, None).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp < seq_len * seq_len * 4 // 50, f"temp memory {temp / 2**20:.0f} MiB is not far below T^2"
+    out = compiled(q, k, v, None)
+    rng = np.random.default_rng(4)
+    edges = [np.arange(12), np.arange(n_local - 3, n_local + 3), np.arange(seq_len - n_last - 3, seq_len - n_last + 3)]
+    rows = np.unique(np.concatenate(edges + [rng.integers(0, seq_len, 200), np.arange(seq_len - 6, seq_len)]))
+    ref = _reference(q[:, rows], k, v, _triangle_mask_rows(rows, seq_len, n_init, n_local, n_last))
+    _assert_close(out[:, rows], ref, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_causal_at_8k_tokens_needs_less_than_one_score_matrix(backend):
+    seq_len = 8192
+    backend.require(seq_len, 64)
+    shapes = [jax.ShapeDtypeStruct((1, seq_len, h, 64), jnp.float32) for h in (9, 3, 3)]
+    compiled = jax.jit(functools.partial(_causal, implementation=backend.name)).lower(*shapes, None).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < seq_len * seq_len * 4
+
+
+_GOOD = [jnp.zeros((1, 8, 4, 16)), jnp.zeros((1, 8, 2, 16)), jnp.zeros((1, 8, 2, 16))]
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, needle",
+    [
+        ([jnp.zeros((8, 4, 16))] + _GOOD[1:], {}, "must be"),
+        ([jnp.zeros((1, 8, 5, 16))] + _GOOD[1:], {}, "multiple of KV heads"),
+        (_GOOD[:2] + [jnp.zeros((1, 8, 2, 8))], {}, "differ"),
+        ([_GOOD[0], jnp.zeros((1, 9, 2, 16)), jnp.zeros((1, 9, 2, 16))], {}, "disagree"),
+        (_GOOD, dict(n_init=-1), "n_init"),
+        (_GOOD, dict(n_local=0), "n_local"),
+        (_GOOD, dict(n_last=-3), "n_last"),
+        (_GOOD, dict(implementation="cuda"), "cuda"),
+    ],
+    ids=["rank", "heads", "kv_mismatch", "length_mismatch", "n_init", "n_local", "n_last", "implementation"],
+)
+def test_public_triangle_attention_rejects_bad_input(args, kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        tmjax.triangle_attention(*args, **{"implementation": "xla", **kwargs})
+
+
+@pytest.mark.parametrize("length", [0, 9, -2])
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_static_length_out_of_range_is_rejected(backend, length):
+    with pytest.raises(ValueError, match=f"got {length}"):
+        tmjax.triangle_attention(*_GOOD, length=length, implementation=backend.name)
+    with pytest.raises(ValueError, match=f"got {length}"):
+        tmjax.causal_attention(*_GOOD, length=length, implementation=backend.name)
