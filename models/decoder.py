@@ -1,0 +1,291 @@
+"""The decoder: Flax linen layers applied over stacked layer weights, for prefill and for decoding.
+
+One ``DecoderLayer`` definition serves every family (the config switches biases, q/k-norm, windows).
+The layers run in ``lax.fori_loop`` over runs of consecutive layers that attend the same way (dense
+layers below the switch layer, Triangle layers at and above it, windowed layers), each iteration
+indexing the stacked ``[L, ...]`` weights by the traced layer index: the run boundaries are static,
+and no slice of the weight stack is copied out. Keys and values go to a ``KVCache`` for decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax import lax
+
+from tmjax import attention
+from tmjax.layout import TriangleMix
+from tmjax.models.config import ModelConfig
+from tmjax.models.params import Params
+from tmjax.models.rope import apply_rope, rope_tables
+
+# (layer_index, q, k, v, length) -> out; layer_index and length are traced int32 scalars.
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+# (q, k, v) -> (out, aux): how a layer attends, and what it hands back to the loop (keys/values).
+Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, object]]
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values (after RoPE) of every layer, ``[L, B, S_max, Hkv, D]``, and how many positions
+    are filled. The head axis is explicit so the cache can be sharded over heads."""
+
+    k: jax.Array
+    v: jax.Array
+    length: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[2]
+
+
+class RMSNorm(nn.Module):
+    """Normalise in float32, cast back to the input dtype, then scale (transformers' order)."""
+
+    eps: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        normed = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return scale * normed.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Projections, q/k-norm and RoPE; the attention itself is the ``attend`` callable."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, attend: Attend) -> tuple[jax.Array, object]:
+        c = self.config
+        q = nn.DenseGeneral((c.num_heads, c.head_dim), use_bias=c.qkv_bias, name="q_proj")(x)
+        k = nn.DenseGeneral((c.num_kv_heads, c.head_dim), use_bias=c.qkv_bias, name="k_proj")(x)
+        v = nn.DenseGeneral((c.num_kv_heads, c.head_dim), use_bias=c.qkv_bias, name="v_proj")(x)
+        if c.qk_norm:
+            q = RMSNorm(c.rms_norm_eps, name="q_norm")(q)
+            k = RMSNorm(c.rms_norm_eps, name="k_norm")(k)
+        out, aux = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
+        return nn.DenseGeneral(c.hidden_size, axis=(-2, -1), use_bias=c.o_bias, name="o_proj")(out), aux
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        gate = nn.Dense(c.intermediate_size, use_bias=c.mlp_bias, name="gate_proj")(x)
+        up = nn.Dense(c.intermediate_size, use_bias=c.mlp_bias, name="up_proj")(x)
+        return nn.Dense(c.hidden_size, use_bias=c.mlp_bias, name="down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: ``x += attn(norm(x))``; ``x += mlp(norm(x))``."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, attend: Attend) -> tuple[jax.Array, object]:
+        c = self.config
+        h, aux = Attention(c, name="self_attn")(RMSNorm(c.rms_norm_eps, name="input_layernorm")(x), cos, sin, attend)
+        x = x + h
+        x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x))
+        return x, aux
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerAttention:
+    """How a layer attends in prefill: ``causal``, ``window`` (sliding window) or ``triangle``."""
+
+    kind: str
+    window: int = 0
+    n_init: int = 0
+    n_local: int = 0
+    n_last: int = 0
+
+
+def layer_plan(config: ModelConfig, layout: TriangleMix | None, seq_len: int
+               ) -> list[tuple[int, int, LayerAttention]]:
+    """Runs ``(start, stop, how)`` of consecutive layers that attend alike, for a padded length ``seq_len``.
+
+    A window of at least ``seq_len`` hides nothing and counts as causal. A Triangle layer whose
+    sliding window is shorter raises ``ValueError``: the intersection of the two masks is not a
+    triangle, and dropping either would change the model.
+    """
+    if layout is not None:
+        layout.check_layers(config.num_layers)
+    kinds = []
+    for layer in range(config.num_layers):
+        window = config.layer_window(layer)
+        if window is not None and window >= seq_len:
+            window = None
+        if layout is not None and layout.is_triangle(layer):
+            if window is not None:
+                raise ValueError(
+                    f"layer {layer} has a sliding window of {window} < the padded prompt length {seq_len} and is a "
+                    f"Triangle layer (switch_layer={layout.switch_layer}); TriangleMix on windowed layers is not supported"
+                )
+            kinds.append(LayerAttention("triangle", n_init=layout.n_init, n_local=layout.n_local, n_last=layout.n_last))
+        elif window is not None:
+            kinds.append(LayerAttention("window", window=window))
+        else:
+            kinds.append(LayerAttention("causal"))
+    runs: list[tuple[int, int, LayerAttention]] = []
+    for layer, how in enumerate(kinds):
+        if runs and runs[-1][2] == how:
+            runs[-1] = (runs[-1][0], layer + 1, how)
+        else:
+            runs.append((layer, layer + 1, how))
+    return runs
+
+
+def _prefill_attention(how: LayerAttention, q: jax.Array, k: jax.Array, v: jax.Array, length: jax.Array,
+                       implementation: str | None) -> jax.Array:
+    if how.kind == "triangle":
+        return attention.triangle_attention(q, k, v, n_init=how.n_init, n_local=how.n_local, n_last=how.n_last,
+                                            length=length, implementation=implementation)
+    if how.kind == "window":  # a window is a triangle without sinks or dense rows
+        return attention.triangle_attention(q, k, v, n_init=0, n_local=how.window, n_last=0,
+                                            length=length, implementation=implementation)
+    return attention.causal_attention(q, k, v, length=length, implementation=implementation)
+
+
+def _layer(weights: dict, index: jax.Array) -> dict:
+    return jax.tree.map(lambda w: lax.dynamic_index_in_dim(w, index, keepdims=False), weights)
+
+
+def _embed(params: Params, tokens: jax.Array) -> jax.Array:
+    return jnp.take(params.weights["embed_tokens"]["embedding"], tokens, axis=0)
+
+
+def logits(params: Params, hidden: jax.Array) -> jax.Array:
+    """Final norm and LM head on ``hidden [..., H]``; float32 ``[..., V]``."""
+    c, w = params.config, params.weights
+    x = RMSNorm(c.rms_norm_eps).apply({"params": w["norm"]}, hidden)
+    if c.tie_word_embeddings:
+        return jnp.einsum("...h,vh->...v", x, w["embed_tokens"]["embedding"], preferred_element_type=jnp.float32)
+    return jnp.einsum("...h,hv->...v", x, w["lm_head"]["kernel"], preferred_element_type=jnp.float32)
+
+
+def prefill_hidden(
+    params: Params,
+    tokens: jax.Array,
+    length: jax.Array | int,
+    *,
+    layout: TriangleMix | None = None,
+    cache_size: int | None = None,
+    implementation: str | None = None,
+    attention_fn: AttentionFn | None = None,
+) -> tuple[jax.Array, KVCache]:
+    """Run the prompt ``tokens [B, T]`` (right-padded; ``length`` real positions) through every layer.
+
+    Returns the final hidden states ``[B, T, H]`` (before the final norm) and a cache of
+    ``cache_size`` (default T) positions holding the prompt's keys and values. ``attention_fn``
+    replaces the attention of every layer (tests, probes).
+    """
+    c, w = params.config, params.weights
+    batch, seq_len = tokens.shape
+    cache_size = seq_len if cache_size is None else cache_size
+    if cache_size < seq_len:
+        raise ValueError(f"the prompt ({seq_len} positions) is longer than the cache ({cache_size})")
+    length = jnp.asarray(length, jnp.int32)
+    x = _embed(params, tokens)
+    cos, sin = rope_tables(c, jnp.arange(seq_len), seq_len=length)
+    shape = (c.num_layers, batch, cache_size, c.num_kv_heads, c.head_dim)
+    carry = (x, jnp.zeros(shape, x.dtype), jnp.zeros(shape, x.dtype))
+    layer = DecoderLayer(c)
+
+    for start, stop, how in layer_plan(c, layout, seq_len):
+        def body(i: jax.Array, carry: tuple, how: LayerAttention = how) -> tuple:
+            x, cache_k, cache_v = carry
+
+            def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple]:
+                if attention_fn is not None:
+                    return attention_fn(i, q, k, v, length), (k, v)
+                return _prefill_attention(how, q, k, v, length, implementation), (k, v)
+
+            x, (k, v) = layer.apply({"params": _layer(w["layers"], i)}, x, cos, sin, attend)
+            cache_k = lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (i, 0, 0, 0, 0))
+            cache_v = lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (i, 0, 0, 0, 0))
+            return x, cache_k, cache_v
+
+        carry = lax.fori_loop(start, stop, body, carry)
+    x, cache_k, cache_v = carry
+    return x, KVCache(cache_k, cache_v, length)
+
+
+def full_logits(
+    params: Params,
+    tokens: jax.Array,
+    layout: TriangleMix | None = None,
+    *,
+    implementation: str | None = None,
+    attention_fn: AttentionFn | None = None,
+) -> jax.Array:
+    """float32 logits ``[B, T, V]`` of every position of an unpadded prompt (for tests; the public
+    prefill only computes the last position's)."""
+    hidden, _ = prefill_hidden(params, tokens, tokens.shape[1], layout=layout,
+                               implementation=implementation, attention_fn=attention_fn)
+    return logits(params, hidden)
+
+
+def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, position: jax.Array,
+                      window: jax.Array | None) -> jax.Array:
+    """One query per sequence, ``q [B, 1, Hq, D]``, against ``k/v [B, S, Hkv, D]``: keys at
+    ``<= position`` (and ``> position - window`` where the window is > 0) are visible."""
+    batch, _, num_heads, dim = q.shape
+    num_kv = k.shape[2]
+    qg = q.reshape(batch, num_kv, num_heads // num_kv, dim)
+    scores = jnp.einsum("bhgd,bshd->bhgs", qg, k, preferred_element_type=jnp.float32) * (dim ** -0.5)
+    keys = jnp.arange(k.shape[1])
+    visible = keys <= position
+    if window is not None:
+        visible &= (window == 0) | (keys > position - window)
+    scores = jnp.where(visible, scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhgs,bshd->bhgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, 1, num_heads, dim).astype(q.dtype)
+
+
+def decode(params: Params, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """One step: ``tokens [B]`` at position ``cache.length``; dense attention over the cache.
+
+    Returns float32 logits ``[B, V]`` and the cache with the step's keys/values written. With
+    dynamic RoPE the frequencies follow the length so far, as transformers' cached decoding does.
+    The caller ensures ``cache.length < cache.max_length``.
+    """
+    c, w = params.config, params.weights
+    position = cache.length
+    x = _embed(params, tokens)[:, None]
+    cos, sin = rope_tables(c, position[None], seq_len=position + 1)
+    windows = None
+    if c.sliding_window is not None:
+        windows = jnp.asarray([c.layer_window(i) or 0 for i in range(c.num_layers)], jnp.int32)
+    layer = DecoderLayer(c)
+
+    def body(i: jax.Array, carry: tuple) -> tuple:
+        x, cache_k, cache_v = carry
+
+        def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple]:
+            new_k = lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (i, 0, position, 0, 0))
+            new_v = lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (i, 0, position, 0, 0))
+            out = _decode_attention(q, lax.dynamic_index_in_dim(new_k, i, keepdims=False),
+                                    lax.dynamic_index_in_dim(new_v, i, keepdims=False), position,
+                                    None if windows is None else windows[i])
+            return out, (new_k, new_v)
+
+        x, (cache_k, cache_v) = layer.apply({"params": _layer(w["layers"], i)}, x, cos, sin, attend)
+        return x, cache_k, cache_v
+
+    x, cache_k, cache_v = lax.fori_loop(0, c.num_layers, body, (x, cache.k, cache.v))
+    return logits(params, x[:, 0]), KVCache(cache_k, cache_v, position + 1)
+
