@@ -269,3 +269,54 @@ def score(output: str, answers: Sequence[str]) -> float:
     if not answers:
         raise ValueError("score needs at least one expected answer, got none")
     return sum(_found(a, output) for a in answers) / len(answers)
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """A sample as model input: the prompt's token ids and the reference answer's token ids."""
+
+    prompt_ids: tuple[int, ...]
+    answer_ids: tuple[int, ...]
+
+
+def prompt_text(tokenizer: object, sample: Sample) -> str:
+    """The user message in the tokenizer's chat template (if it has one), then the answer prefix."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    else:
+        text = f"{sample.prompt}\n\n"
+    return text + sample.answer_prefix
+
+
+def _ids(tokenizer: object, text: str) -> list[int]:
+    # A chat template writes its own special tokens; a plain prompt gets the tokenizer's (e.g. BOS).
+    special = not getattr(tokenizer, "chat_template", None)
+    return list(tokenizer.encode(text, add_special_tokens=special))
+
+
+def encode(tokenizer: object, sample: Sample) -> Encoded:
+    """Tokenize ``sample`` for a transformers ``tokenizer``; the reference answer is the expected
+    answers joined by ``", "`` after a space.
+
+    Prompt and answer are cut from one tokenization of the whole text, and blank tokens at the cut
+    (a tokenizer that splits ``" 1234567"`` into ``" "`` and digits) go to the prompt, so that the
+    first answer token, the one the probe and the first-token KL look at, carries content.
+    """
+    text = prompt_text(tokenizer, sample)
+    base = _ids(tokenizer, text)
+    full = _ids(tokenizer, f"{text} {', '.join(sample.answers)}")
+    cut = 0
+    while cut < min(len(base), len(full)) and base[cut] == full[cut]:
+        cut += 1
+    while cut < len(full) and not tokenizer.decode([full[cut]]).strip():
+        cut += 1
+    if cut == len(full):
+        raise ValueError(f"the answer {sample.answers!r} of task {sample.task!r} encodes to no content tokens")
+    return Encoded(tuple(full[:cut]), tuple(full[cut:]))
+
+
+def token_counter(tokenizer: object) -> Counter:
+    """``count`` for ``generate``: prompt tokens (plus one for a split-off space) plus the sample's
+    ``max_new_tokens``, so that prompt and answer fit the budget together."""
+    return lambda sample: len(_ids(tokenizer, prompt_text(tokenizer, sample))) + 1 + sample.max_new_tokens

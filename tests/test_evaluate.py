@@ -1,0 +1,140 @@
+"""The accuracy harness: KL and agreement metrics against direct computations, the greedy loop against
+``tmjax.generate``, and an end-to-end ``tmjax eval`` run on a tiny random model."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import chex
+import numpy as np
+import pytest
+import tokenizers
+import transformers
+from hf_fixtures import save_tiny_model
+
+from tmjax import api, checkpoint, evaluate, tasks
+from tmjax.convert.cli import convert
+from tmjax.layout import TriangleMix
+
+TINY_LAYERS = 4
+TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def byte_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """Byte-level tokenizer with no merges: 256 ids, one per byte, spaces split off like GPT-2's."""
+    alphabet = sorted(tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    model = tokenizers.models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[])
+    tok = tokenizers.Tokenizer(model)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    wrapped = transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+    wrapped.chat_template = TEMPLATE
+    return wrapped
+
+
+def tiny_checkpoint(root: pathlib.Path) -> pathlib.Path:
+    """A converted tmjax checkpoint of a random 4-layer Llama with the byte tokenizer beside it."""
+    src = save_tiny_model(root / "hf", "llama", num_hidden_layers=TINY_LAYERS, max_position_embeddings=1024)
+    byte_tokenizer().save_pretrained(src)
+    return convert(src, root / "tmjax", dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+    return folder, checkpoint.load(folder), checkpoint.tokenizer(folder)
+
+
+def test_kl_matches_direct_sum():
+    rng = np.random.default_rng(0)
+    p, q = rng.normal(size=50) * 3, rng.normal(size=50) * 3
+    pp, qq = np.exp(p) / np.exp(p).sum(), np.exp(q) / np.exp(q).sum()
+    assert evaluate.kl_divergence(p, q) == pytest.approx(float(np.sum(pp * np.log(pp / qq))), rel=1e-9)
+    assert evaluate.kl_divergence(p, p + 7.0) == pytest.approx(0.0, abs=1e-12)  # shift-invariant
+    assert evaluate.kl_divergence(p, q) != pytest.approx(evaluate.kl_divergence(q, p), rel=1e-3)
+    with pytest.raises(ValueError, match=r"\(50,\) and \(49,\)"):
+        evaluate.kl_divergence(p, q[:49])
+
+
+def test_summary_from_known_rows():
+    def row(task, dense, tm, same, kl):
+        return {"task": task, "configs": {
+            "dense": {"score": dense, "identical_to_dense": True, "first_token_kl": 0.0},
+            "switch=2": {"score": tm, "identical_to_dense": same, "first_token_kl": kl}}}
+
+    rows = [row("a", 1.0, 1.0, True, 0.1), row("a", 1.0, 0.0, False, 0.5),
+            row("b", 0.5, 0.5, True, 0.0), row("b", 0.0, 0.0, False, 0.2)]
+    results = evaluate.summarise(rows, ["dense", "switch=2"])
+    assert results["dense"]["accuracy"] == {"a": 100.0, "b": 25.0}
+    assert results["switch=2"]["accuracy"] == {"a": 50.0, "b": 25.0}
+    assert results["switch=2"]["average"] == 37.5
+    assert results["switch=2"]["identical_to_dense"] == 0.5
+    assert results["switch=2"]["first_token_kl_mean"] == pytest.approx(0.2)
+    assert results["switch=2"]["first_token_kl_max"] == 0.5
+    table = evaluate.markdown({"results": results}, recommended=2)
+    assert "| switch=2 (recommended) | 50.0 | 25.0 | 37.5 | 50% |" in table
+    assert "gap +25.0 points; target <= 1: NOT met" in table
+
+
+def test_encode_splits_prompt_and_answer(tiny):
+    _, _, tokenizer = tiny
+    sample = tasks.generate("niah_single", seed=3, max_tokens=400, count=tasks.token_counter(tokenizer))
+    encoded = tasks.encode(tokenizer, sample)
+    prompt = tokenizer.decode(list(encoded.prompt_ids))
+    assert prompt.startswith("<user>Some facts") and prompt.endswith(f"<assistant>{sample.answer_prefix} ")
+    assert tokenizer.decode(list(encoded.answer_ids)) == sample.answers[0]
+    assert len(encoded.prompt_ids) + sample.max_new_tokens <= 400
+
+
+def test_greedy_matches_generate(tiny):
+    """The harness's prefill + decode_step loop gives the tokens of the one-program ``api.generate``."""
+    _, params, _ = tiny
+    prompt = np.random.default_rng(1).integers(0, 256, size=300).astype(np.int32)
+    layout = TriangleMix(switch_layer=2, n_init=4, n_local=64, n_last=32)
+    first, new = evaluate.greedy(params, prompt, layout, max_new_tokens=6, stop_ids=[], cache_room=16)
+    expected = api.generate(params, prompt, 6, layout)
+    assert new == np.asarray(expected).tolist()
+    logits, _ = api.prefill(params, prompt, layout)
+    chex.assert_trees_all_close(first, np.asarray(logits), atol=1e-5)
+
+
+def test_eval_cli_end_to_end(tiny, tmp_path):
+    folder, _, _ = tiny
+    probe_file = tmp_path / "probe.json"
+    probe_file.write_text(json.dumps({"recommended_switch_layer": 3}))
+    out = tmp_path / "out"
+    code = evaluate.eval_main([
+        "--checkpoint", str(folder), "--tasks", "niah_single,variable_tracking", "--samples-per-task", "2",
+        "--max-tokens", "640", "--switch-layers", "0,2", "--probe", str(probe_file),
+        "--n-init", "4", "--n-local", "64", "--n-last", "32", "--out", str(out),
+    ])
+    assert code == 0
+    report = json.loads((out / "accuracy.json").read_text())
+    assert list(report["results"]) == ["dense", "switch=0", "switch=2", "switch=3"]
+    assert (out / "accuracy.png").stat().st_size > 0
+    assert "switch=3 (recommended)" in (out / "accuracy.md").read_text()
+    assert len(report["samples"]) == 4
+    for sample in report["samples"]:
+        assert sample["prompt_tokens"] + sample["max_new_tokens"] < 640
+        for name, result in sample["configs"].items():
+            assert result["score"] == tasks.score(result["output"], sample["answers"])
+    dense = report["results"]["dense"]
+    assert dense["identical_to_dense"] == 1.0 and dense["first_token_kl_max"] == 0.0
+    # A random model with a 64-token window cannot be unaffected by losing the middle of a
+    # 300+ token prompt in every layer: the metrics must see it.
+    assert report["results"]["switch=0"]["first_token_kl_mean"] > 1e-4
+    # Recompute one configuration's summary from the per-sample records.
+    rows = report["samples"]
+    recomputed = evaluate.summarise(rows, ["switch=2"])["switch=2"]
+    assert recomputed == report["results"]["switch=2"]
+
+
+def test_bad_switch_layer_is_refused(tiny):
+    _, params, tokenizer = tiny
+    sample = tasks.generate("niah_single", seed=0, max_tokens=400, count=tasks.token_counter(tokenizer))
+    with pytest.raises(ValueError, match="switch_layer=9"):
+        evaluate.evaluate(params, tokenizer, [sample], [9])
+    with pytest.raises(ValueError, match="--switch-layers"):
+        evaluate.eval_main(["--switch-layers", "1,x"])
