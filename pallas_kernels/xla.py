@@ -4,8 +4,9 @@ Nothing here builds a ``[T, T]`` matrix. The triangle runs in two parts: a *band
 block of queries gathers only its sink keys and the block-aligned keys of its local window (masked
 token-exactly), then the dense last rows, computed as ``n_last`` queries against all keys with an
 online softmax over key chunks and written over the band result. Dense causal attention walks key
-chunks up to the diagonal with the same online softmax. GQA stays native: q is viewed as
-``[B, T, Hkv, G, D]`` and K/V are never repeated. Scores, softmax and accumulation are float32.
+chunks up to the diagonal with the same online softmax; a triangle whose sizes leave every row dense
+is sent there. GQA stays native: q is viewed as ``[B, T, Hkv, G, D]`` and K/V are never repeated.
+Scores, softmax and accumulation are float32; loops stop at ``length``, so padding costs no work.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-# Query rows per band block; a band chunk (one loop step) is up to _BAND_CHUNK_BLOCKS blocks.
+# Query rows per band block; a band chunk (one loop step) holds as many blocks as keep its score
+# tensor under _BAND_CHUNK_SCORES entries per batch row and head (16 blocks for the default layout).
 _BAND_BLOCK = 64
-_BAND_CHUNK_BLOCKS = 16
+_BAND_CHUNK_SCORES = 1 << 19
 # Query and key rows per step of the online-softmax passes (causal and the dense last rows).
 _CHUNK = 512
 # Finite "minus infinity": masked scores never produce inf - inf = nan.
@@ -104,12 +106,12 @@ def _band(q: jax.Array, k: jax.Array, v: jax.Array, n_init: int, n_local: int, l
     """
     b, t, hkv, g, d = q.shape
     bq = min(_BAND_BLOCK, _round_up(t, 8))
+    halo = _round_up(n_local - 1, bq)
     n_blocks = _cdiv(t, bq)
-    n_chunks = _cdiv(n_blocks, _BAND_CHUNK_BLOCKS)
+    n_chunks = _cdiv(n_blocks, max(1, _BAND_CHUNK_SCORES // (bq * (n_init + halo + bq))))
     blocks_per_chunk = _cdiv(n_blocks, n_chunks)
     rows = blocks_per_chunk * bq
     padded = n_chunks * rows
-    halo = _round_up(n_local - 1, bq)
     qp, kp, vp = (_pad_rows(x, padded) for x in (q, k, v))
 
     # Key positions seen by each query block of a chunk, relative to the chunk's first row.
@@ -155,8 +157,10 @@ def triangle_attention(
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     length = _resolve_length(length, t)
+    if n_local >= t or n_init >= t or (isinstance(length, int) and n_last >= length):
+        return causal_attention(q, k, v, length=length)  # every visible row is dense
     qg = q.reshape(b, t, hkv, hq // hkv, d)
-    out = _band(qg, k, v, n_init=min(n_init, t), n_local=min(n_local, t), length=length)
+    out = _band(qg, k, v, n_init=n_init, n_local=n_local, length=length)
     n_dense = min(n_last, t)
     if n_dense:
         start = jnp.clip(length - n_last, 0, t - n_dense)

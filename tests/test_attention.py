@@ -59,6 +59,7 @@ TRIANGLE_CASES = {
     "no_sinks_no_last_rows": Case(517, 0, 100, 0, 2, 2, 128),
     "n_last_covers_all": Case(200, 3, 20, 256, 4, 1, 64),
     "diagonal_only_window": Case(130, 2, 1, 10, 8, 2, 128),
+    "sinks_cover_all": Case(60, 64, 8, 0, 4, 1, 64),
 }
 CAUSAL_CASES = {
     "ragged": Case(333, 0, 0, 0, 4, 1, 64),
