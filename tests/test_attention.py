@@ -25,11 +25,12 @@ class Backend:
     name: str
     max_seq_len: int = 1 << 16
     head_dims: tuple[int, ...] = (64, 128)
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")
     long_context: bool = True  # the 32K-token triangle run
 
-    def require(self, seq_len: int, head_dim: int) -> None:
-        if seq_len > self.max_seq_len or head_dim not in self.head_dims:
-            pytest.skip(f"{self.name} is not run at T={seq_len}, D={head_dim}")
+    def require(self, seq_len: int, head_dim: int, dtype=jnp.float32) -> None:
+        if seq_len > self.max_seq_len or head_dim not in self.head_dims or jnp.dtype(dtype).name not in self.dtypes:
+            pytest.skip(f"{self.name} is not run at T={seq_len}, D={head_dim}, {jnp.dtype(dtype).name}")
 
 
 BACKENDS = [
@@ -104,7 +105,7 @@ def _float32(*arrays):
 @pytest.mark.parametrize("case", list(TRIANGLE_CASES.values()), ids=list(TRIANGLE_CASES))
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
 def test_triangle_matches_dense_reference(backend, case, dtype):
-    backend.require(case.seq_len, case.head_dim)
+    backend.require(case.seq_len, case.head_dim, dtype)
     q, k, v = _inputs(0, 2, case.seq_len, case.q_heads, case.kv_heads, case.head_dim, dtype)
     out = _triangle(
         q, k, v, None, implementation=backend.name, n_init=case.n_init, n_local=case.n_local, n_last=case.n_last
@@ -119,7 +120,7 @@ def test_triangle_matches_dense_reference(backend, case, dtype):
 @pytest.mark.parametrize("case", list(CAUSAL_CASES.values()), ids=list(CAUSAL_CASES))
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
 def test_causal_matches_dense_reference(backend, case, dtype):
-    backend.require(case.seq_len, case.head_dim)
+    backend.require(case.seq_len, case.head_dim, dtype)
     q, k, v = _inputs(1, 2, case.seq_len, case.q_heads, case.kv_heads, case.head_dim, dtype)
     out = _causal(q, k, v, None, implementation=backend.name)
     chex.assert_shape(out, q.shape)
