@@ -113,6 +113,9 @@ def triangle_two_pass(
     table = band_table(padded, block_q, block_kv, n_init=n_init, n_local=n_local)
     out = band_pass(qp, kp, vp, table)
     if n_last > 0:
+        # XLA's GPU dynamic-slice fusion rejects a kernel's result as the direct target of the
+        # in-place update below (seen with jax 0.11.2); the barrier keeps it a plain buffer.
+        out = jax.lax.optimization_barrier(out)
         length = true_length(length, seq_len)
         rows = round_up(min(n_last, seq_len), rows_block)
         start = jnp.clip(length - n_last, 0, padded - rows).astype(jnp.int32)

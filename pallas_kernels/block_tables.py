@@ -48,6 +48,13 @@ class BlockTable:
         mask[rows[valid], self.kv_index[valid]] = True
         return mask
 
+    def listed_keys(self, q_block: int) -> np.ndarray:
+        """Bool ``[seq_len]``: the key positions inside the blocks listed for ``q_block``."""
+        keys = np.zeros(-(-self.seq_len // self.block_kv) * self.block_kv, dtype=bool)
+        for j in self.kv_index[q_block, : self.num_steps[q_block]]:
+            keys[j * self.block_kv : (j + 1) * self.block_kv] = True
+        return keys[: self.seq_len]
+
 
 def _check(name: str, value: int, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:

@@ -140,17 +140,23 @@ def _unpack_heads(x: jax.Array, group: int) -> jax.Array:
 class _Config:
     """Block sizes for one call: rows per program follow the group size so the tile stays ~BLOCK_ROWS."""
 
-    def __init__(self, q: jax.Array, k: jax.Array, interpret: bool):
-        self.hkv = k.shape[2]
-        self.group = q.shape[2] // self.hkv
+    def __init__(self, q_heads: int, kv_heads: int, head_dim: int, interpret: bool):
+        self.hkv = kv_heads
+        self.group = q_heads // kv_heads
         self.group_pad = _next_pow2(self.group)
         self.interpret = interpret
         tile = INTERPRET_BLOCK if interpret else BLOCK_ROWS
         self.block_q = max(tile // self.group_pad, 16)
         self.block_kv = INTERPRET_BLOCK if interpret else BLOCK_KV
         self.chunk_blocks = (2 * INTERPRET_BLOCK if interpret else KV_CHUNK) // self.block_kv
-        self.scale = q.shape[-1] ** -0.5
-        self.params = None if interpret else _compiler_params(q.shape[-1])
+        self.scale = head_dim ** -0.5
+        self.params = None if interpret else _compiler_params(head_dim)
+
+
+def band_block_sizes(q_heads: int, kv_heads: int, *, interpret: bool | None = None) -> tuple[int, int]:
+    """(block_q, block_kv) of the band pass's block table for these head counts."""
+    cfg = _Config(q_heads, kv_heads, 64, _interpret(interpret))
+    return cfg.block_q, cfg.block_kv
 
 
 def _compiler_params(head_dim: int):
@@ -235,7 +241,7 @@ def triangle_attention(
 ) -> jax.Array:
     """Triangle attention (see ``tmjax.triangle_attention``) with Pallas Triton kernels."""
     _common.check_inputs(q, k, v, "triton")
-    cfg = _Config(q, k, _interpret(interpret))
+    cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _interpret(interpret))
     return _common.triangle_two_pass(
         q, k, v, n_init=n_init, n_local=n_local, n_last=n_last, length=length,
         block_q=cfg.block_q, block_kv=cfg.block_kv, rows_block=cfg.block_q,
@@ -249,7 +255,7 @@ def causal_attention(
     """Dense causal attention through the causal block table (``length`` needs no special care)."""
     del length
     _common.check_inputs(q, k, v, "triton")
-    cfg = _Config(q, k, _interpret(interpret))
+    cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _interpret(interpret))
     return _common.causal_one_pass(
         q, k, v, block_q=cfg.block_q, block_kv=cfg.block_kv,
         band_pass=_band_pass(cfg, 0, None),

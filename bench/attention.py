@@ -1,0 +1,226 @@
+"""One-layer attention timings on a GPU: our kernels beside cuDNN and the peers, in one run.
+
+Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), bf16, batch 1, triangle
+n_init 8 / n_local 512 / n_last 128. Rows: our triangle (mosaic_gpu with a few block settings,
+triton), our causal kernel, cuDNN dense causal via ``jax.nn.dot_product_attention``, and, when the
+peer scripts are found (``--peers DIR``), the cuDNN-composed triangle (``peers.py composed``) and
+PyTorch FlexAttention's triangle (``anchors.py``). Medians; every JAX row is checked against a
+dense float32 reference on a slice of rows first. Writes ``attention-<device>-<date>.json`` and
+``.md`` to ``--out``.
+
+    python bench/attention.py --out bench/results --peers .carry/peers
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from tmjax.pallas_kernels import reference  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+N_INIT, N_LOCAL, N_LAST = 8, 512, 128
+
+
+def median_ms(fn, *args, min_time_s: float = 0.5) -> float:
+    """Median time per call: calls issued back to back in groups, then one wait per group."""
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    one = time.perf_counter() - t0
+    per_group = max(1, min(20, int(0.02 / max(one, 1e-6))))
+    groups = max(5, min(30, int(min_time_s / max(one * per_group, 1e-6))))
+    times = []
+    for _ in range(groups):
+        t0 = time.perf_counter()
+        outs = [fn(*args) for _ in range(per_group)]
+        jax.block_until_ready(outs)
+        times.append((time.perf_counter() - t0) / per_group)
+    return float(np.median(times)) * 1e3
+
+
+def triangle_keys(n: int) -> int:
+    """Number of visible (query, key) pairs of the triangle mask, for the FLOP count."""
+    i = np.arange(n)
+    outside_window_sinks = np.clip(np.minimum(N_INIT, i - N_LOCAL + 1), 0, None)
+    band = np.minimum(i + 1, N_LOCAL) + outside_window_sinks
+    return int(np.where(i >= n - N_LAST, i + 1, band).sum())
+
+
+def check_rows(fn, q, k, v, mask_rows_fn) -> float:
+    """Relative L2 error of ``fn`` on a sample of rows against the dense float32 reference."""
+    n = q.shape[1]
+    rng = np.random.default_rng(0)
+    rows = np.unique(np.concatenate([np.arange(64), rng.integers(0, n, 192), np.arange(n - N_LAST - 32, n)]))
+    out = np.asarray(fn(q, k, v)[:, rows], np.float32)
+    ref = np.asarray(reference.masked_attention(q[:, rows], k, v, mask_rows_fn(rows, n)), np.float32)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def triangle_rows_mask(rows, n):
+    i, j = rows[:, None], np.arange(n)[None, :]
+    return (j <= i) & ((j < N_INIT) | (i - j < N_LOCAL) | (i >= n - N_LAST))
+
+
+def causal_rows_mask(rows, n):
+    return np.arange(n)[None, :] <= rows[:, None]
+
+
+def our_systems():
+    from tmjax.pallas_kernels import mosaic_gpu, triton
+
+    tri = dict(n_init=N_INIT, n_local=N_LOCAL, n_last=N_LAST, length=None)
+    systems = []
+    for tuning in (mosaic_gpu.Tuning(128, 2, 4096), mosaic_gpu.Tuning(64, 3, 4096), mosaic_gpu.Tuning(64, 4, 2048)):
+        name = f"tmjax mosaic_gpu bkv{tuning.block_kv} st{tuning.stages} chunk{tuning.kv_chunk}"
+        fn = lambda q, k, v, t=tuning: mosaic_gpu.triangle_attention(q, k, v, tuning=t, **tri)  # noqa: E731
+        systems.append((name, "triangle", fn))
+    band_only = dict(tri, n_last=0)
+    systems.append(("tmjax mosaic_gpu bkv64 st3 band only (n_last=0)", "band", lambda q, k, v: mosaic_gpu.triangle_attention(
+        q, k, v, tuning=mosaic_gpu.Tuning(64, 3, 4096), **band_only)))
+    systems.append(("tmjax triton", "triangle", lambda q, k, v: triton.triangle_attention(q, k, v, **tri)))
+    systems.append(("tmjax mosaic_gpu causal table", "dense-causal",
+                    lambda q, k, v: mosaic_gpu.causal_attention(q, k, v, length=None)))
+    systems.append(("jax cudnn", "dense-causal", lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation="cudnn")))
+    return systems
+
+
+def run_ours(seqs, rows_out, log):
+    for n in seqs:
+        kq, kk, kv = jax.random.split(jax.random.PRNGKey(n), 3)
+        q = jax.random.normal(kq, (1, n, HQ, D), jnp.bfloat16)
+        k = jax.random.normal(kk, (1, n, HKV, D), jnp.bfloat16)
+        v = jax.random.normal(kv, (1, n, HKV, D), jnp.bfloat16)
+        for name, pattern, fn in our_systems():
+            row = dict(system=name, pattern=pattern, n=n)
+            try:
+                jfn = jax.jit(fn)
+                t0 = time.perf_counter()
+                jax.block_until_ready(jfn(q, k, v))
+                row["compile_s"] = time.perf_counter() - t0
+                if pattern != "band":
+                    mask_fn = triangle_rows_mask if pattern == "triangle" else causal_rows_mask
+                    row["rel_err"] = check_rows(jfn, q, k, v, mask_fn)
+                row["ms"] = median_ms(jfn, q, k, v)
+                if pattern != "band":
+                    pairs = triangle_keys(n) if pattern == "triangle" else n * (n + 1) // 2
+                    row["tflops"] = 4 * HQ * D * pairs / (row["ms"] * 1e-3) / 1e12
+            except Exception as ex:  # a failing system is recorded, the run goes on
+                traceback.print_exc()
+                row["ms"] = None
+                row["note"] = repr(ex)[:400]
+            rows_out.append(row)
+            log(row)
+        del q, k, v
+
+
+def run_peers(peers_dir, seqs, rows_out, log):
+    """FlexAttention (anchors.py) and the cuDNN-composed triangle (peers.py), in this process."""
+    os.environ["SEQS"] = ",".join(map(str, seqs))
+    for file, call in (("peers.py", "composed"), ("anchors.py", "torch_anchors")):
+        path = os.path.join(peers_dir, file)
+        spec = importlib.util.spec_from_file_location(file[:-3], path)
+        mod = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(mod)
+            getattr(mod, call)()
+        except Exception as ex:
+            traceback.print_exc()
+            rows_out.append(dict(system=f"peer {file}:{call}", ms=None, note=repr(ex)[:400]))
+            continue
+        found = mod.rows if hasattr(mod, "rows") else mod.results["rows"]
+        for r in found:
+            if r.get("n") not in seqs:
+                continue
+            pattern = r.get("pattern", "triangle")
+            row = dict(system=r["system"], pattern=pattern, n=r["n"], ms=r.get("ms"), note=r.get("note", ""))
+            if r.get("rel_err") is not None:
+                row["rel_err"] = r["rel_err"]
+            rows_out.append(row)
+            log(row)
+
+
+def summarise(rows, seqs):
+    """Markdown table: ms per system and length, and ratios to cuDNN dense and to the peers."""
+    def ms_of(system, n):
+        for r in rows:
+            if r["system"] == system and r.get("n") == n and r.get("ms"):
+                return r["ms"]
+        return None
+
+    systems = []
+    for r in rows:
+        key = (r["system"], r.get("pattern", ""))
+        if key not in systems and r.get("n") in seqs:
+            systems.append(key)
+    lines = ["| system | pattern | " + " | ".join(f"{n // 1024}K ms" for n in seqs) + " | " +
+             " | ".join(f"{n // 1024}K x cuDNN dense" for n in seqs) + " |",
+             "|---|---|" + "---|" * (2 * len(seqs))]
+    for system, pattern in systems:
+        times = [ms_of(system, n) for n in seqs]
+        speed = [(ms_of("jax cudnn", n) / t) if t and ms_of("jax cudnn", n) else None for n, t in zip(seqs, times)]
+        lines.append(f"| {system} | {pattern} | " + " | ".join("-" if t is None else f"{t:.3f}" for t in times) + " | "
+                     + " | ".join("-" if s is None else f"{s:.1f}" for s in speed) + " |")
+    ours = [s for s, p in systems if s.startswith("tmjax mosaic_gpu bkv") and p == "triangle"]
+    peers = ["torch flex_attention", "jax cudnn composed triangle"]
+    lines += ["", "Best tmjax mosaic_gpu triangle vs peers (same run; < 1 means we are faster):", ""]
+    for n in seqs:
+        best = min((ms_of(s, n) for s in ours if ms_of(s, n)), default=None)
+        parts = []
+        for peer in peers:
+            pm = None
+            for r in rows:
+                if r["system"] == peer and r.get("n") == n and r.get("pattern", "triangle") == "triangle" and r.get("ms"):
+                    pm = r["ms"]
+            if best and pm:
+                parts.append(f"{peer}: {pm:.3f} ms, ratio {best / pm:.2f}")
+        lines.append(f"- {n // 1024}K: ours {'-' if best is None else f'{best:.3f} ms'}; " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqs", default="8192,32768,131072")
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--peers", default=None, help="folder with peers.py and anchors.py")
+    args = parser.parse_args(argv)
+    seqs = [int(s) for s in args.seqs.split(",")]
+    os.makedirs(args.out, exist_ok=True)
+    log = lambda row: print("ROW", json.dumps(row), flush=True)  # noqa: E731
+    rows: list[dict] = []
+    run_ours(seqs, rows, log)
+    if args.peers:
+        run_peers(args.peers, seqs, rows, log)
+    device = jax.devices()[0].device_kind
+    stamp = datetime.datetime.now(datetime.timezone.utc)
+    meta = dict(device=device, date=stamp.isoformat(timespec="seconds"), jax=jax.__version__,
+                python=platform.python_version(), command="python " + " ".join(sys.argv),
+                shapes=dict(q_heads=HQ, kv_heads=HKV, head_dim=D, dtype="bfloat16", batch=1,
+                            n_init=N_INIT, n_local=N_LOCAL, n_last=N_LAST))
+    base = os.path.join(args.out, f"attention-{device.replace(' ', '_')}-{stamp:%Y%m%d-%H%M}")
+    with open(base + ".json", "w") as fh:
+        json.dump(dict(meta, rows=rows), fh, indent=1)
+    table = summarise(rows, seqs)
+    with open(base + ".md", "w") as fh:
+        fh.write(f"# Attention, one layer ({device}, {meta['date']}, jax {meta['jax']})\n\n")
+        fh.write(f"Command: `{meta['command']}`. Shapes: {meta['shapes']}. Medians.\n\n{table}\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""Triangle and causal attention as Pallas Mosaic GPU kernels for Hopper (TMA + wgmma), bf16 and fp16.
+
+Each CTA runs three warpgroups: two compute warpgroups of 64 query rows each and one producer that
+streams the listed K/V blocks by TMA into a ring of shared-memory slots guarded by barriers. Both
+compute warpgroups of a CTA consume the same K/V tiles:
+
+- when the query heads per KV head (G) are even, the two warpgroups take the same 64 rows of two
+  query heads of one KV group (each K/V tile in shared memory serves two heads);
+- otherwise they take two consecutive 64-row halves of one head (a 128-row table block).
+
+The band pass follows a static block table read from global memory: full blocks run unmasked, then
+partial blocks with the token mask. The dense last rows run as a second launch split over KV chunks
+(each CTA: one chunk, one row block), whose per-chunk results are merged by log-sum-exp.
+The softmax is the base-2 online softmax in float32 with the two compute warpgroups ping-ponging on
+the tensor cores (a schedule barrier), as in jax's FlashAttention-3 example, whose structure this
+follows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from tmjax.pallas_kernels import _common
+from tmjax.pallas_kernels.block_tables import BlockTable
+
+ROWS = 64  # query rows per compute warpgroup (the wgmma M dimension)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Block sizes: ``block_kv`` keys per step, ``stages`` K/V slots in flight, ``kv_chunk`` keys per
+    CTA in the last-rows pass."""
+
+    block_kv: int = 128
+    stages: int = 2
+    kv_chunk: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.block_kv not in (64, 128):
+            raise ValueError(f"block_kv must be 64 or 128, got {self.block_kv}")
+        if self.stages < 2:
+            raise ValueError(f"stages must be >= 2, got {self.stages}")
+        if self.kv_chunk % self.block_kv:
+            raise ValueError(f"kv_chunk ({self.kv_chunk}) must be a multiple of block_kv ({self.block_kv})")
+
+
+DEFAULT_TUNING = Tuning()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Work:
+    """What one compute warpgroup (or the producer) of a CTA needs to know about its work item."""
+
+    batch: jax.Array
+    head: jax.Array  # this warpgroup's query head
+    kv_head: jax.Array
+    row: jax.Array  # sequence position of the warpgroup's first query row
+    q_src: object  # GMEM ref of the warpgroup's [ROWS, D] query tile
+    o_dst: object  # GMEM ref of its [ROWS, D] output tile
+    lse_dst: object  # GMEM ref of its [ROWS] log-sum-exp, or None
+    n_full: jax.Array
+    n_steps: jax.Array
+    kv_block: object  # step -> key block index
+
+
+def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale, n_init, n_local, dtype):
+    """Producer/consumer attention over the steps ``work_of(wg)`` lists (see the module docstring)."""
+    qo_smem2, k_smem, v_smem, lse_smem2 = smem
+    (k_ready, v_ready, q_ready), (k_free, v_free), turn = barriers
+    wg = lax.axis_index("wg")
+    head_dim = k_smem.shape[-1]
+    c = scale * _common.LOG2E
+
+    def take_turn():
+        plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(turn)
+
+    @pl.when(wg < 2)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        w = work_of(wg)
+        qo_smem = qo_smem2.at[wg]
+        plgpu.copy_gmem_to_smem(w.q_src, qo_smem, q_ready.at[wg])
+        plgpu.barrier_wait(q_ready.at[wg])
+        m_i = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        l_i = plgpu.layout_cast(jnp.full((ROWS,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+        acc = plgpu.layout_cast(jnp.full((ROWS, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+
+        @pl.when(w.n_steps > 0)
+        def _():
+            plgpu.barrier_wait(k_ready.at[0])
+
+        pl.when(wg == 1)(take_turn)
+
+        def step(s, carry, masked):
+            acc, m_i, l_i = carry
+            slot = lax.rem(s, jnp.int32(stages))
+
+            def qk_product(acc_ref):
+                plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
+                take_turn()
+                return acc_ref[...]
+
+            qk = pl.run_scoped(qk_product, plgpu.ACC((ROWS, block_kv), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            if masked:
+                rows = w.row + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=plgpu.Layout.WGMMA)
+                cols = w.kv_block(s) * block_kv + plgpu.broadcasted_iota(
+                    jnp.int32, (ROWS, block_kv), 1, layout=plgpu.Layout.WGMMA
+                )
+                visible = cols <= rows
+                if n_local is not None:
+                    visible = visible & ((cols < n_init) | (rows - cols < n_local))
+                qk = jnp.where(visible, qk, _common.MASK_VALUE)
+            m_new = jnp.maximum(m_i, qk.max(axis=1) * c)
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(qk * c - lax.broadcast_in_dim(m_new, qk.shape, [0]))
+            acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+            l_i = l_i * alpha + p.sum(axis=1)
+            p16 = p.astype(dtype)
+            acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_wait(turn)
+
+            def pv_product(acc_ref):
+                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                nxt = s + 1
+
+                @pl.when(nxt < w.n_steps)
+                def _():
+                    plgpu.barrier_wait(k_ready.at[lax.rem(nxt, jnp.int32(stages))])
+
+            acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_new, l_i
+
+        carry = lax.fori_loop(0, w.n_full, functools.partial(_unmasked, step), (acc, m_i, l_i))
+        acc, m_i, l_i = lax.fori_loop(w.n_full, w.n_steps, functools.partial(_masked, step), carry)
+        pl.when(wg == 0)(take_turn)
+
+        l_safe = jnp.where(l_i == 0, 1.0, l_i)  # a row with no key in this chunk: output 0, lse -inf
+        acc /= lax.broadcast_in_dim(l_safe, (ROWS, head_dim), [0])
+        qo_smem[...] = acc.astype(dtype)
+        if lse_smem2 is not None:
+            lse_smem2.at[wg][...] = m_i + jnp.log(l_safe) * (1 / math.log(2))
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(qo_smem, w.o_dst)
+        if lse_smem2 is not None:
+            plgpu.copy_smem_to_gmem(lse_smem2.at[wg], w.lse_dst)
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _produce():
+        plgpu.set_max_registers(40, action="decrease")
+        w = work_of(0)
+
+        def fetch(s, slot):
+            rows = pl.ds(w.kv_block(s) * block_kv, block_kv)
+            plgpu.copy_gmem_to_smem(k_ref.at[w.batch, rows, w.kv_head], k_smem.at[slot], k_ready.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[w.batch, rows, w.kv_head], v_smem.at[slot], v_ready.at[slot])
+
+        for i in range(stages):
+            pl.when(i < w.n_steps)(functools.partial(fetch, jnp.int32(i), i))
+
+        @pl.loop(0, jnp.maximum(w.n_steps - stages, 0))
+        def _(s):
+            slot = lax.rem(s, jnp.int32(stages))
+            rows = pl.ds(w.kv_block(s + stages) * block_kv, block_kv)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.copy_gmem_to_smem(k_ref.at[w.batch, rows, w.kv_head], k_smem.at[slot], k_ready.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[w.batch, rows, w.kv_head], v_smem.at[slot], v_ready.at[slot])
+
+
+def _unmasked(step, s, carry):
+    return step(s, carry, False)
+
+
+def _masked(step, s, carry):
+    return step(s, carry, True)
+
+
+def _launch(body, inputs, out_types, *, grid, tuning, head_dim, dtype, with_lse):
+    """Run ``body(refs, smem, barriers)`` as a 3-warpgroup ``plgpu.kernel`` with the shared scratch."""
+    stages = tuning.stages
+    tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+    smem = [
+        plgpu.SMEM((2, ROWS, head_dim), dtype, **tiled),
+        plgpu.SMEM((stages, tuning.block_kv, head_dim), dtype, **tiled),
+        plgpu.SMEM((stages, tuning.block_kv, head_dim), dtype, **tiled),
+        plgpu.SMEM((2, ROWS), jnp.float32) if with_lse else None,
+    ]
+
+    def entry(*refs):
+        pl.run_scoped(
+            lambda *scratch: body(refs, scratch[0], scratch[1:]),
+            smem,
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2)),
+            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=2),
+            collective_axes="wg",
+        )
+
+    return plgpu.kernel(
+        entry,
+        out_type=out_types,
+        grid=grid,
+        grid_names=("heads", "blocks", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(*inputs)
+
+
+def _pairing(group: int):
+    """(query heads per CTA, query rows per CTA): two heads of a group, or two row halves of one head."""
+    return (2, ROWS) if group % 2 == 0 else (1, 2 * ROWS)
+
+
+def band_block_sizes(q_heads: int, kv_heads: int, *, tuning: Tuning = DEFAULT_TUNING) -> tuple[int, int]:
+    """(block_q, block_kv) of the band pass's block table for these head counts."""
+    return _pairing(q_heads // kv_heads)[1], tuning.block_kv
+
+
+def _band_pass(tuning: Tuning, n_init: int, n_local: int | None):
+    def run(q, k, v, table: BlockTable) -> jax.Array:
+        b, t, hq, d = q.shape
+        group = hq // k.shape[2]
+        heads_per_cta, rows_per_cta = _pairing(group)
+        nq = table.kv_index.shape[0]
+
+        def body(refs, smem, barriers):
+            kv_index_ref, num_full_ref, num_steps_ref, q_ref, k_ref, v_ref, o_ref = refs
+            qb, batch = lax.axis_index("blocks"), lax.axis_index("batch")
+
+            def work_of(wg):
+                if heads_per_cta == 2:
+                    head, row = 2 * lax.axis_index("heads") + wg, qb * ROWS
+                else:
+                    head, row = lax.axis_index("heads"), qb * (2 * ROWS) + wg * ROWS
+                tile = (batch, pl.ds(row, ROWS), head)
+                return _Work(
+                    batch=batch, head=head, kv_head=lax.div(head, jnp.int32(group)), row=row,
+                    q_src=q_ref.at[tile], o_dst=o_ref.at[tile], lse_dst=None,
+                    n_full=num_full_ref[qb], n_steps=num_steps_ref[qb], kv_block=lambda s: kv_index_ref[qb, s],
+                )
+
+            _pipeline(
+                work_of, k_ref, v_ref, smem, barriers, block_kv=tuning.block_kv, stages=tuning.stages,
+                scale=d ** -0.5, n_init=n_init, n_local=n_local, dtype=q.dtype,
+            )
+
+        inputs = (jnp.asarray(table.kv_index), jnp.asarray(table.num_full), jnp.asarray(table.num_steps), q, k, v)
+        return _launch(
+            body, inputs, jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(hq // heads_per_cta, nq, b),
+            tuning=tuning, head_dim=d, dtype=q.dtype, with_lse=False,
+        )
+
+    return run
+
+
+def _rows_pass(tuning: Tuning):
+    def run(q_rows, k, v, start) -> jax.Array:
+        b, r, hq, d = q_rows.shape
+        t = k.shape[1]
+        group = hq // k.shape[2]
+        heads_per_cta, rows_per_cta = _pairing(group)
+        bkv = tuning.block_kv
+        chunk_blocks = tuning.kv_chunk // bkv
+        n_chunks = -(-t // tuning.kv_chunk)
+        n_row_items = r // rows_per_cta
+
+        def body(refs, smem, barriers):
+            start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+            item, batch = lax.axis_index("blocks"), lax.axis_index("batch")
+            chunk, ri = lax.div(item, jnp.int32(n_row_items)), lax.rem(item, jnp.int32(n_row_items))
+            first_row = start_ref[0] + ri * rows_per_cta
+            first = chunk * chunk_blocks
+            last_needed = lax.div(first_row + rows_per_cta - 1, jnp.int32(bkv))
+            n_steps = jnp.clip(last_needed + 1 - first, 0, chunk_blocks)
+            n_full = jnp.clip(lax.div(first_row + 1, jnp.int32(bkv)) - first, 0, n_steps)
+
+            def work_of(wg):
+                if heads_per_cta == 2:
+                    head, local = 2 * lax.axis_index("heads") + wg, ri * rows_per_cta
+                else:
+                    head, local = lax.axis_index("heads"), ri * rows_per_cta + wg * ROWS
+                return _Work(
+                    batch=batch, head=head, kv_head=lax.div(head, jnp.int32(group)), row=start_ref[0] + local,
+                    q_src=q_ref.at[batch, pl.ds(local, ROWS), head],
+                    o_dst=o_ref.at[chunk, batch, pl.ds(local, ROWS), head],
+                    lse_dst=lse_ref.at[chunk, batch, head, pl.ds(local, ROWS)],
+                    n_full=n_full, n_steps=n_steps, kv_block=lambda s: first + s,
+                )
+
+            _pipeline(
+                work_of, k_ref, v_ref, smem, barriers, block_kv=bkv, stages=tuning.stages,
+                scale=d ** -0.5, n_init=0, n_local=None, dtype=q_rows.dtype,
+            )
+
+        out_types = (
+            jax.ShapeDtypeStruct((n_chunks, b, r, hq, d), q_rows.dtype),
+            jax.ShapeDtypeStruct((n_chunks, b, hq, r), jnp.float32),
+        )
+        parts, lse = _launch(
+            body, (start.reshape(1), q_rows, k, v), out_types,
+            grid=(hq // heads_per_cta, n_row_items * n_chunks, b),
+            tuning=tuning, head_dim=d, dtype=q_rows.dtype, with_lse=True,
+        )
+        merged = _common.merge_partials(parts.astype(jnp.float32), lse.transpose(0, 1, 3, 2))
+        return merged.astype(q_rows.dtype)
+
+    return run
+
+
+def triangle_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    n_init: int,
+    n_local: int,
+    n_last: int,
+    length: int | jax.Array | None,
+    tuning: Tuning = DEFAULT_TUNING,
+) -> jax.Array:
+    """Triangle attention (see ``tmjax.triangle_attention``) with Mosaic GPU kernels (Hopper only)."""
+    _common.check_inputs(q, k, v, "mosaic_gpu")
+    block_q, block_kv = band_block_sizes(q.shape[2], k.shape[2], tuning=tuning)
+    return _common.triangle_two_pass(
+        q, k, v, n_init=n_init, n_local=n_local, n_last=n_last, length=length,
+        block_q=block_q, block_kv=block_kv, rows_block=block_q,
+        band_pass=_band_pass(tuning, n_init, n_local), rows_pass=_rows_pass(tuning),
+    )
+
+
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, length: int | jax.Array | None, tuning: Tuning = DEFAULT_TUNING
+) -> jax.Array:
+    """Dense causal attention through the causal block table (``length`` needs no special care)."""
+    del length
+    _common.check_inputs(q, k, v, "mosaic_gpu")
+    block_q, block_kv = band_block_sizes(q.shape[2], k.shape[2], tuning=tuning)
+    return _common.causal_one_pass(
+        q, k, v, block_q=block_q, block_kv=block_kv, band_pass=_band_pass(tuning, 0, None)
+    )

@@ -1,0 +1,150 @@
+"""GPU-only: every attention implementation against the dense float32 reference over the shape grid.
+
+Skipped without a CUDA GPU. Set ``TMJAX_ERRORS_JSON=path`` to record each case's error figures
+(``bench/gpu_check.sh`` does, into ``bench/results/``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import math
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tmjax
+from tmjax.pallas_kernels import reference
+from tmjax.pallas_kernels.block_tables import band_table
+
+ON_GPU = jax.devices()[0].platform == "gpu"
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")]
+
+
+def _pallas_impls() -> list[str]:
+    """Triton on every CUDA GPU, Mosaic GPU on Hopper (compute capability 9.x)."""
+    if not ON_GPU:
+        return ["triton"]
+    hopper = str(getattr(jax.devices()[0], "compute_capability", "0")).startswith("9")
+    return ["triton", "mosaic_gpu"] if hopper else ["triton"]
+
+
+PALLAS = _pallas_impls()
+IMPLS = ["xla"] + PALLAS
+DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16}
+TOLERANCE = {"bf16": 2e-2, "fp16": 4e-3}  # max abs error / max abs reference value
+SIZES = dict(n_init=8, n_local=512, n_last=128)
+_records: list[dict] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_records():
+    yield
+    path = os.environ.get("TMJAX_ERRORS_JSON")
+    if path and _records:
+        with open(path, "w") as fh:
+            info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "cases": _records}
+            json.dump(info, fh, indent=1)
+
+
+def _inputs(seed, batch, seq_len, q_heads, kv_heads, head_dim, dtype):
+    rng = np.random.default_rng(seed)
+    shapes = [(batch, seq_len, q_heads, head_dim)] + [(batch, seq_len, kv_heads, head_dim)] * 2
+    return [jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype) for s in shapes]
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "n_init", "n_local", "n_last"))
+def _triangle(q, k, v, length, *, impl, n_init, n_local, n_last):
+    return tmjax.triangle_attention(
+        q, k, v, n_init=n_init, n_local=n_local, n_last=n_last, length=length, implementation=impl
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("impl",))
+def _causal(q, k, v, *, impl):
+    return tmjax.causal_attention(q, k, v, implementation=impl)
+
+
+_reference = jax.jit(reference.masked_attention)
+
+
+def _check(name, impl, dtype_name, out, ref, rows):
+    """Assert and record max-abs error (relative to the reference's max) and relative L2 error."""
+    out = np.asarray(out[:, :rows], np.float32)
+    ref = np.asarray(ref[:, :rows], np.float32)
+    scale = float(np.abs(ref).max())
+    diff = out - ref
+    _records.append(dict(
+        case=name, impl=impl, dtype=dtype_name,
+        max_err_rel=float(np.abs(diff).max()) / scale,
+        rel_l2=float(np.linalg.norm(diff) / np.linalg.norm(ref)),
+    ))
+    assert np.isfinite(out).all(), f"{name} {impl}: non-finite output"
+    chex.assert_trees_all_close(out, ref, atol=TOLERANCE[dtype_name] * scale, rtol=0)
+
+
+# (T, Hq, Hkv, D): T a multiple of no block size, GQA 1, 4, 7, head_dim 64 and 128; then T shorter
+# than the window, and T shorter than n_init + n_last (every row dense).
+GRID = [(1000, h * g, h, d) for g, h in ((1, 4), (4, 2), (7, 1)) for d in (64, 128)]
+GRID += [(300, 8, 2, 128), (100, 7, 1, 64)]
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("shape", GRID, ids=lambda s: "T%d_H%d_KV%d_D%d" % s)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_triangle_grid(impl, shape, dtype_name):
+    t, hq, hkv, d = shape
+    q, k, v = _inputs(0, 2, t, hq, hkv, d, DTYPES[dtype_name])
+    out = _triangle(q, k, v, None, impl=impl, **SIZES)
+    chex.assert_shape(out, q.shape)
+    chex.assert_type(out, q.dtype)
+    ref = _reference(q, k, v, reference.triangle_mask(t, **SIZES))
+    _check("triangle_T%d_H%d_KV%d_D%d" % shape, impl, dtype_name, out, ref, t)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_triangle_traced_length_ignores_padding(impl):
+    """Right-padded inputs with large garbage in the padding: rows < length match the unpadded
+    reference (the padding's K/V are finite, as a model's are, but far off the real scale)."""
+    t, length = 1000, 777
+    q, k, v = _inputs(1, 2, t, 8, 2, 128, jnp.bfloat16)
+    pad = (jnp.arange(t) >= length)[None, :, None, None]
+    q, k, v = (jnp.where(pad, 300 * x, x) for x in (q, k, v))
+    out = _triangle(q, k, v, jnp.int32(length), impl=impl, **SIZES)
+    mask = reference.triangle_mask(length, **SIZES)
+    ref = _reference(q[:, :length], k[:, :length], v[:, :length], mask)
+    _check("triangle_T1000_length777_padded", impl, "bf16", out, ref, length)
+
+
+@pytest.mark.parametrize("shape", [(1000, 4, 4, 128), (1000, 8, 2, 64), (1000, 7, 1, 128)], ids=str)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_causal(impl, shape):
+    t, hq, hkv, d = shape
+    q, k, v = _inputs(2, 2, t, hq, hkv, d, jnp.bfloat16)
+    out = _causal(q, k, v, impl=impl)
+    ref = _reference(q, k, v, reference.causal_mask(t))
+    _check("causal_T%d_H%d_KV%d_D%d" % shape, impl, "bf16", out, ref, t)
+
+
+@pytest.mark.parametrize("impl", PALLAS)
+def test_unlisted_blocks_are_never_read(impl):
+    """K/V set to NaN outside the blocks a query block's table row lists leave its rows unchanged."""
+    t, hq, hkv, d = 4096, 8, 2, 128
+    block_q, block_kv = importlib.import_module(f"tmjax.pallas_kernels.{impl}").band_block_sizes(hq, hkv)
+    padded = -(-t // math.lcm(block_q, block_kv)) * math.lcm(block_q, block_kv)
+    table = band_table(padded, block_q, block_kv, n_init=SIZES["n_init"], n_local=SIZES["n_local"])
+    q, k, v = _inputs(3, 1, t, hq, hkv, d, jnp.bfloat16)
+    clean = np.asarray(_triangle(q, k, v, None, impl=impl, **SIZES), np.float32)
+    for q_block in (3, (t - SIZES["n_last"]) // block_q - 1):
+        listed = jnp.asarray(table.listed_keys(q_block)[:t])[None, :, None, None]
+        assert not bool(listed.all())
+        poisoned = [jnp.where(listed, x, jnp.nan) for x in (k, v)]
+        out = np.asarray(_triangle(q, *poisoned, None, impl=impl, **SIZES), np.float32)
+        rows = slice(q_block * block_q, (q_block + 1) * block_q)
+        assert np.isfinite(out[:, rows]).all()
+        np.testing.assert_array_equal(out[:, rows], clean[:, rows])
