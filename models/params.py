@@ -6,6 +6,7 @@ index instead of holding one subtree per layer (the table is in docs/CONTRACTS.m
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -70,8 +71,13 @@ def param_shapes(config: ModelConfig, dtype: Any = jnp.float32) -> dict:
 
 def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
     """Random weights like transformers' init: norm scales 1, biases 0, the rest N(0, 0.02)."""
-    shapes = param_shapes(config, dtype)
-    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    return Params(config, _draw(config, key, jnp.dtype(dtype)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _draw(config: ModelConfig, key: jax.Array, dtype: Any) -> dict:
+    """One compiled program for the whole tree (eagerly, every distinct shape would compile)."""
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(config, dtype))
     keys = jax.random.split(key, len(paths_leaves))
     leaves = []
     for (path, spec), k in zip(paths_leaves, keys):
@@ -82,4 +88,4 @@ def init_params(config: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -
             leaves.append(jnp.zeros(spec.shape, spec.dtype))
         else:
             leaves.append((0.02 * jax.random.normal(k, spec.shape, jnp.float32)).astype(spec.dtype))
-    return Params(config, jax.tree_util.tree_unflatten(treedef, leaves))
+    return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -119,9 +119,6 @@ def decode_step(params: Params, token: object, cache: KVCache) -> tuple[jax.Arra
 def _generate(params: Params, tokens: jax.Array, length: jax.Array, eos: jax.Array, temperature: jax.Array,
               key: jax.Array, layout: TriangleMix | None, implementation: str | None, cache_size: int,
               max_new_tokens: int, sample: bool) -> jax.Array:
-    batch = tokens.shape[0]
-    fill = eos[0] if eos.shape[0] else jnp.int32(0)
-
     def pick(logits: jax.Array, key: jax.Array) -> jax.Array:
         if sample:
             return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
@@ -133,7 +130,7 @@ def _generate(params: Params, tokens: jax.Array, length: jax.Array, eos: jax.Arr
     logits, cache = _prefill(params, tokens, length, layout, implementation, cache_size)
     key, sub = jax.random.split(key)
     token = pick(logits, sub)
-    out = jnp.full((batch, max_new_tokens), fill, jnp.int32).at[:, 0].set(token)
+    out = jnp.zeros((tokens.shape[0], max_new_tokens), jnp.int32).at[:, 0].set(token)
 
     def cond(state: tuple) -> jax.Array:
         step, _, _, done, _, _ = state
@@ -143,12 +140,14 @@ def _generate(params: Params, tokens: jax.Array, length: jax.Array, eos: jax.Arr
         step, out, token, done, cache, key = state
         logits, cache = decoder.decode(params, token, cache)
         key, sub = jax.random.split(key)
-        token = jnp.where(done, fill, pick(logits, sub))
+        token = jnp.where(done, token, pick(logits, sub))  # a finished row repeats its EOS
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
         return step + 1, out, token, done | finished(token), cache, key
 
-    state = (jnp.int32(1), out, token, finished(token), cache, key)
-    return jax.lax.while_loop(cond, body, state)[1]
+    state = jax.lax.while_loop(cond, body, (jnp.int32(1), out, token, finished(token), cache, key))
+    step, out, token = state[:3]
+    # stopped early (every row finished): the columns not reached repeat each row's EOS
+    return jnp.where(jnp.arange(max_new_tokens) >= step, token[:, None], out)
 
 
 def generate(
@@ -166,8 +165,8 @@ def generate(
     ``[B, max_new_tokens]`` (``[max_new_tokens]`` for ``[T]`` tokens).
 
     Greedy when ``temperature == 0``; otherwise samples from ``softmax(logits / temperature)`` with
-    ``key``. A sequence that emits an ``eos_token_id`` is finished: its later positions hold the
-    (first) EOS id, and decoding stops once every sequence is finished.
+    ``key``. A sequence that emits one of ``eos_token_id`` is finished: its later positions repeat
+    that id, and decoding stops once every sequence is finished.
     """
     config = params.config
     if layout is not None:
@@ -181,8 +180,11 @@ def generate(
     if sample and key is None:
         raise ValueError(f"temperature={temperature} samples and needs a PRNG key")
     eos_ids = [] if eos_token_id is None else [eos_token_id] if np.ndim(eos_token_id) == 0 else list(eos_token_id)
+    # padded with -1 (matches no token) to a multiple of 4, so that the id count rarely recompiles
+    eos = np.full(_round_up(max(len(eos_ids), 1), 4), -1, np.int32)
+    eos[:len(eos_ids)] = eos_ids
     padded = bucket_length(arr.shape[1])
-    out = _generate(params, _pad(arr, padded), jnp.int32(arr.shape[1]), jnp.asarray(eos_ids, jnp.int32).reshape(-1),
+    out = _generate(params, _pad(arr, padded), jnp.int32(arr.shape[1]), jnp.asarray(eos),
                     jnp.float32(temperature if sample else 1.0), jax.random.key(0) if key is None else key,
                     layout, implementation, _round_up(padded + max_new_tokens, _ALIGN), max_new_tokens, sample)
     return out[0] if squeeze else out
