@@ -16,7 +16,7 @@ from tmjax import api
 from tmjax.layout import TriangleMix
 from tmjax.models import decoder
 from tmjax.models.config import ModelConfig
-from tmjax.models.params import init_params, param_shapes
+from tmjax.models.params import Params, init_params, param_shapes
 from tmjax.pallas_kernels.reference import causal_mask, masked_attention, triangle_mask
 
 # Small enough that the triangle hides keys at T = 28: sinks 2, window 4, last 3 rows dense.
@@ -161,8 +161,11 @@ def test_generate_stops_at_eos_and_pads_with_it(models):
     np.testing.assert_array_equal(api.generate(params, tokens, 8, eos_token_id=[300, eos]), expected)
     # an unbatched prompt whose row finishes stops decoding early and still returns a full row
     np.testing.assert_array_equal(api.generate(params, tokens[0], 8, eos_token_id=eos), expected[0])
-    logits, _ = api.prefill(params, tokens[0])
-    assert logits.shape == (params.config.vocab_size,)
+    # unbatched prefill / decode_step: [V] logits, and they continue the greedy sequence
+    logits, cache = api.prefill(params, tokens[0])
+    assert logits.shape == (params.config.vocab_size,) and int(np.argmax(logits)) == free[0, 0]
+    logits, _ = api.decode_step(params, np.int32(free[0, 0]), cache)
+    assert logits.shape == (params.config.vocab_size,) and int(np.argmax(logits)) == free[0, 1]
 
 
 def test_sampling(models):
@@ -237,3 +240,14 @@ def test_triangle_on_a_windowed_layer_raises(models):
     params = models("mistral-window")
     with pytest.raises(ValueError, match="sliding window of 8"):
         api.prefill(params, _tokens(8, T), LAYOUT)
+
+
+def test_bfloat16_weights_run_in_bfloat16(models):
+    """bf16 weights give a bf16 cache and float32 logits close to the float32 model's."""
+    params = models("llama")
+    half = Params(params.config, jax.tree.map(lambda w: w.astype(jnp.bfloat16), params.weights))
+    tokens = _tokens(9, T)
+    reference, _ = api.prefill(params, tokens, LAYOUT)
+    logits, cache = api.prefill(half, tokens, LAYOUT)
+    assert cache.k.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+    hf_fixtures.assert_close_to_scale(logits, reference, tol=5e-2)

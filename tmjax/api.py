@@ -93,17 +93,16 @@ def prefill(
     return (out[0] if squeeze else out), cache
 
 
-@functools.cache
-def _decode_jit(donate: bool):  # noqa: ANN202 - a jitted function
-    # Donating the cache lets XLA write the step's keys in place instead of copying the whole cache;
-    # the CPU backend cannot donate and would only warn.
-    return jax.jit(decoder.decode, donate_argnums=(2,) if donate else ())
+_decode = jax.jit(decoder.decode)
+# Donating the cache lets XLA write the step's keys and values in place instead of copying the cache.
+_decode_donating = jax.jit(decoder.decode, donate_argnums=(2,))
 
 
-def decode_step(params: Params, token: object, cache: KVCache) -> tuple[jax.Array, KVCache]:
+def decode_step(params: Params, token: object, cache: KVCache, *, donate: bool = False) -> tuple[jax.Array, KVCache]:
     """Append one token per sequence (``[B]``, or a scalar for batch 1) and return the float32
-    logits of the next one (``[B, V]``, or ``[V]``) and the updated cache. Attention is dense over
-    the cache. On accelerators the input cache is donated: use the returned one."""
+    logits of the next one (``[B, V]``, or ``[V]``) and the updated cache; attention is dense over
+    the cache. ``donate=True`` (ignored on CPU, which cannot donate) updates the cache in place
+    instead of copying it each step, and invalidates the cache passed in: use the returned one."""
     arr, squeeze = _tokens(token, params.config.vocab_size, rank=1)
     if arr.shape[0] != cache.k.shape[1]:
         raise ValueError(f"{arr.shape[0]} tokens for a cache of batch {cache.k.shape[1]}")
@@ -111,7 +110,8 @@ def decode_step(params: Params, token: object, cache: KVCache) -> tuple[jax.Arra
     if filled >= cache.max_length:
         raise ValueError(f"the cache is full ({filled} of {cache.max_length} positions); "
                          "prefill with a larger max_new_tokens")
-    out, cache = _decode_jit(jax.default_backend() != "cpu")(params, jnp.asarray(arr), cache)
+    step = _decode_donating if donate and jax.default_backend() != "cpu" else _decode
+    out, cache = step(params, jnp.asarray(arr), cache)
     return (out[0] if squeeze else out), cache
 
 
