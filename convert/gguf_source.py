@@ -155,8 +155,11 @@ class GGUFSource(contextlib.AbstractContextManager):
     def get_tensor(self, name: str) -> np.ndarray:
         """One tensor, dequantized to float32 in HF layout; ``KeyError`` if absent."""
         tensor = self._tensors[name]
+        # Read with a plain file read rather than through the reader's memory map, whose pages
+        # would stay resident (counted in RSS) after use.
+        raw = np.fromfile(self.path, np.uint8, count=int(tensor.n_bytes), offset=int(tensor.data_offset))
         try:
-            w = dequantize(tensor.data, tensor.tensor_type)
+            w = dequantize(raw.view(tensor.data.dtype).reshape(tensor.data.shape), tensor.tensor_type)
         except (ValueError, NotImplementedError) as err:
             raise ValueError(f"{self.path}: cannot dequantize {tensor.name!r}: {err}") from None
         if self._permuted and name.endswith(("q_proj.weight", "q_proj.bias")):

@@ -50,14 +50,9 @@ class SafetensorsSource(contextlib.AbstractContextManager):
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self.hf_config: dict = _read_json(self.folder / "config.json")
-        self._stack = contextlib.ExitStack()
-        self._where: dict[str, Any] = {}  # tensor name -> (shard path, open safe_open handle)
+        self._where: dict[str, Path] = {}  # tensor name -> shard file
         self._index: dict[str, str] | None = None  # weight_map of a sharded checkpoint
-        try:
-            self._open_shards()
-        except BaseException:
-            self._stack.close()
-            raise
+        self._open_shards()
 
     def _shard_files(self) -> list[Path]:
         index = self.folder / INDEX
@@ -75,29 +70,39 @@ class SafetensorsSource(contextlib.AbstractContextManager):
         for path in self._shard_files():
             if not path.is_file():
                 raise ValueError(f"shard {path} named in {INDEX} is missing")
-            try:
-                handle = self._stack.enter_context(safe_open(str(path), framework="numpy"))
-            except SafetensorError as err:
-                raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
-            for name in handle.keys():
+            with self._open(path) as handle:  # reads and checks the header, then closes
+                names = handle.keys()
+            for name in names:
                 if name in self._where:
                     raise ValueError(f"tensor {name!r} appears in more than one shard ({path})")
-                self._where[name] = (path, handle)
+                self._where[name] = path
         if self._index is not None:
             for name, shard in self._index.items():
                 found = self._where.get(name)
-                if found is None or found[0].name != shard:
+                if found is None or found.name != shard:
                     raise ValueError(f"{INDEX} puts tensor {name!r} in {shard}, which lacks it")
+
+    @staticmethod
+    def _open(path: Path) -> Any:
+        try:
+            return safe_open(str(path), framework="numpy")
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
 
     def names(self) -> list[str]:
         """Every tensor name in the checkpoint."""
         return list(self._where)
 
     def get_tensor(self, name: str) -> np.ndarray:
-        """One tensor as a numpy array; ``KeyError`` if absent, ``ValueError`` if unreadable."""
-        path, handle = self._where[name]
+        """One tensor as a numpy array; ``KeyError`` if absent, ``ValueError`` if unreadable.
+
+        The shard is memory-mapped only for this read: a mapping kept open would keep every page
+        read so far resident (and counted in the process's RSS) until the end.
+        """
+        path = self._where[name]
         try:
-            return handle.get_tensor(name)
+            with self._open(path) as handle:
+                return handle.get_tensor(name)
         except (SafetensorError, TypeError) as err:
             raise ValueError(f"cannot read tensor {name!r} from {path}: {err}") from None
 
@@ -108,4 +113,4 @@ class SafetensorsSource(contextlib.AbstractContextManager):
                 shutil.copy2(self.folder / name, folder / name)
 
     def __exit__(self, *exc: object) -> None:
-        self._stack.close()
+        """Nothing to release: shards are only open during a read."""

@@ -16,6 +16,9 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import jax
+import numpy as np
+
 from tmjax.checkpoint import CONFIG_FILE, FORMAT, META_FILE, VERSION, WEIGHTS_DIR
 
 
@@ -80,14 +83,28 @@ def staged_output(dst: str | Path, *, force: bool) -> Iterator[Path]:
         raise
 
 
+class _Shared(np.ndarray):
+    """An array view whose deep copy is itself (see ``save_weights``)."""
+
+    def __deepcopy__(self, memo: dict) -> _Shared:
+        return self
+
+
 def save_weights(folder: Path, weights: dict) -> None:
-    """Save the weight tree (numpy or jax arrays) with orbax into ``folder/weights``."""
+    """Save the weight tree (numpy arrays) with orbax into ``folder/weights``, restorable by
+    ``ocp.StandardCheckpointer``.
+
+    By default orbax deep-copies host arrays (in case they change during an async save) and
+    zstd-compresses them; both would double the converter's peak memory, for weights that are never
+    touched again and barely compress. So the arrays go in as views that deep-copy to themselves, and
+    uncompressed.
+    """
     import orbax.checkpoint as ocp  # deferred: slow to import
 
-    checkpointer = ocp.StandardCheckpointer()
+    shared = jax.tree.map(lambda a: np.asarray(a).view(_Shared), weights)
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=False))
     try:
-        checkpointer.save(Path(folder).absolute() / WEIGHTS_DIR, weights)
-        checkpointer.wait_until_finished()
+        checkpointer.save(Path(folder).absolute() / WEIGHTS_DIR, args=ocp.args.PyTreeSave(shared))
     finally:
         checkpointer.close()
 
