@@ -23,7 +23,7 @@ from jax import lax
 _BAND_BLOCK = 64
 _BAND_CHUNK_SCORES = 1 << 19
 # Query and key rows per step of the online-softmax passes (causal and the dense last rows).
-_CHUNK = 512
+_CHUNK = 256
 # Finite "minus infinity": masked scores never produce inf - inf = nan.
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
 _HIGHEST = lax.Precision.HIGHEST
