@@ -1,0 +1,1 @@
+"""Conversion of Hugging Face folders and GGUF files into tmjax checkpoints (``tmjax convert``)."""

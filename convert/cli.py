@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -22,10 +23,14 @@ from tmjax.convert import writer
 from tmjax.convert.mapping import expected_hf_names, unexpected_hf_names, weights_from_hf
 from tmjax.models.config import ModelConfig
 
+if TYPE_CHECKING:  # the sources are imported on use: each pulls in its own reader library
+    from tmjax.convert.gguf_source import GGUFSource
+    from tmjax.convert.safetensors_source import SafetensorsSource
+
 _LISTED = 5  # how many offending tensor names an error message shows
 
 
-def open_source(src: Path):
+def open_source(src: Path) -> SafetensorsSource | GGUFSource:
     """A ``SafetensorsSource`` for a folder, a ``GGUFSource`` for a ``.gguf`` file."""
     if src.is_dir():
         from tmjax.convert.safetensors_source import SafetensorsSource

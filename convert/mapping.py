@@ -2,8 +2,8 @@
 
 The table is data so that the converter, the tests and any future source format (safetensors, GGUF,
 a live ``state_dict``) share one definition of the layout. Per-layer tensors are written into a
-preallocated ``[L, ...]`` array one layer at a time, so building the tree never holds more than the
-target tree plus one source tensor.
+preallocated ``[L, ...]`` array one layer at a time, so building the tree holds the target tree plus
+one source tensor (and its reshaped copy) at a time.
 """
 
 from __future__ import annotations
@@ -121,8 +121,8 @@ TABLE: tuple[Entry, ...] = (
           lambda c: (c.vocab_size, c.hidden_size), _linear, lambda c: not c.tie_word_embeddings),
 )
 
-# Tensors some checkpoints carry that hold nothing we need: RoPE caches recomputed from the config,
-# and a duplicate lm_head saved next to tied embeddings.
+# RoPE caches some older checkpoints carry: recomputed from the config, so skipped. (A duplicate
+# lm_head saved next to tied embeddings is skipped too, in unexpected_hf_names.)
 _IGNORABLE = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 

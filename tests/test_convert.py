@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import chex
@@ -300,6 +302,25 @@ def test_interrupt_mid_stream_leaves_nothing_and_keeps_old_checkpoint(models, tm
     assert "interrupted" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["dst"]
     assert ckpt.load(dst).config.architecture == "qwen2"
+
+
+def test_sigterm_mid_conversion_leaves_nothing_loadable(tmp_path):
+    """A real process stopped by SIGTERM while it writes: no checkpoint, no staging folder."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    big = dict(SMALL, hidden_size=512, intermediate_size=2048, vocab_size=8192, num_hidden_layers=4)
+    LlamaForCausalLM(LlamaConfig(**big)).save_pretrained(src)  # ~80 MB: long enough to interrupt
+    proc = subprocess.Popen([sys.executable, "-m", "tmjax.cli", "convert", str(src), str(dst), "--quiet"],
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not leftovers(tmp_path):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    if proc.returncode == 0:  # it finished before the signal landed: then it must be complete
+        ckpt.load(dst)
+    else:
+        assert proc.returncode == 130, err
+        assert not dst.exists()
+    assert leftovers(tmp_path) == []
 
 
 def test_stale_staging_folder_of_a_killed_run_is_removed(models, tmp_path):
