@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
+import importlib
 import json
 import os
 import platform
@@ -92,12 +92,33 @@ def our_systems():
     band_only = dict(tri, n_last=0)
     systems.append(("tmjax mosaic_gpu bkv64 st3 band only (n_last=0)", "band", lambda q, k, v: mosaic_gpu.triangle_attention(
         q, k, v, tuning=mosaic_gpu.Tuning(64, 3, 4096), **band_only)))
+    # Where the time goes: each pass with the other replaced by a no-op (same splice and merge code).
+    from tmjax.pallas_kernels import _common
+
+    t64 = mosaic_gpu.Tuning(64, 3, 4096)
+    split = dict(n_init=N_INIT, n_local=N_LOCAL, n_last=N_LAST, length=None, block_q=64, block_kv=64, rows_block=64)
+    systems.append(("diag: last-rows pass + merge + splice, no band kernel", "band", lambda q, k, v: _common.triangle_two_pass(
+        q, k, v, band_pass=lambda q, k, v, table: q * 1, rows_pass=mosaic_gpu._rows_pass(t64), **split)))
+    systems.append(("diag: band kernel + splice, no last-rows kernel", "band", lambda q, k, v: _common.triangle_two_pass(
+        q, k, v, band_pass=mosaic_gpu._band_pass(t64, N_INIT, N_LOCAL), rows_pass=lambda qr, k, v, s: qr * 1, **split)))
     systems.append(("tmjax triton", "triangle", lambda q, k, v: triton.triangle_attention(q, k, v, **tri)))
     systems.append(("tmjax mosaic_gpu causal table", "dense-causal",
                     lambda q, k, v: mosaic_gpu.causal_attention(q, k, v, length=None)))
     systems.append(("jax cudnn", "dense-causal", lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation="cudnn")))
     return systems
+
+
+def dump_hlo(out_dir: str, n: int) -> None:
+    """The optimised HLO of the mosaic_gpu triangle at length ``n`` (to look for copies of the output)."""
+    from tmjax.pallas_kernels import mosaic_gpu
+
+    shapes = [jax.ShapeDtypeStruct((1, n, h, D), jnp.bfloat16) for h in (HQ, HKV, HKV)]
+    fn = jax.jit(lambda q, k, v: mosaic_gpu.triangle_attention(
+        q, k, v, n_init=N_INIT, n_local=N_LOCAL, n_last=N_LAST, length=None))
+    text = fn.lower(*shapes).compile().as_text()
+    with open(os.path.join(out_dir, f"hlo-mosaic-triangle-{n}.txt"), "w") as fh:
+        fh.write(text)
 
 
 def run_ours(seqs, rows_out, log):
@@ -132,16 +153,14 @@ def run_ours(seqs, rows_out, log):
 def run_peers(peers_dir, seqs, rows_out, log):
     """FlexAttention (anchors.py) and the cuDNN-composed triangle (peers.py), in this process."""
     os.environ["SEQS"] = ",".join(map(str, seqs))
-    for file, call in (("peers.py", "composed"), ("anchors.py", "torch_anchors")):
-        path = os.path.join(peers_dir, file)
-        spec = importlib.util.spec_from_file_location(file[:-3], path)
-        mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, peers_dir)  # torch.compile re-imports the module that defines the mask
+    for name, call in (("peers", "composed"), ("anchors", "torch_anchors")):
         try:
-            spec.loader.exec_module(mod)
+            mod = importlib.import_module(name)
             getattr(mod, call)()
         except Exception as ex:
             traceback.print_exc()
-            rows_out.append(dict(system=f"peer {file}:{call}", ms=None, note=repr(ex)[:400]))
+            rows_out.append(dict(system=f"peer {name}.{call}", ms=None, note=repr(ex)[:400]))
             continue
         found = mod.rows if hasattr(mod, "rows") else mod.results["rows"]
         for r in found:
@@ -157,9 +176,9 @@ def run_peers(peers_dir, seqs, rows_out, log):
 
 def summarise(rows, seqs):
     """Markdown table: ms per system and length, and ratios to cuDNN dense and to the peers."""
-    def ms_of(system, n):
+    def ms_of(system, n, pattern=None):
         for r in rows:
-            if r["system"] == system and r.get("n") == n and r.get("ms"):
+            if r["system"] == system and r.get("n") == n and r.get("ms") and pattern in (None, r.get("pattern")):
                 return r["ms"]
         return None
 
@@ -172,7 +191,7 @@ def summarise(rows, seqs):
              " | ".join(f"{n // 1024}K x cuDNN dense" for n in seqs) + " |",
              "|---|---|" + "---|" * (2 * len(seqs))]
     for system, pattern in systems:
-        times = [ms_of(system, n) for n in seqs]
+        times = [ms_of(system, n, pattern) for n in seqs]
         speed = [(ms_of("jax cudnn", n) / t) if t and ms_of("jax cudnn", n) else None for n, t in zip(seqs, times)]
         lines.append(f"| {system} | {pattern} | " + " | ".join("-" if t is None else f"{t:.3f}" for t in times) + " | "
                      + " | ".join("-" if s is None else f"{s:.1f}" for s in speed) + " |")
@@ -183,10 +202,7 @@ def summarise(rows, seqs):
         best = min((ms_of(s, n) for s in ours if ms_of(s, n)), default=None)
         parts = []
         for peer in peers:
-            pm = None
-            for r in rows:
-                if r["system"] == peer and r.get("n") == n and r.get("pattern", "triangle") == "triangle" and r.get("ms"):
-                    pm = r["ms"]
+            pm = ms_of(peer, n, "triangle")
             if best and pm:
                 parts.append(f"{peer}: {pm:.3f} ms, ratio {best / pm:.2f}")
         lines.append(f"- {n // 1024}K: ours {'-' if best is None else f'{best:.3f} ms'}; " + "; ".join(parts))
@@ -198,11 +214,14 @@ def main(argv=None) -> None:
     parser.add_argument("--seqs", default="8192,32768,131072")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--peers", default=None, help="folder with peers.py and anchors.py")
+    parser.add_argument("--dump-hlo", action="store_true", help="write the optimised HLO at the longest length")
     args = parser.parse_args(argv)
     seqs = [int(s) for s in args.seqs.split(",")]
     os.makedirs(args.out, exist_ok=True)
     log = lambda row: print("ROW", json.dumps(row), flush=True)  # noqa: E731
     rows: list[dict] = []
+    if args.dump_hlo:
+        dump_hlo(args.out, max(seqs))
     run_ours(seqs, rows, log)
     if args.peers:
         run_peers(args.peers, seqs, rows, log)

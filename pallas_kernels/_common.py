@@ -120,11 +120,16 @@ def triangle_two_pass(
         rows = round_up(min(n_last, seq_len), rows_block)
         start = jnp.clip(length - n_last, 0, padded - rows).astype(jnp.int32)
         q_rows = jax.lax.dynamic_slice_in_dim(qp, start, rows, axis=1)
-        last = rows_pass(q_rows, kp, vp, start)
-        band_rows = jax.lax.dynamic_slice_in_dim(out, start, rows, axis=1)
-        dense = (start + jnp.arange(rows)) >= length - n_last
-        spliced = jnp.where(dense[None, :, None, None], last.astype(out.dtype), band_rows)
-        out = jax.lax.dynamic_update_slice_in_dim(out, spliced, start, axis=1)
+        last = rows_pass(q_rows, kp, vp, start).astype(out.dtype)
+        if seq_len - n_last > padded - rows:
+            # start is clipped below length - n_last for the longest lengths: the rows written
+            # before the dense ones must keep the band result.
+            band_rows = jax.lax.dynamic_slice_in_dim(out, start, rows, axis=1)
+            dense = (start + jnp.arange(rows)) >= length - n_last
+            last = jnp.where(dense[None, :, None, None], last, band_rows)
+        # Otherwise every written row is dense or at/after length (unspecified): a plain in-place
+        # update, which XLA does not turn into a copy of the whole output.
+        out = jax.lax.dynamic_update_slice_in_dim(out, last, start, axis=1)
     return out[:, :seq_len]
 
 

@@ -7,8 +7,8 @@ scalar memory (``PrefetchScalarGridSpec``), the K/V index maps read the listed b
 and steps past the row's count repeat its last block, which the pipeline does not fetch again. The
 last rows run over a grid of every key block, clamped to the last one that their rows can see.
 
-Tested in the Pallas interpreter (``interpret=True`` or ``TMJAX_PALLAS_INTERPRET=1``); not yet run
-on TPU hardware.
+Tested in the Pallas interpreter (the default on CPU; also ``interpret=True`` or
+``TMJAX_PALLAS_INTERPRET=1``); not yet run on TPU hardware.
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ INTERPRET_BLOCK = 16
 
 
 def _interpret(flag: bool | None) -> bool:
+    """Interpret unless told otherwise when JAX runs on CPU, or when TMJAX_PALLAS_INTERPRET=1."""
     if flag is not None:
         return flag
-    return os.environ.get("TMJAX_PALLAS_INTERPRET", "") not in ("", "0")
+    return jax.default_backend() == "cpu" or os.environ.get("TMJAX_PALLAS_INTERPRET", "") not in ("", "0")
 
 
 def _step(q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, row0, col0, masked, block_q, scale, n_init, n_local):

@@ -6,8 +6,8 @@ Triton needs), so each K/V tile is loaded once for all of them and K/V are never
 The program walks the key blocks its block-table row lists: full blocks with no mask, then partial
 blocks with the token-level mask; the online softmax runs in float32 in base 2.
 
-Set ``TMJAX_PALLAS_INTERPRET=1`` (or pass ``interpret=True``) to run the kernels in the Pallas
-interpreter, e.g. on CPU in tests.
+On CPU (or with ``TMJAX_PALLAS_INTERPRET=1``, or ``interpret=True``) the kernels run in the Pallas
+interpreter with small blocks: that is how the CPU tests run them.
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ INTERPRET_BLOCK = 16  # smaller blocks in interpret mode keep the CPU tests fast
 
 
 def _interpret(flag: bool | None) -> bool:
+    """Interpret unless told otherwise when JAX runs on CPU, or when TMJAX_PALLAS_INTERPRET=1."""
     if flag is not None:
         return flag
-    return os.environ.get("TMJAX_PALLAS_INTERPRET", "") not in ("", "0")
+    return jax.default_backend() == "cpu" or os.environ.get("TMJAX_PALLAS_INTERPRET", "") not in ("", "0")
 
 
 def _next_pow2(x: int) -> int:

@@ -1,0 +1,117 @@
+"""Pallas Triton and TPU kernels in interpret mode (CPU) against dense float32 attention.
+
+Interpret mode is slow, so the shapes are small and few; the shared suite
+(``tests/test_attention.py``) runs its own grid over these backends too.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tmjax.pallas_kernels import reference
+from tmjax.pallas_kernels.block_tables import band_table
+
+BACKENDS = ["triton", "tpu"]
+TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
+
+
+def _backend(name):
+    return importlib.import_module(f"tmjax.pallas_kernels.{name}")
+
+
+def _inputs(seed, batch, seq_len, q_heads, kv_heads, head_dim, dtype):
+    rng = np.random.default_rng(seed)
+    shapes = [(batch, seq_len, q_heads, head_dim)] + [(batch, seq_len, kv_heads, head_dim)] * 2
+    return [jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype) for s in shapes]
+
+
+@functools.partial(jax.jit, static_argnames=("name", "n_init", "n_local", "n_last"))
+def _triangle(q, k, v, length, *, name, n_init, n_local, n_last):
+    return _backend(name).triangle_attention(
+        q, k, v, n_init=n_init, n_local=n_local, n_last=n_last, length=length, interpret=True
+    )
+
+
+def _assert_close(out, ref, dtype):
+    out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert np.isfinite(out).all()
+    chex.assert_trees_all_close(out, ref, atol=TOLERANCE[dtype] * float(np.abs(ref).max()), rtol=0)
+
+
+# (T, Hq, Hkv, D, n_init, n_local, n_last, dtype): ragged T with GQA 4 (the last rows overlap the
+# band rows), GQA 7 with head_dim 128 and fp16, T shorter than n_init + n_last (all rows dense).
+CASES = [
+    (150, 4, 1, 64, 3, 20, 24, jnp.bfloat16),
+    (90, 7, 1, 128, 5, 17, 20, jnp.float16),
+    (40, 2, 2, 64, 8, 512, 128, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "T%d_H%d_KV%d_D%d" % c[:4])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_triangle_matches_reference(name, case):
+    t, hq, hkv, d, n_init, n_local, n_last, dtype = case
+    q, k, v = _inputs(0, 1, t, hq, hkv, d, dtype)
+    out = _triangle(q, k, v, None, name=name, n_init=n_init, n_local=n_local, n_last=n_last)
+    chex.assert_shape(out, q.shape)
+    chex.assert_type(out, dtype)
+    _assert_close(out, reference.masked_attention(q, k, v, reference.triangle_mask(t, n_init, n_local, n_last)), dtype)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_traced_length_with_garbage_padding(name):
+    """Batch 2, right-padded to T with large finite garbage: rows < length match the unpadded run,
+    and the dense rows follow the traced length."""
+    t, length, sizes = 120, 101, dict(n_init=2, n_local=16, n_last=12)
+    q, k, v = _inputs(1, 2, t, 4, 2, 64, jnp.bfloat16)
+    pad = (jnp.arange(t) >= length)[None, :, None, None]
+    q, k, v = (jnp.where(pad, 300 * x, x) for x in (q, k, v))
+    out = _triangle(q, k, v, jnp.int32(length), name=name, **sizes)[:, :length]
+    q, k, v = (x[:, :length] for x in (q, k, v))
+    _assert_close(out, reference.masked_attention(q, k, v, reference.triangle_mask(length, **sizes)), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_causal_matches_reference(name):
+    q, k, v = _inputs(2, 1, 70, 8, 2, 64, jnp.bfloat16)
+    out = jax.jit(functools.partial(_backend(name).causal_attention, length=None, interpret=True))(q, k, v)
+    _assert_close(out, reference.masked_attention(q, k, v, reference.causal_mask(70)), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_unlisted_blocks_are_never_read(name):
+    """K/V set to NaN outside the blocks one table row lists leave that query block's rows unchanged."""
+    t, hq, hkv, d, sizes = 160, 4, 2, 64, dict(n_init=3, n_local=20, n_last=16)
+    block_q, block_kv = _backend(name).band_block_sizes(hq, hkv, interpret=True)
+    padded = -(-t // math.lcm(block_q, block_kv, 8)) * math.lcm(block_q, block_kv, 8)
+    table = band_table(padded, block_q, block_kv, n_init=sizes["n_init"], n_local=sizes["n_local"])
+    q, k, v = _inputs(3, 1, t, hq, hkv, d, jnp.bfloat16)
+    clean = np.asarray(_triangle(q, k, v, None, name=name, **sizes), np.float32)
+    q_block = (t - sizes["n_last"]) // block_q - 1  # the last block of rows that are all band rows
+    listed = table.listed_keys(q_block)[:t]
+    assert listed.sum() < t // 2  # the test poisons most of the sequence
+    poisoned = [jnp.where(jnp.asarray(listed)[None, :, None, None], x, jnp.nan) for x in (k, v)]
+    out = np.asarray(_triangle(q, *poisoned, None, name=name, **sizes), np.float32)
+    rows = slice(q_block * block_q, (q_block + 1) * block_q)
+    assert np.isfinite(out[:, rows]).all()
+    np.testing.assert_array_equal(out[:, rows], clean[:, rows])
+    assert np.isnan(out).any()  # rows outside that block did read the poison
+
+
+@pytest.mark.parametrize("name", BACKENDS + ["mosaic_gpu"])
+@pytest.mark.parametrize(
+    "shape, dtype, needle",
+    [((1, 8, 2, 64), jnp.float32, "bfloat16 and float16"), ((1, 8, 2, 96), jnp.bfloat16, "head_dim")],
+)
+def test_unsupported_inputs_raise(name, shape, dtype, needle):
+    q = jnp.zeros(shape, dtype)
+    with pytest.raises(ValueError, match=needle):
+        _backend(name).triangle_attention(q, q, q, n_init=1, n_local=4, n_last=2, length=None)
