@@ -21,7 +21,7 @@ from jax import lax
 # Query rows per band block; a band chunk (one loop step) holds as many blocks as keep its score
 # tensor under _BAND_CHUNK_SCORES entries per batch row and head (16 blocks for the default layout).
 _BAND_BLOCK = 64
-_BAND_CHUNK_SCORES = 1 << 19
+_BAND_CHUNK_SCORES = 1 << 20
 # Query and key rows per step of the online-softmax passes (causal and the dense last rows).
 _CHUNK = 256
 # Finite "minus infinity": masked scores never produce inf - inf = nan.
@@ -108,10 +108,11 @@ def _band(q: jax.Array, k: jax.Array, v: jax.Array, n_init: int, n_local: int, l
     bq = min(_BAND_BLOCK, _round_up(t, 8))
     halo = _round_up(n_local - 1, bq)
     n_blocks = _cdiv(t, bq)
-    n_chunks = _cdiv(n_blocks, max(1, _BAND_CHUNK_SCORES // (bq * (n_init + halo + bq))))
-    blocks_per_chunk = _cdiv(n_blocks, n_chunks)
+    fit = max(1, _BAND_CHUNK_SCORES // (bq * (n_init + halo + bq)))
+    # A power of two, so that power-of-two lengths need no padding copy.
+    blocks_per_chunk = min(n_blocks, 1 << (fit.bit_length() - 1))
     rows = blocks_per_chunk * bq
-    padded = n_chunks * rows
+    padded = _round_up(t, rows)
     qp, kp, vp = (_pad_rows(x, padded) for x in (q, k, v))
 
     # Key positions seen by each query block of a chunk, relative to the chunk's first row.
