@@ -11,7 +11,6 @@ Scores, softmax and accumulation are float32; loops stop at ``length``, so paddi
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
