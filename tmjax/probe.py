@@ -15,7 +15,8 @@ to a zero perturbation added to every layer's attention output (one ``[T, Hq, D]
 takes ``V`` from the KV cache, and forms the ``T x T`` gradients block by block only to reduce them to
 three sums per layer. This is the same gradient as autodiff through a materialised ``P``, but the
 backward pass stores no ``T x T`` matrices, so it fits 8K tokens on one GPU. The attention itself is
-dense float32 reference attention (rematerialised in the backward pass).
+dense float32 softmax attention (rematerialised in the backward pass); the tests check the gradients
+against finite differences through an explicitly materialised ``P``.
 
 Switch-layer rule (``RULE`` below, also written into the JSON): normalise the middle curve by its
 maximum over layers; the recommended switch layer is the smallest ``s`` such that every layer
@@ -43,7 +44,7 @@ from tmjax.api import bucket_length
 from tmjax.layout import TriangleMix
 from tmjax.models import decoder
 from tmjax.models.params import Params
-from tmjax.pallas_kernels import reference
+from tmjax.models.rope import rope_tables
 
 SECTIONS = ("streaming", "last", "middle")
 DEFAULT_THRESHOLD = 0.1
@@ -98,34 +99,49 @@ def section_sums(grad_out: jax.Array, v: jax.Array, length: int | jax.Array, *, 
     return sums.sum(axis=0), counts.sum(axis=0)
 
 
-def _dense_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    t = q.shape[1]
-    causal = jnp.arange(t)[None, :] <= jnp.arange(t)[:, None]
-    return reference.masked_attention(q, k, v, causal)
+def _dense_attention(q: jax.Array, k: jax.Array, v: jax.Array, window: jax.Array) -> jax.Array:
+    """Dense causal softmax attention (XLA, GQA-native), limited to a sliding ``window`` where > 0."""
+    i = jnp.arange(q.shape[1])[:, None]
+    j = jnp.arange(k.shape[1])[None, :]
+    mask = (j <= i) & ((window == 0) | (i - j < window))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[None, None], implementation="xla")
 
 
 def attention_output_grads(params: Params, tokens: jax.Array, length: jax.Array, positions: jax.Array,
                            targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Loss and the per-layer ``dL/dO`` and ``V`` of a dense forward over ``tokens [B, T]``.
+    """Loss and the per-layer ``dL/dO`` and ``V`` of the dense model over ``tokens [B, T]``.
 
     The loss is the ``weights``-weighted mean negative log-likelihood of ``targets [B, A]`` predicted at
-    ``positions [B, A]``. Returns ``(loss, grad_out [L, B, T, Hq, D], v [L, B, T, Hkv, D])``.
+    ``positions [B, A]``; ``length`` is the real length (RoPE scaling that depends on it; padding
+    after it is hidden by causality). Returns ``(loss, grad_out [L, B, T, Hq, D], v [L, B, T, Hkv, D])``.
+
+    The layers run as a ``lax.scan`` over the stacked weights with the perturbations and windows as
+    scanned inputs and ``V`` as the scanned output: the decoder's own loop also carries a KV cache,
+    which makes its backward pass several times slower.
     """
-    c = params.config
+    c, w = params.config, params.weights
     b, t = tokens.shape
     zeros = jnp.zeros((c.num_layers, b, t, c.num_heads, c.head_dim), jnp.float32)
-    attend = jax.checkpoint(_dense_attention)
+    windows = jnp.asarray([c.layer_window(i) or 0 for i in range(c.num_layers)], jnp.int32)
+    cos, sin = rope_tables(c, jnp.arange(t), seq_len=length)
+    layer = decoder.DecoderLayer(c)
+    attend_dense = jax.checkpoint(_dense_attention)
 
     def loss_fn(perturbation: jax.Array) -> tuple[jax.Array, jax.Array]:
-        def attention_fn(layer, q, k, v, _length):
-            delta = lax.dynamic_index_in_dim(perturbation, layer, keepdims=False)
-            return attend(q, k, v) + delta.astype(q.dtype)
+        def step(x: jax.Array, per_layer: tuple) -> tuple[jax.Array, jax.Array]:
+            layer_weights, delta, window = per_layer
 
-        hidden, cache = decoder.prefill_hidden(params, tokens, length, attention_fn=attention_fn)
+            def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+                return attend_dense(q, k, v, window) + delta.astype(q.dtype), v
+
+            return layer.apply({"params": layer_weights}, x, cos, sin, attend)
+
+        x = jnp.take(w["embed_tokens"]["embedding"], tokens, axis=0)
+        hidden, v = lax.scan(step, x, (w["layers"], perturbation, windows))
         picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)
         logp = jax.nn.log_softmax(decoder.logits(params, picked), axis=-1)
         nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        return jnp.sum(nll * weights) / jnp.sum(weights), cache.v
+        return jnp.sum(nll * weights) / jnp.sum(weights), v
 
     (loss, v), grad_out = jax.value_and_grad(loss_fn, has_aux=True)(zeros)
     return loss, grad_out, v
@@ -134,7 +150,8 @@ def attention_output_grads(params: Params, tokens: jax.Array, length: jax.Array,
 @functools.partial(jax.jit, static_argnames=("n_init", "n_local", "n_last"))
 def _probe_one(params: Params, tokens: jax.Array, length: jax.Array, positions: jax.Array, targets: jax.Array,
                weights: jax.Array, n_init: int, n_local: int, n_last: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    loss, grad_out, v = attention_output_grads(params, tokens, length, positions, targets, weights)
+    with jax.default_matmul_precision("float32"):  # no TF32 on GPUs: gradients of small entries matter
+        loss, grad_out, v = attention_output_grads(params, tokens, length, positions, targets, weights)
     sums, counts = lax.map(
         lambda gv: section_sums(gv[0], gv[1], length, n_init=n_init, n_local=n_local, n_last=n_last),
         (grad_out, v),
