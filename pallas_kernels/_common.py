@@ -61,13 +61,17 @@ def pad_seq(x: jax.Array, padded_len: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))
 
 
+def check_length(length: int | jax.Array | None, seq_len: int) -> None:
+    """Raise ``ValueError`` for a static ``length`` outside ``[1, seq_len]`` (traced ones pass)."""
+    if isinstance(length, (int, np.integer)) and not isinstance(length, bool) and not 1 <= length <= seq_len:
+        raise ValueError(f"length must be in [1, {seq_len}], got {length}")
+
+
 def true_length(length: int | jax.Array | None, seq_len: int) -> jax.Array:
-    """``length`` as an int32 scalar (``None`` means ``seq_len``); a static int is range-checked."""
+    """``length`` as an int32 scalar (``None`` means ``seq_len``)."""
     if length is None:
         return jnp.int32(seq_len)
-    if isinstance(length, (int, np.integer)) and not isinstance(length, bool):
-        if not 1 <= length <= seq_len:
-            raise ValueError(f"length must be in [1, {seq_len}], got {length}")
+    check_length(length, seq_len)
     return jnp.asarray(length, jnp.int32)
 
 

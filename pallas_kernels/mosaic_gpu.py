@@ -334,6 +334,7 @@ def triangle_attention(
     tuning: Tuning = DEFAULT_TUNING,
 ) -> jax.Array:
     """Triangle attention (see ``tmjax.triangle_attention``) with Mosaic GPU kernels (Hopper only)."""
+    _common.check_length(length, q.shape[1])
     _common.check_inputs(q, k, v, "mosaic_gpu")
     block_q, block_kv = band_block_sizes(q.shape[2], k.shape[2], tuning=tuning)
     return _common.triangle_two_pass(
@@ -347,7 +348,7 @@ def causal_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, length: int | jax.Array | None, tuning: Tuning = DEFAULT_TUNING
 ) -> jax.Array:
     """Dense causal attention through the causal block table (``length`` needs no special care)."""
-    del length
+    _common.check_length(length, q.shape[1])
     _common.check_inputs(q, k, v, "mosaic_gpu")
     block_q, block_kv = band_block_sizes(q.shape[2], k.shape[2], tuning=tuning)
     return _common.causal_one_pass(

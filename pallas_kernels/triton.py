@@ -241,6 +241,7 @@ def triangle_attention(
     interpret: bool | None = None,
 ) -> jax.Array:
     """Triangle attention (see ``tmjax.triangle_attention``) with Pallas Triton kernels."""
+    _common.check_length(length, q.shape[1])
     _common.check_inputs(q, k, v, "triton")
     cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _interpret(interpret))
     return _common.triangle_two_pass(
@@ -254,7 +255,7 @@ def causal_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, length: int | jax.Array | None, interpret: bool | None = None
 ) -> jax.Array:
     """Dense causal attention through the causal block table (``length`` needs no special care)."""
-    del length
+    _common.check_length(length, q.shape[1])
     _common.check_inputs(q, k, v, "triton")
     cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _interpret(interpret))
     return _common.causal_one_pass(

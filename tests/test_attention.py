@@ -35,6 +35,8 @@ class Backend:
 
 BACKENDS = [
     Backend("xla"),
+    Backend("triton", max_seq_len=1024, dtypes=("bfloat16",), long_context=False),
+    Backend("tpu", max_seq_len=1024, dtypes=("bfloat16",), long_context=False),
 ]
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}

@@ -12,6 +12,7 @@ import importlib
 from types import ModuleType
 
 import jax
+import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("xla", "triton", "mosaic_gpu", "tpu")
 
@@ -29,8 +30,34 @@ def default_implementation() -> str:
     return "xla"
 
 
-def _backend(implementation: str | None) -> ModuleType:
-    name = default_implementation() if implementation is None else implementation
+def _resolve(implementation: str | None, q: jax.Array) -> str:
+    """The backend to run: the named one, else the platform default, falling back to xla for inputs
+    the Pallas kernels do not take (dtypes other than bf16/fp16, head dims other than 64/128)."""
+    if implementation is not None:
+        return implementation
+    name = default_implementation()
+    if name != "xla" and not _pallas_takes(q):
+        return "xla"
+    return name
+
+
+def _pallas_takes(q: jax.Array) -> bool:
+    from tmjax.pallas_kernels import _common
+
+    return jnp.dtype(q.dtype) in _common.SUPPORTED_DTYPES and q.shape[-1] in _common.SUPPORTED_HEAD_DIMS
+
+
+def _cudnn_takes(q: jax.Array) -> bool:
+    """Whether ``implementation=None`` sends dense causal attention to cuDNN (GPU, bf16/fp16)."""
+    return (
+        jax.devices()[0].platform == "gpu"
+        and jnp.dtype(q.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and q.shape[-1] % 8 == 0
+        and q.shape[-1] <= 128
+    )
+
+
+def _backend(name: str) -> ModuleType:
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {name!r}; choose one of {IMPLEMENTATIONS} or None")
     return importlib.import_module(f"tmjax.pallas_kernels.{name}")
@@ -70,7 +97,7 @@ def triangle_attention(
     for name, value, low in (("n_init", n_init, 0), ("n_local", n_local, 1), ("n_last", n_last, 0)):
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
-    return _backend(implementation).triangle_attention(
+    return _backend(_resolve(implementation, q)).triangle_attention(
         q, k, v, n_init=n_init, n_local=n_local, n_last=n_last, length=length
     )
 
@@ -83,6 +110,17 @@ def causal_attention(
     length: int | jax.Array | None = None,
     implementation: str | None = None,
 ) -> jax.Array:
-    """Dense causal attention with the same layout, dtype and ``length`` rules as ``triangle_attention``."""
+    """Dense causal attention with the same layout, dtype and ``length`` rules as ``triangle_attention``.
+
+    ``implementation=None`` on a GPU with bf16/fp16 inputs uses cuDNN
+    (``jax.nn.dot_product_attention(implementation="cudnn")``); our causal-table kernels stay
+    available by name. Right padding needs no mask there: a query before ``length`` never sees a
+    key after it.
+    """
     _check_shapes(q, k, v)
-    return _backend(implementation).causal_attention(q, k, v, length=length)
+    if implementation is None and _cudnn_takes(q):
+        from tmjax.pallas_kernels import _common
+
+        _common.check_length(length, q.shape[1])
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    return _backend(_resolve(implementation, q)).causal_attention(q, k, v, length=length)
