@@ -60,7 +60,6 @@ class _Work:
     """What one compute warpgroup (or the producer) of a CTA needs to know about its work item."""
 
     batch: jax.Array
-    head: jax.Array  # this warpgroup's query head
     kv_head: jax.Array
     row: jax.Array  # sequence position of the warpgroup's first query row
     q_src: object  # GMEM ref of the warpgroup's [ROWS, D] query tile
@@ -249,7 +248,7 @@ def _band_pass(tuning: Tuning, n_init: int, n_local: int | None):
                     head, row = lax.axis_index("heads"), qb * (2 * ROWS) + wg * ROWS
                 tile = (batch, pl.ds(row, ROWS), head)
                 return _Work(
-                    batch=batch, head=head, kv_head=lax.div(head, jnp.int32(group)), row=row,
+                    batch=batch, kv_head=lax.div(head, jnp.int32(group)), row=row,
                     q_src=q_ref.at[tile], o_dst=o_ref.at[tile], lse_dst=None,
                     n_full=num_full_ref[qb], n_steps=num_steps_ref[qb], kv_block=lambda s: kv_index_ref[qb, s],
                 )
@@ -295,7 +294,7 @@ def _rows_pass(tuning: Tuning):
                 else:
                     head, local = lax.axis_index("heads"), ri * rows_per_cta + wg * ROWS
                 return _Work(
-                    batch=batch, head=head, kv_head=lax.div(head, jnp.int32(group)), row=start_ref[0] + local,
+                    batch=batch, kv_head=lax.div(head, jnp.int32(group)), row=start_ref[0] + local,
                     q_src=q_ref.at[batch, pl.ds(local, ROWS), head],
                     o_dst=o_ref.at[chunk, batch, pl.ds(local, ROWS), head],
                     lse_dst=lse_ref.at[chunk, batch, head, pl.ds(local, ROWS)],

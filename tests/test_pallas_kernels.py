@@ -115,3 +115,21 @@ def test_unsupported_inputs_raise(name, shape, dtype, needle):
     q = jnp.zeros(shape, dtype)
     with pytest.raises(ValueError, match=needle):
         _backend(name).triangle_attention(q, q, q, n_init=1, n_local=4, n_last=2, length=None)
+
+
+@pytest.mark.parametrize("q_heads, kv_heads, head_dim", [(8, 2, 128), (7, 1, 64)])
+def test_mosaic_gpu_lowers_for_hopper(monkeypatch, q_heads, kv_heads, head_dim):
+    """The Mosaic GPU kernels lower for sm_90 on a CPU-only machine (layouts, shared memory, barriers;
+    not ptxas). Both warpgroup pairings: two heads of a group (G even) and two row halves (G odd)."""
+    mgpu_core = pytest.importorskip("jax.experimental.mosaic.gpu.core")
+    if not hasattr(mgpu_core, "_infer_arch"):
+        pytest.skip("this jax has no Mosaic GPU arch hook to pretend sm_90")
+    monkeypatch.setattr(mgpu_core, "_infer_arch", lambda *args, **kwargs: (9, 0))
+    from tmjax.pallas_kernels import mosaic_gpu
+
+    q = jax.ShapeDtypeStruct((1, 1000, q_heads, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1000, kv_heads, head_dim), jnp.bfloat16)
+    length = jax.ShapeDtypeStruct((), jnp.int32)
+    tri = functools.partial(mosaic_gpu.triangle_attention, n_init=8, n_local=512, n_last=128)
+    text = jax.jit(tri).trace(q, kv, kv, length=length).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("mosaic_gpu") >= 2  # the band and last-rows kernels
