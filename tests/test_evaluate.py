@@ -131,10 +131,15 @@ def test_eval_cli_end_to_end(tiny, tmp_path):
     assert recomputed == report["results"]["switch=2"]
 
 
-def test_bad_switch_layer_is_refused(tiny):
-    _, params, tokenizer = tiny
+def test_bad_input_is_refused(tiny, capsys):
+    folder, params, tokenizer = tiny
     sample = tasks.generate("niah_single", seed=0, max_tokens=400, count=tasks.token_counter(tokenizer))
     with pytest.raises(ValueError, match="switch_layer=9"):
         evaluate.evaluate(params, tokenizer, [sample], [9])
-    with pytest.raises(ValueError, match="--switch-layers"):
-        evaluate.eval_main(["--switch-layers", "1,x"])
+    assert evaluate.eval_main(["--checkpoint", str(folder), "--switch-layers", "1,x"]) == 1
+    assert "tmjax eval: error: --switch-layers must be comma-separated integers, got '1,x'" in capsys.readouterr().err
+    assert evaluate.eval_main(["--checkpoint", str(folder), "--tasks", "niah_single,haystack"]) == 1
+    assert "['haystack']" in capsys.readouterr().err
+    assert evaluate.eval_main(["--checkpoint", str(folder), "--switch-layers", "2,7", "--max-tokens", "400",
+                               "--tasks", "niah_single", "--samples-per-task", "1"]) == 1
+    assert "switch_layer=7" in capsys.readouterr().err

@@ -13,7 +13,6 @@ import pytest
 from test_evaluate import TINY_LAYERS, tiny_checkpoint
 
 from tmjax import probe
-from tmjax.layout import TriangleMix
 from tmjax.models import decoder
 from tmjax.models.config import ModelConfig
 from tmjax.models.params import Params, param_shapes
@@ -136,10 +135,9 @@ def test_rule_rejects_bad_input():
 
 def test_probe_averages_prompts_and_sees_the_last_layer_structure():
     params = random_params(1)
-    layout = TriangleMix(switch_layer=0, n_init=2, n_local=8, n_last=6)
     rng = np.random.default_rng(4)
     examples = [(rng.integers(0, 64, 40).tolist(), [5, 9]), (rng.integers(0, 64, 33).tolist(), [7])]
-    result = probe.probe(params, examples, layout=layout)
+    result = probe.probe(params, examples, n_init=2, n_local=8, n_last=6)
     # Per-prompt means recomputed from the full dL/dP and reference masks, then averaged.
     grads_of = jax.jit(probe.attention_output_grads)
     expected = []

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -170,10 +171,56 @@ def _layers(spec: str) -> list[int]:
     return sorted(set(layers))
 
 
+def add_task_arguments(parser: argparse.ArgumentParser, *, samples_per_task: int) -> None:
+    """Options shared by ``tmjax probe`` and ``tmjax eval``: model, tasks, lengths, triangle sizes."""
+    parser.add_argument("--checkpoint", default=None,
+                        help="tmjax checkpoint folder (default: SmolLM2-135M-Instruct, converted on first use)")
+    parser.add_argument("--tasks", default=",".join(tasks.TASKS),
+                        help=f"comma-separated task names (default: all of {','.join(tasks.TASKS)})")
+    parser.add_argument("--samples-per-task", type=int, default=samples_per_task)
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="prompt + answer budget in tokens (default: the model's max_position_embeddings)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-init", type=int, default=8)
+    parser.add_argument("--n-local", type=int, default=512)
+    parser.add_argument("--n-last", type=int, default=128)
+    parser.add_argument("--out", default=".", help="output folder (created if missing; default: current folder)")
+
+
+def load_model(checkpoint: str | None, dtype: str | None = None) -> tuple[Params, object, str]:
+    """Params, tokenizer and a display name for ``--checkpoint`` (default: SmolLM2-135M-Instruct)."""
+    from tmjax import checkpoint as ckpt
+    from tmjax.default_model import smollm2_checkpoint
+
+    folder = Path(checkpoint) if checkpoint else smollm2_checkpoint()
+    return ckpt.load(folder, dtype=dtype), ckpt.tokenizer(folder), folder.name
+
+
+def task_list(spec: str) -> list[str]:
+    """``--tasks`` parsed and checked."""
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in tasks.TASKS]
+    if unknown or not names:
+        raise ValueError(f"unknown or missing task names {unknown or spec!r}; choose from {tasks.TASKS}")
+    return names
+
+
+def run_cli(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
+            argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and call ``run``; bad input becomes an ``error:`` line and exit code 1, not a traceback."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help or a usage error, already printed by argparse
+        return int(exit_.code or 0)
+    try:
+        return run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 1
+
+
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """``tmjax eval``: writes ``accuracy.json``, ``accuracy.md`` and ``accuracy.png`` to ``--out``."""
-    from tmjax.probe import add_task_arguments, load_model, task_list
-
     parser = argparse.ArgumentParser(prog="tmjax eval", description=__doc__.splitlines()[0])
     add_task_arguments(parser, samples_per_task=5)
     parser.add_argument("--switch-layers", default=None,
@@ -183,7 +230,10 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="compute dtype (default: the checkpoint's)")
     parser.add_argument("--implementation", default=None, help="attention backend (default: the platform's)")
-    args = parser.parse_args(argv)
+    return run_cli("tmjax eval", parser, _eval, argv)
+
+
+def _eval(args: argparse.Namespace) -> int:
     requested, names = _layers(args.switch_layers) if args.switch_layers else None, task_list(args.tasks)
     params, tokenizer, name = load_model(args.checkpoint, args.dtype)
     num_layers = params.config.num_layers

@@ -41,6 +41,7 @@ from jax import lax
 
 from tmjax import tasks
 from tmjax.api import bucket_length
+from tmjax.evaluate import add_task_arguments, load_model, run_cli, task_list
 from tmjax.layout import TriangleMix
 from tmjax.models import decoder
 from tmjax.models.params import Params
@@ -173,7 +174,7 @@ class ProbeResult:
     def to_json(self) -> dict:
         return {
             "sections": {name: getattr(self, name).tolist() for name in SECTIONS},
-            "middle_normalised": (self.middle / np.max(self.middle)).tolist(),
+            "middle_normalised": (self.middle / max(float(np.max(self.middle)), 1e-30)).tolist(),
             "recommended_switch_layer": self.switch_layer,
             "rule": RULE,
             "threshold": self.threshold,
@@ -197,18 +198,19 @@ def recommend_switch_layer(middle: Sequence[float], threshold: float = DEFAULT_T
     return switch
 
 
-def probe(params: Params, examples: Sequence[tuple[Sequence[int], Sequence[int]]], *,
-          layout: TriangleMix = TriangleMix(switch_layer=0), all_answer_tokens: bool = False,
+def probe(params: Params, examples: Sequence[tuple[Sequence[int], Sequence[int]]], *, n_init: int = 8,
+          n_local: int = 512, n_last: int = 128, all_answer_tokens: bool = False,
           threshold: float = DEFAULT_THRESHOLD) -> ProbeResult:
     """Section importances over ``examples`` (``(prompt_ids, answer_ids)`` pairs) and the switch layer.
 
-    The sections use ``layout``'s ``n_init``, ``n_local`` and ``n_last`` (its switch layer is
-    ignored). Each prompt is probed alone (padded to its ``bucket_length``) in float32; the result is
-    the mean over prompts of each prompt's per-section mean. A section with no entry in a prompt
-    (e.g. ``middle`` when the prompt is shorter than the window) is left out of that prompt's average.
+    ``n_init``, ``n_local`` and ``n_last`` are the Triangle sizes that define the sections. Each
+    prompt is probed alone (padded to its ``bucket_length``) in float32; the result is the mean over
+    prompts of each prompt's per-section mean. A section with no entry in a prompt (e.g. ``middle``
+    when the prompt is shorter than the window) is left out of that prompt's average.
     """
     if not examples:
         raise ValueError("probe needs at least one (prompt_ids, answer_ids) example, got none")
+    TriangleMix(switch_layer=0, n_init=n_init, n_local=n_local, n_last=n_last)  # validates the sizes
     params = Params(params.config, jax.tree.map(lambda w: w.astype(jnp.float32), params.weights))
     per_prompt, losses = [], []
     for prompt_ids, answer_ids in examples:
@@ -227,7 +229,7 @@ def probe(params: Params, examples: Sequence[tuple[Sequence[int], Sequence[int]]
         targets[0, :len(scored)] = scored
         weights[0, :len(scored)] = 1.0
         loss, sums, counts = _probe_one(params, tokens, jnp.int32(len(ids)), positions, targets, weights,
-                                        n_init=layout.n_init, n_local=layout.n_local, n_last=layout.n_last)
+                                        n_init=n_init, n_local=n_local, n_last=n_last)
         sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             per_prompt.append(np.where(counts > 0, sums / np.maximum(counts, 1), np.nan))
@@ -235,7 +237,7 @@ def probe(params: Params, examples: Sequence[tuple[Sequence[int], Sequence[int]]
     means = np.nanmean(np.stack(per_prompt), axis=0)  # [L, 3]
     if np.isnan(means[:, 2]).any():
         raise ValueError(f"no prompt has a middle section: prompts must be longer than n_local + n_last "
-                         f"({layout.n_local} + {layout.n_last})")
+                         f"({n_local} + {n_last})")
     return ProbeResult(means[:, 0], means[:, 1], means[:, 2], tuple(losses),
                        recommend_switch_layer(means[:, 2], threshold), threshold)
 
@@ -263,40 +265,6 @@ def plot(result: ProbeResult, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def add_task_arguments(parser: argparse.ArgumentParser, *, samples_per_task: int) -> None:
-    """Options shared by ``tmjax probe`` and ``tmjax eval``: model, tasks, lengths, triangle sizes."""
-    parser.add_argument("--checkpoint", default=None,
-                        help="tmjax checkpoint folder (default: SmolLM2-135M-Instruct, converted on first use)")
-    parser.add_argument("--tasks", default=",".join(tasks.TASKS),
-                        help=f"comma-separated task names (default: all of {','.join(tasks.TASKS)})")
-    parser.add_argument("--samples-per-task", type=int, default=samples_per_task)
-    parser.add_argument("--max-tokens", type=int, default=None,
-                        help="prompt + answer budget in tokens (default: the model's max_position_embeddings)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-init", type=int, default=8)
-    parser.add_argument("--n-local", type=int, default=512)
-    parser.add_argument("--n-last", type=int, default=128)
-    parser.add_argument("--out", default=".", help="output folder (created if missing; default: current folder)")
-
-
-def load_model(checkpoint: str | None, dtype: str | None = None) -> tuple[Params, object, str]:
-    """Params, tokenizer and a display name for ``--checkpoint`` (default: SmolLM2-135M-Instruct)."""
-    from tmjax import checkpoint as ckpt
-    from tmjax.default_model import smollm2_checkpoint
-
-    folder = Path(checkpoint) if checkpoint else smollm2_checkpoint()
-    return ckpt.load(folder, dtype=dtype), ckpt.tokenizer(folder), folder.name
-
-
-def task_list(spec: str) -> list[str]:
-    """``--tasks`` parsed and checked."""
-    names = [name.strip() for name in spec.split(",") if name.strip()]
-    unknown = [name for name in names if name not in tasks.TASKS]
-    if unknown or not names:
-        raise ValueError(f"unknown or missing task names {unknown or spec!r}; choose from {tasks.TASKS}")
-    return names
-
-
 def probe_main(argv: Sequence[str] | None = None) -> int:
     """``tmjax probe``: writes ``probe.json`` and ``probe.png`` to ``--out``; prints the switch layer."""
     parser = argparse.ArgumentParser(prog="tmjax probe", description=__doc__.splitlines()[0])
@@ -305,15 +273,19 @@ def probe_main(argv: Sequence[str] | None = None) -> int:
                         help="loss over every answer token (default: the answer's first token only)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help=f"switch-layer rule threshold (default {DEFAULT_THRESHOLD}): {RULE}")
-    args = parser.parse_args(argv)
-    layout = TriangleMix(switch_layer=0, n_init=args.n_init, n_local=args.n_local, n_last=args.n_last)
+    return run_cli("tmjax probe", parser, _probe_cli, argv)
+
+
+def _probe_cli(args: argparse.Namespace) -> int:
+    names = task_list(args.tasks)
+    sizes = dict(n_init=args.n_init, n_local=args.n_local, n_last=args.n_last)
     params, tokenizer, name = load_model(args.checkpoint)
     max_tokens = args.max_tokens or params.config.max_position_embeddings
     started = time.perf_counter()
-    samples = tasks.generate_suite(task_list(args.tasks), samples_per_task=args.samples_per_task, seed=args.seed,
+    samples = tasks.generate_suite(names, samples_per_task=args.samples_per_task, seed=args.seed,
                                    max_tokens=max_tokens, count=tasks.token_counter(tokenizer))
     examples = [tasks.encode(tokenizer, s) for s in samples]
-    result = probe(params, [(e.prompt_ids, e.answer_ids) for e in examples], layout=layout,
+    result = probe(params, [(e.prompt_ids, e.answer_ids) for e in examples], **sizes,
                    all_answer_tokens=args.all_answer_tokens, threshold=args.threshold)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -322,8 +294,8 @@ def probe_main(argv: Sequence[str] | None = None) -> int:
         "num_layers": params.config.num_layers,
         "loss": "all answer tokens" if args.all_answer_tokens else "first answer token",
         "gradient": "mean |dL/dP| over the section's entries, P = softmax attention (dense model)",
-        "layout": dataclasses.asdict(layout) | {"switch_layer": None},
-        "tasks": task_list(args.tasks),
+        "triangle": sizes,
+        "tasks": names,
         "samples_per_task": args.samples_per_task,
         "seed": args.seed,
         "prompt_tokens": [len(e.prompt_ids) for e in examples],
