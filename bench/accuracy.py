@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threshold", default=None, help="probe rule threshold (default: the probe's)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--implementation", default="xla", help="attention backend for the evaluation")
+    parser.add_argument("--reuse-probe", action="store_true",
+                        help="keep an existing probe-<tag>/probe.json instead of probing again")
     args = parser.parse_args(argv)
 
     tag = args.tag or _tag(args.max_tokens)
@@ -73,10 +75,11 @@ def main(argv: list[str] | None = None) -> int:
     common = [*(["--checkpoint", args.checkpoint] if args.checkpoint else []),
               *(["--max-tokens", str(args.max_tokens)] if args.max_tokens else []),
               *(["--tasks", args.tasks] if args.tasks else [])]
-    code = probe_main([*common, "--samples-per-task", str(args.probe_samples), "--seed", str(PROBE_SEED),
-                       *(["--threshold", args.threshold] if args.threshold else []), "--out", str(probe_dir)])
-    if code:
-        return code
+    if not (args.reuse_probe and (probe_dir / "probe.json").is_file()):
+        code = probe_main([*common, "--samples-per-task", str(args.probe_samples), "--seed", str(PROBE_SEED),
+                           *(["--threshold", args.threshold] if args.threshold else []), "--out", str(probe_dir)])
+        if code:
+            return code
     code = eval_main([*common, "--samples-per-task", str(args.eval_samples), "--seed", "0",
                       "--switch-layers", args.switch_layers, "--probe", str(probe_dir / "probe.json"),
                       "--dtype", args.dtype, "--implementation", args.implementation, "--out", str(eval_dir)])
