@@ -231,13 +231,13 @@ def probe(params: Params, examples: Sequence[tuple[Sequence[int], Sequence[int]]
         loss, sums, counts = _probe_one(params, tokens, jnp.int32(len(ids)), positions, targets, weights,
                                         n_init=n_init, n_local=n_local, n_last=n_last)
         sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_prompt.append(np.where(counts > 0, sums / np.maximum(counts, 1), np.nan))
+        per_prompt.append(np.where(counts > 0, sums / np.maximum(counts, 1), np.nan))
         losses.append(float(loss))
-    means = np.nanmean(np.stack(per_prompt), axis=0)  # [L, 3]
-    if np.isnan(means[:, 2]).any():
+    stacked = np.stack(per_prompt)  # [prompts, L, 3]
+    if np.isnan(stacked[:, :, 2]).all():
         raise ValueError(f"no prompt has a middle section: prompts must be longer than n_local + n_last "
                          f"({n_local} + {n_last})")
+    means = np.nanmean(stacked, axis=0)
     return ProbeResult(means[:, 0], means[:, 1], means[:, 2], tuple(losses),
                        recommend_switch_layer(means[:, 2], threshold), threshold)
 

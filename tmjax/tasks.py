@@ -5,7 +5,8 @@ facts from the seed, then grows the haystack (a prefix-stable stream of filler u
 size whose prompt still fits ``max_tokens`` as counted by the caller's ``count`` (the model's tokenizer
 with its chat template), so the same seed gives the same sample for the same tokenizer and length.
 Each prompt ends with an answer prefix, so that the model's first generated token is the answer's
-first token: that is what the gradient probe and the first-token KL measure.
+first token: that is what the gradient probe and the first-token KL measure. ``encode`` turns a
+sample into prompt and answer token ids for a transformers tokenizer (chat template included).
 """
 
 from __future__ import annotations
