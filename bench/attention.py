@@ -85,22 +85,13 @@ def our_systems():
 
     tri = dict(n_init=N_INIT, n_local=N_LOCAL, n_last=N_LAST, length=None)
     systems = []
-    for tuning in (mosaic_gpu.Tuning(128, 2, 4096), mosaic_gpu.Tuning(64, 3, 4096), mosaic_gpu.Tuning(64, 4, 2048)):
+    for tuning in (mosaic_gpu.Tuning(64, 3, 4096), mosaic_gpu.Tuning(64, 4, 2048)):
         name = f"tmjax mosaic_gpu bkv{tuning.block_kv} st{tuning.stages} chunk{tuning.kv_chunk}"
         fn = lambda q, k, v, t=tuning: mosaic_gpu.triangle_attention(q, k, v, tuning=t, **tri)  # noqa: E731
         systems.append((name, "triangle", fn))
     band_only = dict(tri, n_last=0)
     systems.append(("tmjax mosaic_gpu bkv64 st3 band only (n_last=0)", "band", lambda q, k, v: mosaic_gpu.triangle_attention(
         q, k, v, tuning=mosaic_gpu.Tuning(64, 3, 4096), **band_only)))
-    # Where the time goes: each pass with the other replaced by a no-op (same splice and merge code).
-    from tmjax.pallas_kernels import _common
-
-    t64 = mosaic_gpu.Tuning(64, 3, 4096)
-    split = dict(n_init=N_INIT, n_local=N_LOCAL, n_last=N_LAST, length=None, block_q=64, block_kv=64, rows_block=64)
-    systems.append(("diag: last-rows pass + merge + splice, no band kernel", "band", lambda q, k, v: _common.triangle_two_pass(
-        q, k, v, band_pass=lambda q, k, v, table: q * 1, rows_pass=mosaic_gpu._rows_pass(t64), **split)))
-    systems.append(("diag: band kernel + splice, no last-rows kernel", "band", lambda q, k, v: _common.triangle_two_pass(
-        q, k, v, band_pass=mosaic_gpu._band_pass(t64, N_INIT, N_LOCAL), rows_pass=lambda qr, k, v, s: qr * 1, **split)))
     systems.append(("tmjax triton", "triangle", lambda q, k, v: triton.triangle_attention(q, k, v, **tri)))
     systems.append(("tmjax mosaic_gpu causal table", "dense-causal",
                     lambda q, k, v: mosaic_gpu.causal_attention(q, k, v, length=None)))
