@@ -15,8 +15,9 @@ import time
 import jax
 import numpy as np
 
-# First Triangle layer for SmolLM2-135M-Instruct (30 layers).
-DEFAULT_SWITCH_LAYER = 15
+# First Triangle layer for SmolLM2-135M-Instruct (30 layers): what `tmjax probe` recommends at 8K
+# tokens on an H100 (bench/results/probe-smollm2-8k-h100/probe.json).
+DEFAULT_SWITCH_LAYER = 22
 
 FILLER = (
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=4000, help="approximate prompt length (default 4000)")
     parser.add_argument("--depth", type=float, default=0.4, help="where the fact sits, 0..1 (default 0.4)")
     parser.add_argument("--switch-layer", type=int, default=None,
-                        help="first Triangle layer (default: the model's recommended layer, see README)")
+                        help=f"first Triangle layer (default {DEFAULT_SWITCH_LAYER}, the probe's choice for SmolLM2)")
     parser.add_argument("--n-local", type=int, default=512)
     parser.add_argument("--n-last", type=int, default=128)
     parser.add_argument("--n-init", type=int, default=8)
