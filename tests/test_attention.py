@@ -207,9 +207,12 @@ _GOOD = [jnp.zeros((1, 8, 4, 16)), jnp.zeros((1, 8, 2, 16)), jnp.zeros((1, 8, 2,
         (_GOOD, dict(n_init=-1), "n_init"),
         (_GOOD, dict(n_local=0), "n_local"),
         (_GOOD, dict(n_last=-3), "n_last"),
+        (_GOOD, dict(n_local=8.5), "n_local must be an int"),
+        (_GOOD, dict(n_init=True), "n_init must be an int"),
         (_GOOD, dict(implementation="cuda"), "cuda"),
     ],
-    ids=["rank", "heads", "kv_mismatch", "length_mismatch", "n_init", "n_local", "n_last", "implementation"],
+    ids=["rank", "heads", "kv_mismatch", "length_mismatch", "n_init", "n_local", "n_last", "float_size", "bool_size",
+         "implementation"],
 )
 def test_public_triangle_attention_rejects_bad_input(args, kwargs, needle):
     with pytest.raises(ValueError, match=needle):

@@ -95,6 +95,8 @@ def triangle_attention(
     """
     _check_shapes(q, k, v)
     for name, value, low in (("n_init", n_init, 0), ("n_local", n_local, 1), ("n_last", n_last, 0)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an int (the layout is static), got {value!r}")
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
     return _backend(_resolve(implementation, q)).triangle_attention(
