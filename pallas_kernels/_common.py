@@ -1,4 +1,4 @@
-"""What the Pallas backends share: input checks, padding, and the two-pass Triangle driver.
+"""What the backends share: input checks, padding (the xla backend too), and the Pallas two-pass Triangle driver.
 
 Triangle attention = a band (sinks + local window, causal) that a static block table describes over
 the padded length, plus the dense last rows ``[length - n_last, length)``, whose position depends on

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from tmjax.pallas_kernels._common import check_length, pad_seq, round_up
+
 # Query rows per band block; a band chunk (one loop step) holds as many blocks as keep its score
 # tensor under _BAND_CHUNK_SCORES entries per batch row and head (16 blocks for the default layout).
 _BAND_BLOCK = 64
@@ -32,25 +34,12 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def _round_up(a: int, b: int) -> int:
-    return _cdiv(a, b) * b
-
-
-def _pad_rows(x: jax.Array, rows: int) -> jax.Array:
-    """Right-pad axis 1 with zeros to ``rows``; the padded positions are masked by causality."""
-    extra = rows - x.shape[1]
-    if extra == 0:
-        return x
-    return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
-
-
 def _resolve_length(length: int | jax.Array | None, seq_len: int) -> int | jax.Array:
     """Static lengths are checked; a traced length is clipped to ``[0, T]`` to keep indices in range."""
     if length is None:
         return seq_len
     if isinstance(length, (int, np.integer)) and not isinstance(length, bool):
-        if not 0 < length <= seq_len:
-            raise ValueError(f"length must be in [1, {seq_len}] (the padded length), got {length}")
+        check_length(length, seq_len)
         return int(length)
     length = jnp.asarray(length)
     if length.ndim != 0 or not jnp.issubdtype(length.dtype, jnp.integer):
@@ -104,15 +93,15 @@ def _band(q: jax.Array, k: jax.Array, v: jax.Array, n_init: int, n_local: int, l
     so that a sink is never counted twice. Chunks wholly at or beyond ``length`` are skipped.
     """
     b, t, hkv, g, d = q.shape
-    bq = min(_BAND_BLOCK, _round_up(t, 8))
-    halo = _round_up(n_local - 1, bq)
+    bq = min(_BAND_BLOCK, round_up(t, 8))
+    halo = round_up(n_local - 1, bq)
     n_blocks = _cdiv(t, bq)
     fit = max(1, _BAND_CHUNK_SCORES // (bq * (n_init + halo + bq)))
     # A power of two, so that power-of-two lengths need no padding copy.
     blocks_per_chunk = min(n_blocks, 1 << (fit.bit_length() - 1))
     rows = blocks_per_chunk * bq
-    padded = _round_up(t, rows)
-    qp, kp, vp = (_pad_rows(x, padded) for x in (q, k, v))
+    padded = round_up(t, rows)
+    qp, kp, vp = (pad_seq(x, padded) for x in (q, k, v))
 
     # Key positions seen by each query block of a chunk, relative to the chunk's first row.
     block_start = np.arange(blocks_per_chunk)[:, None] * bq
@@ -164,8 +153,8 @@ def triangle_attention(
     n_dense = min(n_last, t)
     if n_dense:
         start = jnp.clip(length - n_last, 0, t - n_dense)
-        chunk = min(_CHUNK, _round_up(t, 8))
-        kp, vp = (_pad_rows(x, _round_up(t, chunk)) for x in (k, v))
+        chunk = min(_CHUNK, round_up(t, 8))
+        kp, vp = (pad_seq(x, round_up(t, chunk)) for x in (k, v))
         rows = lax.dynamic_slice_in_dim(qg, start, n_dense, axis=1)
         dense = _online_rows(rows, start + jnp.arange(n_dense), kp, vp, _cdiv(start + n_dense, chunk), chunk)
         out = lax.dynamic_update_slice_in_dim(out, dense.astype(out.dtype), start, axis=1)
@@ -179,10 +168,10 @@ def causal_attention(
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     length = _resolve_length(length, t)
-    chunk = min(_CHUNK, _round_up(t, 8))
-    padded = _round_up(t, chunk)
-    qp = _pad_rows(q.reshape(b, t, hkv, hq // hkv, d), padded)
-    kp, vp = (_pad_rows(x, padded) for x in (k, v))
+    chunk = min(_CHUNK, round_up(t, 8))
+    padded = round_up(t, chunk)
+    qp = pad_seq(q.reshape(b, t, hkv, hq // hkv, d), padded)
+    kp, vp = (pad_seq(x, padded) for x in (k, v))
     live_chunks = _cdiv(length, chunk)
 
     def query_chunk(c, out):
