@@ -16,6 +16,7 @@ Dense causal attention is the band pass alone with ``block_tables.causal_table``
 from __future__ import annotations
 
 import math
+import os
 from typing import Callable
 
 import jax
@@ -47,6 +48,14 @@ def check_inputs(q: jax.Array, k: jax.Array, v: jax.Array, backend: str) -> None
             f"{backend} attention supports head_dim in {SUPPORTED_HEAD_DIMS}, got {q.shape[-1]} "
             "(use implementation='xla' for other head dims)"
         )
+
+
+def interpret_mode(flag: bool | None) -> bool:
+    """Run a Pallas kernel in the interpreter: as ``flag`` says, else on CPU or when
+    ``TMJAX_PALLAS_INTERPRET=1``."""
+    if flag is not None:
+        return flag
+    return jax.default_backend() == "cpu" or os.environ.get("TMJAX_PALLAS_INTERPRET", "") not in ("", "0")
 
 
 def round_up(x: int, multiple: int) -> int:

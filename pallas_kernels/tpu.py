@@ -14,7 +14,6 @@ Tested in the Pallas interpreter (the default on CPU; also ``interpret=True`` or
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +26,6 @@ from tmjax.pallas_kernels.block_tables import BlockTable
 BLOCK_Q = 128
 BLOCK_KV = 128
 INTERPRET_BLOCK = 16
-
-
-def _interpret(flag: bool | None) -> bool:
-    """Interpret unless told otherwise when JAX runs on CPU, or when TMJAX_PALLAS_INTERPRET=1."""
-    if flag is not None:
-        return flag
-    return jax.default_backend() == "cpu" or os.environ.get("TMJAX_PALLAS_INTERPRET", "") not in ("", "0")
 
 
 def _step(q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, row0, col0, masked, block_q, scale, n_init, n_local):
@@ -132,7 +124,7 @@ class _Config:
 
 def band_block_sizes(q_heads: int, kv_heads: int, *, interpret: bool | None = None) -> tuple[int, int]:
     """(block_q, block_kv) of the band pass's block table for these head counts."""
-    cfg = _Config(q_heads, kv_heads, 64, _interpret(interpret))
+    cfg = _Config(q_heads, kv_heads, 64, _common.interpret_mode(interpret))
     return cfg.block_q, cfg.block_kv
 
 
@@ -218,7 +210,7 @@ def triangle_attention(
     """Triangle attention (see ``tmjax.triangle_attention``) with Pallas Mosaic TPU kernels."""
     _common.check_length(length, q.shape[1])
     _common.check_inputs(q, k, v, "tpu")
-    cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _interpret(interpret))
+    cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _common.interpret_mode(interpret))
     return _common.triangle_two_pass(
         q, k, v, n_init=n_init, n_local=n_local, n_last=n_last, length=length,
         block_q=cfg.block_q, block_kv=cfg.block_kv, rows_block=8,
@@ -232,7 +224,7 @@ def causal_attention(
     """Dense causal attention through the causal block table (``length`` needs no special care)."""
     _common.check_length(length, q.shape[1])
     _common.check_inputs(q, k, v, "tpu")
-    cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _interpret(interpret))
+    cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _common.interpret_mode(interpret))
     return _common.causal_one_pass(
         q, k, v, block_q=cfg.block_q, block_kv=cfg.block_kv, band_pass=_band_pass(cfg, 0, None)
     )

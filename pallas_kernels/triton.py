@@ -13,7 +13,6 @@ interpreter with small blocks: that is how the CPU tests run them.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -26,13 +25,6 @@ BLOCK_ROWS = 128  # rows of the packed [block_q * G, D] tile on GPU
 BLOCK_KV = 64
 KV_CHUNK = 2048  # keys per program in the split last-rows pass
 INTERPRET_BLOCK = 16  # smaller blocks in interpret mode keep the CPU tests fast
-
-
-def _interpret(flag: bool | None) -> bool:
-    """Interpret unless told otherwise when JAX runs on CPU, or when TMJAX_PALLAS_INTERPRET=1."""
-    if flag is not None:
-        return flag
-    return jax.default_backend() == "cpu" or os.environ.get("TMJAX_PALLAS_INTERPRET", "") not in ("", "0")
 
 
 def _next_pow2(x: int) -> int:
@@ -156,7 +148,7 @@ class _Config:
 
 def band_block_sizes(q_heads: int, kv_heads: int, *, interpret: bool | None = None) -> tuple[int, int]:
     """(block_q, block_kv) of the band pass's block table for these head counts."""
-    cfg = _Config(q_heads, kv_heads, 64, _interpret(interpret))
+    cfg = _Config(q_heads, kv_heads, 64, _common.interpret_mode(interpret))
     return cfg.block_q, cfg.block_kv
 
 
@@ -243,7 +235,7 @@ def triangle_attention(
     """Triangle attention (see ``tmjax.triangle_attention``) with Pallas Triton kernels."""
     _common.check_length(length, q.shape[1])
     _common.check_inputs(q, k, v, "triton")
-    cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _interpret(interpret))
+    cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _common.interpret_mode(interpret))
     return _common.triangle_two_pass(
         q, k, v, n_init=n_init, n_local=n_local, n_last=n_last, length=length,
         block_q=cfg.block_q, block_kv=cfg.block_kv, rows_block=cfg.block_q,
@@ -257,7 +249,7 @@ def causal_attention(
     """Dense causal attention through the causal block table (``length`` needs no special care)."""
     _common.check_length(length, q.shape[1])
     _common.check_inputs(q, k, v, "triton")
-    cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _interpret(interpret))
+    cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _common.interpret_mode(interpret))
     return _common.causal_one_pass(
         q, k, v, block_q=cfg.block_q, block_kv=cfg.block_kv,
         band_pass=_band_pass(cfg, 0, None),
