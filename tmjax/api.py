@@ -53,8 +53,18 @@ def _tokens(tokens: object, vocab_size: int, rank: int) -> tuple[np.ndarray, boo
     return (arr[None] if squeeze else arr).astype(np.int32), squeeze
 
 
-def _pad(tokens: np.ndarray, length: int) -> np.ndarray:
-    return np.pad(tokens, ((0, 0), (0, length - tokens.shape[1])))
+def _prepare(params: Params, tokens: object, layout: TriangleMix | None, max_new_tokens: int, *, minimum: int
+             ) -> tuple[np.ndarray, jax.Array, int, bool]:
+    """Check a request and bucket it: (tokens right-padded to their bucket, the true length, the cache
+    size with room for ``max_new_tokens``, whether the caller's tokens had no batch axis)."""
+    if layout is not None:
+        layout.check_layers(params.config.num_layers)
+    arr, squeeze = _tokens(tokens, params.config.vocab_size, rank=2)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < minimum:
+        raise ValueError(f"max_new_tokens must be an int >= {minimum}, got {max_new_tokens!r}")
+    padded = bucket_length(arr.shape[1])
+    batch = np.pad(arr, ((0, 0), (0, padded - arr.shape[1])))
+    return batch, jnp.int32(arr.shape[1]), _round_up(padded + max_new_tokens, _ALIGN), squeeze
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "implementation", "cache_size"))
@@ -81,15 +91,8 @@ def prefill(
     (None: the platform default). The cache holds the padded prompt plus room for at least
     ``max_new_tokens`` decode steps.
     """
-    config = params.config
-    if layout is not None:
-        layout.check_layers(config.num_layers)
-    arr, squeeze = _tokens(tokens, config.vocab_size, rank=2)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    padded = bucket_length(arr.shape[1])
-    cache_size = _round_up(padded + max_new_tokens, _ALIGN)
-    out, cache = _prefill(params, _pad(arr, padded), jnp.int32(arr.shape[1]), layout, implementation, cache_size)
+    batch, length, cache_size, squeeze = _prepare(params, tokens, layout, max_new_tokens, minimum=0)
+    out, cache = _prefill(params, batch, length, layout, implementation, cache_size)
     return (out[0] if squeeze else out), cache
 
 
@@ -168,12 +171,7 @@ def generate(
     ``key``. A sequence that emits one of ``eos_token_id`` is finished: its later positions repeat
     that id, and decoding stops once every sequence is finished.
     """
-    config = params.config
-    if layout is not None:
-        layout.check_layers(config.num_layers)
-    arr, squeeze = _tokens(tokens, config.vocab_size, rank=2)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    batch, length, cache_size, squeeze = _prepare(params, tokens, layout, max_new_tokens, minimum=1)
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     sample = temperature > 0
@@ -183,8 +181,7 @@ def generate(
     # padded with -1 (matches no token) to a multiple of 4, so that the id count rarely recompiles
     eos = np.full(_round_up(max(len(eos_ids), 1), 4), -1, np.int32)
     eos[:len(eos_ids)] = eos_ids
-    padded = bucket_length(arr.shape[1])
-    out = _generate(params, _pad(arr, padded), jnp.int32(arr.shape[1]), jnp.asarray(eos),
+    out = _generate(params, batch, length, jnp.asarray(eos),
                     jnp.float32(temperature if sample else 1.0), jax.random.key(0) if key is None else key,
-                    layout, implementation, _round_up(padded + max_new_tokens, _ALIGN), max_new_tokens, sample)
+                    layout, implementation, cache_size, max_new_tokens, sample)
     return out[0] if squeeze else out
