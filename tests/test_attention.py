@@ -16,6 +16,7 @@ import pytest
 
 import tmjax
 from tmjax.pallas_kernels import reference
+from attention_fixtures import random_qkv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,12 +88,6 @@ def _causal(q, k, v, length, *, implementation):
 _reference = jax.jit(reference.masked_attention)
 
 
-def _inputs(seed: int, batch: int, seq_len: int, q_heads: int, kv_heads: int, head_dim: int, dtype):
-    rng = np.random.default_rng(seed)
-    shapes = [(batch, seq_len, q_heads, head_dim)] + [(batch, seq_len, kv_heads, head_dim)] * 2
-    return [jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype) for s in shapes]
-
-
 def _assert_close(out: jax.Array, ref: jax.Array, tol: float) -> None:
     """Max abs error relative to the reference's max abs value."""
     ref = np.asarray(ref, np.float32)
@@ -108,7 +103,7 @@ def _float32(*arrays):
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
 def test_triangle_matches_dense_reference(backend, case, dtype):
     backend.require(case.seq_len, case.head_dim, dtype)
-    q, k, v = _inputs(0, 2, case.seq_len, case.q_heads, case.kv_heads, case.head_dim, dtype)
+    q, k, v = random_qkv(0, 2, case.seq_len, case.q_heads, case.kv_heads, case.head_dim, dtype)
     out = _triangle(
         q, k, v, None, implementation=backend.name, n_init=case.n_init, n_local=case.n_local, n_last=case.n_last
     )
@@ -123,7 +118,7 @@ def test_triangle_matches_dense_reference(backend, case, dtype):
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
 def test_causal_matches_dense_reference(backend, case, dtype):
     backend.require(case.seq_len, case.head_dim, dtype)
-    q, k, v = _inputs(1, 2, case.seq_len, case.q_heads, case.kv_heads, case.head_dim, dtype)
+    q, k, v = random_qkv(1, 2, case.seq_len, case.q_heads, case.kv_heads, case.head_dim, dtype)
     out = _causal(q, k, v, None, implementation=backend.name)
     chex.assert_shape(out, q.shape)
     chex.assert_type(out, dtype)
@@ -138,7 +133,7 @@ def test_right_padding_with_traced_length_matches_unpadded(backend):
     """Garbage in the padding must not reach rows < length; the dense rows move with length."""
     c = PADDED
     backend.require(c.seq_len, c.head_dim)
-    q, k, v = _inputs(2, 2, c.seq_len, c.q_heads, c.kv_heads, c.head_dim, jnp.float32)
+    q, k, v = random_qkv(2, 2, c.seq_len, c.q_heads, c.kv_heads, c.head_dim, jnp.float32)
     sizes = dict(n_init=c.n_init, n_local=c.n_local, n_last=c.n_last)
     # 300: no padding; 237: typical; 20: shorter than n_last (all rows dense); 1: a single token.
     for length in (300, 237, 20, 1):
@@ -170,7 +165,7 @@ def test_triangle_at_32k_tokens_is_linear_memory(backend):
     seq_len, n_init, n_local, n_last = 32768, 8, 512, 128
     if not backend.long_context:
         pytest.skip(f"{backend.name} is not run at 32K tokens")
-    q, k, v = _inputs(3, 1, seq_len, 2, 1, 16, jnp.float32)
+    q, k, v = random_qkv(3, 1, seq_len, 2, 1, 16, jnp.float32)
     fn = functools.partial(
         _triangle, implementation=backend.name, n_init=n_init, n_local=n_local, n_last=n_last
     )

@@ -21,6 +21,7 @@ import pytest
 import tmjax
 from tmjax.pallas_kernels import reference
 from tmjax.pallas_kernels.block_tables import band_table
+from attention_fixtures import random_qkv
 
 ON_GPU = jax.devices()[0].platform == "gpu"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")]
@@ -50,12 +51,6 @@ def _write_records():
         with open(path, "w") as fh:
             info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "cases": _records}
             json.dump(info, fh, indent=1)
-
-
-def _inputs(seed, batch, seq_len, q_heads, kv_heads, head_dim, dtype):
-    rng = np.random.default_rng(seed)
-    shapes = [(batch, seq_len, q_heads, head_dim)] + [(batch, seq_len, kv_heads, head_dim)] * 2
-    return [jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype) for s in shapes]
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "n_init", "n_local", "n_last"))
@@ -99,7 +94,7 @@ GRID += [(300, 8, 2, 128), (100, 7, 1, 64)]
 @pytest.mark.parametrize("impl", IMPLS)
 def test_triangle_grid(impl, shape, dtype_name):
     t, hq, hkv, d = shape
-    q, k, v = _inputs(0, 2, t, hq, hkv, d, DTYPES[dtype_name])
+    q, k, v = random_qkv(0, 2, t, hq, hkv, d, DTYPES[dtype_name])
     out = _triangle(q, k, v, None, impl=impl, **SIZES)
     chex.assert_shape(out, q.shape)
     chex.assert_type(out, q.dtype)
@@ -112,7 +107,7 @@ def test_triangle_traced_length_ignores_padding(impl):
     """Right-padded inputs with large garbage in the padding: rows < length match the unpadded
     reference (the padding's K/V are finite, as a model's are, but far off the real scale)."""
     t, length = 1000, 777
-    q, k, v = _inputs(1, 2, t, 8, 2, 128, jnp.bfloat16)
+    q, k, v = random_qkv(1, 2, t, 8, 2, 128, jnp.bfloat16)
     pad = (jnp.arange(t) >= length)[None, :, None, None]
     q, k, v = (jnp.where(pad, 300 * x, x) for x in (q, k, v))
     out = _triangle(q, k, v, jnp.int32(length), impl=impl, **SIZES)
@@ -125,7 +120,7 @@ def test_triangle_traced_length_ignores_padding(impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_causal(impl, shape):
     t, hq, hkv, d = shape
-    q, k, v = _inputs(2, 2, t, hq, hkv, d, jnp.bfloat16)
+    q, k, v = random_qkv(2, 2, t, hq, hkv, d, jnp.bfloat16)
     out = _causal(q, k, v, impl=impl)
     ref = _reference(q, k, v, reference.causal_mask(t))
     _check("causal_T%d_H%d_KV%d_D%d" % shape, impl, "bf16", out, ref, t)
@@ -138,7 +133,7 @@ def test_unlisted_blocks_are_never_read(impl):
     block_q, block_kv = importlib.import_module(f"tmjax.pallas_kernels.{impl}").band_block_sizes(hq, hkv)
     padded = -(-t // math.lcm(block_q, block_kv)) * math.lcm(block_q, block_kv)
     table = band_table(padded, block_q, block_kv, n_init=SIZES["n_init"], n_local=SIZES["n_local"])
-    q, k, v = _inputs(3, 1, t, hq, hkv, d, jnp.bfloat16)
+    q, k, v = random_qkv(3, 1, t, hq, hkv, d, jnp.bfloat16)
     clean = np.asarray(_triangle(q, k, v, None, impl=impl, **SIZES), np.float32)
     for q_block in (3, (t - SIZES["n_last"]) // block_q - 1):
         listed = jnp.asarray(table.listed_keys(q_block)[:t])[None, :, None, None]

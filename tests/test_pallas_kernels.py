@@ -18,6 +18,7 @@ import pytest
 
 from tmjax.pallas_kernels import reference
 from tmjax.pallas_kernels.block_tables import band_table
+from attention_fixtures import random_qkv
 
 BACKENDS = ["triton", "tpu"]
 TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
@@ -25,12 +26,6 @@ TOLERANCE = {jnp.bfloat16: 2e-2, jnp.float16: 4e-3}
 
 def _backend(name):
     return importlib.import_module(f"tmjax.pallas_kernels.{name}")
-
-
-def _inputs(seed, batch, seq_len, q_heads, kv_heads, head_dim, dtype):
-    rng = np.random.default_rng(seed)
-    shapes = [(batch, seq_len, q_heads, head_dim)] + [(batch, seq_len, kv_heads, head_dim)] * 2
-    return [jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype) for s in shapes]
 
 
 @functools.partial(jax.jit, static_argnames=("name", "n_init", "n_local", "n_last"))
@@ -59,7 +54,7 @@ CASES = [
 @pytest.mark.parametrize("name", BACKENDS)
 def test_triangle_matches_reference(name, case):
     t, hq, hkv, d, n_init, n_local, n_last, dtype = case
-    q, k, v = _inputs(0, 1, t, hq, hkv, d, dtype)
+    q, k, v = random_qkv(0, 1, t, hq, hkv, d, dtype)
     out = _triangle(q, k, v, None, name=name, n_init=n_init, n_local=n_local, n_last=n_last)
     chex.assert_shape(out, q.shape)
     chex.assert_type(out, dtype)
@@ -71,7 +66,7 @@ def test_traced_length_with_garbage_padding(name):
     """Batch 2, right-padded to T with large finite garbage: rows < length match the unpadded run,
     and the dense rows follow the traced length."""
     t, length, sizes = 120, 101, dict(n_init=2, n_local=16, n_last=12)
-    q, k, v = _inputs(1, 2, t, 4, 2, 64, jnp.bfloat16)
+    q, k, v = random_qkv(1, 2, t, 4, 2, 64, jnp.bfloat16)
     pad = (jnp.arange(t) >= length)[None, :, None, None]
     q, k, v = (jnp.where(pad, 300 * x, x) for x in (q, k, v))
     out = _triangle(q, k, v, jnp.int32(length), name=name, **sizes)[:, :length]
@@ -81,7 +76,7 @@ def test_traced_length_with_garbage_padding(name):
 
 @pytest.mark.parametrize("name", BACKENDS)
 def test_causal_matches_reference(name):
-    q, k, v = _inputs(2, 1, 70, 8, 2, 64, jnp.bfloat16)
+    q, k, v = random_qkv(2, 1, 70, 8, 2, 64, jnp.bfloat16)
     out = jax.jit(functools.partial(_backend(name).causal_attention, length=None, interpret=True))(q, k, v)
     _assert_close(out, reference.masked_attention(q, k, v, reference.causal_mask(70)), jnp.bfloat16)
 
@@ -93,7 +88,7 @@ def test_unlisted_blocks_are_never_read(name):
     block_q, block_kv = _backend(name).band_block_sizes(hq, hkv, interpret=True)
     padded = -(-t // math.lcm(block_q, block_kv, 8)) * math.lcm(block_q, block_kv, 8)
     table = band_table(padded, block_q, block_kv, n_init=sizes["n_init"], n_local=sizes["n_local"])
-    q, k, v = _inputs(3, 1, t, hq, hkv, d, jnp.bfloat16)
+    q, k, v = random_qkv(3, 1, t, hq, hkv, d, jnp.bfloat16)
     clean = np.asarray(_triangle(q, k, v, None, name=name, **sizes), np.float32)
     q_block = (t - sizes["n_last"]) // block_q - 1  # the last block of rows that are all band rows
     listed = table.listed_keys(q_block)[:t]
