@@ -85,7 +85,7 @@ def assert_matches_torch(params, model: torch.nn.Module, atol: float = 1e-5) -> 
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             att, mlp, ws = layer.self_attn, layer.mlp, w["layers"]["self_attn"]
-            for name, heads in (("q_proj", c.num_heads), ("k_proj", c.num_kv_heads), ("v_proj", c.num_kv_heads)):
+            for name in ("q_proj", "k_proj", "v_proj"):
                 got = np.einsum("h,hnd->nd", x, ws[name]["kernel"][i])
                 if getattr(att, name).bias is not None:
                     got = got + ws[name]["bias"][i]

@@ -118,7 +118,7 @@ def test_eval_cli_end_to_end(tiny, tmp_path):
     assert len(report["samples"]) == 4
     for sample in report["samples"]:
         assert sample["prompt_tokens"] + sample["max_new_tokens"] < 640
-        for name, result in sample["configs"].items():
+        for result in sample["configs"].values():
             assert result["score"] == tasks.score(result["output"], sample["answers"])
     dense = report["results"]["dense"]
     assert dense["identical_to_dense"] == 1.0 and dense["first_token_kl_max"] == 0.0
