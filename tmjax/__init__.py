@@ -3,6 +3,8 @@
 from tmjax.api import decode_step, generate, prefill
 from tmjax.attention import causal_attention, triangle_attention
 from tmjax.checkpoint import load
-from tmjax.layout import TriangleMix
+from tmjax.layout import TriangleMix, VerticalSlash
 
-__all__ = ["TriangleMix", "causal_attention", "decode_step", "generate", "load", "prefill", "triangle_attention"]
+__all__ = [
+    "TriangleMix", "VerticalSlash", "causal_attention", "decode_step", "generate", "load", "prefill", "triangle_attention",
+]
