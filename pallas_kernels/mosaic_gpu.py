@@ -282,7 +282,7 @@ def _rows_pass(tuning: Tuning):
             start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
             item, batch = lax.axis_index("blocks"), lax.axis_index("batch")
             chunk, ri = lax.div(item, jnp.int32(n_row_items)), lax.rem(item, jnp.int32(n_row_items))
-            first_row = start_ref[0] + ri * rows_per_cta
+            first_row = start_ref[batch] + ri * rows_per_cta
             first = chunk * chunk_blocks
             last_needed = lax.div(first_row + rows_per_cta - 1, jnp.int32(bkv))
             n_steps = jnp.clip(last_needed + 1 - first, 0, chunk_blocks)
@@ -294,7 +294,7 @@ def _rows_pass(tuning: Tuning):
                 else:
                     head, local = lax.axis_index("heads"), ri * rows_per_cta + wg * ROWS
                 return _Work(
-                    batch=batch, kv_head=lax.div(head, jnp.int32(group)), row=start_ref[0] + local,
+                    batch=batch, kv_head=lax.div(head, jnp.int32(group)), row=start_ref[batch] + local,
                     q_src=q_ref.at[batch, pl.ds(local, ROWS), head],
                     o_dst=o_ref.at[chunk, batch, pl.ds(local, ROWS), head],
                     lse_dst=lse_ref.at[chunk, batch, head, pl.ds(local, ROWS)],
@@ -311,7 +311,7 @@ def _rows_pass(tuning: Tuning):
             jax.ShapeDtypeStruct((n_chunks, b, hq, r), jnp.float32),
         )
         parts, lse = _launch(
-            body, (start.reshape(1), q_rows, k, v), out_types,
+            body, (start, q_rows, k, v), out_types,
             grid=(hq // heads_per_cta, n_row_items * n_chunks, b),
             tuning=tuning, head_dim=d, dtype=q_rows.dtype, with_lse=True,
         )
@@ -333,7 +333,7 @@ def triangle_attention(
     tuning: Tuning = DEFAULT_TUNING,
 ) -> jax.Array:
     """Triangle attention (see ``tmjax.triangle_attention``) with Mosaic GPU kernels (Hopper only)."""
-    _common.check_length(length, q.shape[1])
+    length = _common.row_lengths(length, q.shape[0], q.shape[1])
     _common.check_inputs(q, k, v, "mosaic_gpu")
     block_q, block_kv = band_block_sizes(q.shape[2], k.shape[2], tuning=tuning)
     return _common.triangle_two_pass(
@@ -347,7 +347,7 @@ def causal_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, length: int | jax.Array | None, tuning: Tuning = DEFAULT_TUNING
 ) -> jax.Array:
     """Dense causal attention through the causal block table (``length`` needs no special care)."""
-    _common.check_length(length, q.shape[1])
+    _common.row_lengths(length, q.shape[0], q.shape[1])  # validates; causal attention needs no length
     _common.check_inputs(q, k, v, "mosaic_gpu")
     block_q, block_kv = band_block_sizes(q.shape[2], k.shape[2], tuning=tuning)
     return _common.causal_one_pass(

@@ -78,7 +78,7 @@ def _band_kernel(kv_index_ref, num_full_ref, num_steps_ref, q_ref, k_ref, v_ref,
 
 def _rows_kernel(start_ref, q_ref, k_ref, v_ref, o_ref, acc_ref, m_ref, l_ref, *, num_blocks, rows, block_kv, scale):
     s = pl.program_id(2)
-    start = start_ref[0]
+    start = start_ref[pl.program_id(0)]
     last_needed = (start + rows - 1) // block_kv
     step = functools.partial(
         _step, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, row0=start, col0=s * block_kv,
@@ -169,7 +169,7 @@ def _rows_pass(cfg: _Config):
         kernel = functools.partial(_rows_kernel, num_blocks=num_blocks, rows=r, block_kv=bkv, scale=cfg.scale)
 
         def kv_index(b_, h, s, start_ref):
-            return b_, h, jnp.minimum(s, (start_ref[0] + r - 1) // bkv), 0
+            return b_, h, jnp.minimum(s, (start_ref[b_] + r - 1) // bkv), 0
 
         q_spec = pl.BlockSpec((None, None, g, r, d), lambda b_, h, s, start_ref: (b_, h, 0, 0, 0))
         kv_spec = pl.BlockSpec((None, None, bkv, d), kv_index)
@@ -190,7 +190,7 @@ def _rows_pass(cfg: _Config):
             compiler_params=params,
             interpret=cfg.interpret,
             name="tmjax_last_rows_attention_tpu",
-        )(start.reshape(1), _head_major(q_rows, cfg.hkv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+        )(start, _head_major(q_rows, cfg.hkv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
         return _seq_major(out)
 
     return run
@@ -208,7 +208,7 @@ def triangle_attention(
     interpret: bool | None = None,
 ) -> jax.Array:
     """Triangle attention (see ``tmjax.triangle_attention``) with Pallas Mosaic TPU kernels."""
-    _common.check_length(length, q.shape[1])
+    length = _common.row_lengths(length, q.shape[0], q.shape[1])
     _common.check_inputs(q, k, v, "tpu")
     cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _common.interpret_mode(interpret))
     return _common.triangle_two_pass(
@@ -222,7 +222,7 @@ def causal_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, length: int | jax.Array | None, interpret: bool | None = None
 ) -> jax.Array:
     """Dense causal attention through the causal block table (``length`` needs no special care)."""
-    _common.check_length(length, q.shape[1])
+    _common.row_lengths(length, q.shape[0], q.shape[1])  # validates; causal attention needs no length
     _common.check_inputs(q, k, v, "tpu")
     cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _common.interpret_mode(interpret))
     return _common.causal_one_pass(

@@ -204,7 +204,7 @@ def _rows_pass(cfg: _Config):
         parts, lse = pl.pallas_call(
             kernel,
             grid=(n_chunks, n_row_blocks, b * cfg.hkv),
-            in_specs=[pl.BlockSpec((1,), lambda c, i, bh: (0,)), q_spec, kv_spec, kv_spec],
+            in_specs=[pl.BlockSpec((1,), lambda c, i, bh: (bh // cfg.hkv,)), q_spec, kv_spec, kv_spec],
             out_specs=[o_spec, lse_spec],
             out_shape=[
                 jax.ShapeDtypeStruct((n_chunks, b, r, cfg.hkv, gp, d), jnp.float32),
@@ -213,7 +213,7 @@ def _rows_pass(cfg: _Config):
             compiler_params=cfg.params,
             interpret=cfg.interpret,
             name="tmjax_last_rows_attention",
-        )(start.reshape(1), q5, k, v)
+        )(start, q5, k, v)
         lse = lse.reshape(n_chunks, b, cfg.hkv, r, gp).transpose(0, 1, 3, 2, 4)
         merged = _common.merge_partials(parts, lse)
         return _unpack_heads(merged, cfg.group).astype(q_rows.dtype)
@@ -233,7 +233,7 @@ def triangle_attention(
     interpret: bool | None = None,
 ) -> jax.Array:
     """Triangle attention (see ``tmjax.triangle_attention``) with Pallas Triton kernels."""
-    _common.check_length(length, q.shape[1])
+    length = _common.row_lengths(length, q.shape[0], q.shape[1])
     _common.check_inputs(q, k, v, "triton")
     cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _common.interpret_mode(interpret))
     return _common.triangle_two_pass(
@@ -247,7 +247,7 @@ def causal_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, length: int | jax.Array | None, interpret: bool | None = None
 ) -> jax.Array:
     """Dense causal attention through the causal block table (``length`` needs no special care)."""
-    _common.check_length(length, q.shape[1])
+    _common.row_lengths(length, q.shape[0], q.shape[1])  # validates; causal attention needs no length
     _common.check_inputs(q, k, v, "triton")
     cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _common.interpret_mode(interpret))
     return _common.causal_one_pass(

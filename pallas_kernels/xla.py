@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from tmjax.pallas_kernels._common import check_length, pad_seq, round_up
+from tmjax.pallas_kernels._common import pad_seq, put_rows, round_up, row_lengths, static_length, take_rows
 
 # Query rows per band block; a band chunk (one loop step) holds as many blocks as keep its score
 # tensor under _BAND_CHUNK_SCORES entries per batch row and head (16 blocks for the default layout).
@@ -34,19 +34,6 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def _resolve_length(length: int | jax.Array | None, seq_len: int) -> int | jax.Array:
-    """Static lengths are checked; a traced length is clipped to ``[0, T]`` to keep indices in range."""
-    if length is None:
-        return seq_len
-    if isinstance(length, (int, np.integer)) and not isinstance(length, bool):
-        check_length(length, seq_len)
-        return int(length)
-    length = jnp.asarray(length)
-    if length.ndim != 0 or not jnp.issubdtype(length.dtype, jnp.integer):
-        raise ValueError(f"length must be an int or an integer scalar array, got {length.dtype}{list(length.shape)}")
-    return jnp.clip(length.astype(jnp.int32), 0, seq_len)
-
-
 def _scores(q: jax.Array, k: jax.Array, subscripts: str) -> jax.Array:
     scale = q.shape[-1] ** -0.5
     return jnp.einsum(subscripts, q, k, precision=_HIGHEST, preferred_element_type=jnp.float32) * scale
@@ -57,8 +44,9 @@ def _online_rows(
 ) -> jax.Array:
     """Causal attention of query rows at positions ``q_pos`` over key chunks ``[0, n_key_chunks)``.
 
-    q ``[B, R, Hkv, G, D]``, k/v ``[B, S, Hkv, D]`` with ``S`` a multiple of ``chunk``. Returns the
-    normalised float32 output ``[B, R, Hkv, G, D]``; rows that saw no key are zero.
+    q ``[B, R, Hkv, G, D]``, k/v ``[B, S, Hkv, D]`` with ``S`` a multiple of ``chunk``, ``q_pos``
+    ``[B, R]`` (or ``[1, R]`` for every batch row). Returns the normalised float32 output
+    ``[B, R, Hkv, G, D]``; rows that saw no key are zero.
     """
     b, r, hkv, g, d = q.shape
 
@@ -66,7 +54,7 @@ def _online_rows(
         peak, total, acc = carry
         kc = lax.dynamic_slice_in_dim(k, c * chunk, chunk, axis=1)
         vc = lax.dynamic_slice_in_dim(v, c * chunk, chunk, axis=1).astype(jnp.float32)
-        visible = (c * chunk + jnp.arange(chunk))[None, :] <= q_pos[:, None]  # [R, chunk]
+        visible = ((c * chunk + jnp.arange(chunk)) <= q_pos[:, :, None])[:, None, None]  # [B, 1, 1, R, chunk]
         s = jnp.where(visible, _scores(q, kc, "bqhgd,bkhd->bhgqk"), _MASKED)
         new_peak = jnp.maximum(peak, s.max(axis=-1))
         p = jnp.where(visible, jnp.exp(s - new_peak[..., None]), 0.0)
@@ -145,40 +133,42 @@ def triangle_attention(
     """Triangle attention (see ``tmjax.triangle_attention``) in O(T) memory and work."""
     b, t, hq, d = q.shape
     hkv = k.shape[2]
-    length = _resolve_length(length, t)
-    if n_local >= t or n_init >= t or (isinstance(length, int) and n_last >= length):
+    lengths = row_lengths(length, b, t)
+    static = static_length(length, t)
+    if n_local >= t or n_init >= t or (static is not None and n_last >= static):
         return causal_attention(q, k, v, length=length)  # every visible row is dense
     qg = q.reshape(b, t, hkv, hq // hkv, d)
-    out = _band(qg, k, v, n_init=n_init, n_local=n_local, length=length)
+    out = _band(qg, k, v, n_init=n_init, n_local=n_local, length=jnp.max(lengths))
     n_dense = min(n_last, t)
     if n_dense:
-        start = jnp.clip(length - n_last, 0, t - n_dense)
+        start = jnp.clip(lengths - n_last, 0, t - n_dense)  # [B]
         chunk = min(_CHUNK, round_up(t, 8))
         kp, vp = (pad_seq(x, round_up(t, chunk)) for x in (k, v))
-        rows = lax.dynamic_slice_in_dim(qg, start, n_dense, axis=1)
-        dense = _online_rows(rows, start + jnp.arange(n_dense), kp, vp, _cdiv(start + n_dense, chunk), chunk)
-        out = lax.dynamic_update_slice_in_dim(out, dense.astype(out.dtype), start, axis=1)
+        rows = take_rows(qg, start, n_dense)
+        q_pos = start[:, None] + jnp.arange(n_dense)
+        dense = _online_rows(rows, q_pos, kp, vp, _cdiv(jnp.max(start) + n_dense, chunk), chunk)
+        out = put_rows(out, dense.astype(out.dtype), start)
     return out.reshape(b, t, hq, d)
 
 
 def causal_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, length: int | jax.Array | None = None
 ) -> jax.Array:
-    """Dense causal attention, one query chunk at a time over key chunks up to its diagonal."""
+    """Dense causal attention, one query chunk at a time over key chunks up to its diagonal; query
+    chunks past the longest row's length are skipped."""
     b, t, hq, d = q.shape
     hkv = k.shape[2]
-    length = _resolve_length(length, t)
+    live = jnp.max(row_lengths(length, b, t))
     chunk = min(_CHUNK, round_up(t, 8))
     padded = round_up(t, chunk)
     qp = pad_seq(q.reshape(b, t, hkv, hq // hkv, d), padded)
     kp, vp = (pad_seq(x, padded) for x in (k, v))
-    live_chunks = _cdiv(length, chunk)
 
     def query_chunk(c, out):
         row0 = c * chunk
         rows = lax.dynamic_slice_in_dim(qp, row0, chunk, axis=1)
-        o = _online_rows(rows, row0 + jnp.arange(chunk), kp, vp, c + 1, chunk)
+        o = _online_rows(rows, (row0 + jnp.arange(chunk))[None], kp, vp, c + 1, chunk)
         return lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), row0, axis=1)
 
-    out = lax.fori_loop(0, live_chunks, query_chunk, jnp.zeros(qp.shape, q.dtype))
+    out = lax.fori_loop(0, _cdiv(live, chunk), query_chunk, jnp.zeros(qp.shape, q.dtype))
     return out[:, :t].reshape(b, t, hq, d)

@@ -21,7 +21,7 @@ import pytest
 import tmjax
 from tmjax.pallas_kernels import reference
 from tmjax.pallas_kernels.block_tables import band_table
-from attention_fixtures import random_qkv
+from attention_fixtures import REL_L2, random_qkv
 
 ON_GPU = jax.devices()[0].platform == "gpu"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")]
@@ -38,7 +38,6 @@ def _pallas_impls() -> list[str]:
 PALLAS = _pallas_impls()
 IMPLS = ["xla"] + PALLAS
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16}
-TOLERANCE = {"bf16": 2e-2, "fp16": 4e-3}  # max abs error / max abs reference value
 SIZES = dict(n_init=8, n_local=512, n_last=128)
 _records: list[dict] = []
 
@@ -69,7 +68,8 @@ _reference = jax.jit(reference.masked_attention)
 
 
 def _check(name, impl, dtype_name, out, ref, rows):
-    """Assert and record max-abs error (relative to the reference's max) and relative L2 error."""
+    """Record max-abs error (relative to the reference's max) and relative L2 error; assert the latter
+    (the bounds and why: ``attention_fixtures``)."""
     out = np.asarray(out[:, :rows], np.float32)
     ref = np.asarray(ref[:, :rows], np.float32)
     scale = float(np.abs(ref).max())
@@ -80,7 +80,8 @@ def _check(name, impl, dtype_name, out, ref, rows):
         rel_l2=float(np.linalg.norm(diff) / np.linalg.norm(ref)),
     ))
     assert np.isfinite(out).all(), f"{name} {impl}: non-finite output"
-    chex.assert_trees_all_close(out, ref, atol=TOLERANCE[dtype_name] * scale, rtol=0)
+    bound = REL_L2[jnp.dtype(DTYPES[dtype_name]).name]
+    assert _records[-1]["rel_l2"] <= bound, f"{name} {impl} {dtype_name}: relative L2 {_records[-1]['rel_l2']:.2e} > {bound}"
 
 
 # (T, Hq, Hkv, D): T a multiple of no block size, GQA 1, 4, 7, head_dim 64 and 128; then T shorter

@@ -123,6 +123,6 @@ def causal_attention(
     if implementation is None and _cudnn_takes(q):
         from tmjax.pallas_kernels import _common
 
-        _common.check_length(length, q.shape[1])
+        _common.row_lengths(length, q.shape[0], q.shape[1])  # validates; causal attention needs no length
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     return _backend(_resolve(implementation, q)).causal_attention(q, k, v, length=length)
