@@ -242,3 +242,53 @@ def test_bad_arguments_name_the_value(kwargs, needle):
         tmjax.vertical_slash_attention(q, k, v, **kwargs)
     with pytest.raises(ValueError, match=needle):
         tmjax.vertical_slash_indices(q, k, **kwargs)
+
+
+def _contract_masks(columns: np.ndarray, diagonals: np.ndarray, length: np.ndarray, seq_len: int, q_heads: int) -> np.ndarray:
+    """Bool ``[B, Hq, T, T]`` contract masks (host side, for ``jax.pure_callback``)."""
+    b, heads = columns.shape[:2]
+    masks = np.zeros((b, q_heads, seq_len, seq_len), bool)
+    for i in range(b):
+        for h in range(heads):
+            masks[i, h * q_heads // heads : (h + 1) * q_heads // heads] = reference.vertical_slash_mask(
+                seq_len, int(length), columns[i, h], diagonals[i, h])
+    return masks
+
+
+def test_model_with_shallow_vertical_slash_equals_injected_masks(tmp_path):
+    """TriangleMix(2, shallow=VerticalSlash) in a 4-layer model = dense float32 attention with the
+    contract's mask (from the estimator's picks, rebuilt on the host) below layer 2 and the triangle
+    mask from layer 2 on, injected through the decoder's attention hook."""
+    import hf_fixtures
+    from tmjax import api
+    from tmjax.models import decoder
+
+    params = hf_fixtures.load_tmjax(hf_fixtures.save_tiny_model(tmp_path, "llama", num_hidden_layers=4))
+    c = params.config
+    t = 300
+    pattern = tmjax.VerticalSlash(vertical=16, slash=8, last_q=64, force_vertical=4, force_slash=2)
+    layout = tmjax.TriangleMix(2, n_init=4, n_local=64, n_last=32, shallow=pattern)
+    tokens = np.random.default_rng(0).integers(0, c.vocab_size, size=(2, t), dtype=np.int32)
+    tri = reference.triangle_mask(t, layout.n_init, layout.n_local, layout.n_last)
+
+    def hook(layer, q, k, v, length, switch_layer=layout.switch_layer):
+        cols, diags = tmjax.vertical_slash_indices(
+            q, k, vertical=16, slash=8, last_q=64, force_vertical=4, force_slash=2, length=length)
+        shape = jax.ShapeDtypeStruct((q.shape[0], q.shape[2], t, t), jnp.bool_)
+        masks = jax.pure_callback(functools.partial(_contract_masks, seq_len=t, q_heads=q.shape[2]), shape,
+                                  cols, diags, length)
+        return jnp.where(layer >= switch_layer, reference.masked_attention(q, k, v, tri),
+                         reference.masked_attention(q, k, v, masks))
+
+    full = jax.jit(decoder.full_logits, static_argnames=("layout", "attention_fn"))
+    expected = full(params, tokens, attention_fn=hook)
+    ours = full(params, tokens, layout=layout)
+    hf_fixtures.assert_close_to_scale(ours, expected, tol=1e-5)
+    logits, _ = api.prefill(params, tokens, layout)  # bucketed: padded to 384
+    hf_fixtures.assert_close_to_scale(logits, expected[:, -1], tol=1e-5)
+    triangle_only = full(params, tokens, layout=tmjax.TriangleMix(2, n_init=4, n_local=64, n_last=32))
+    assert np.max(np.abs(np.asarray(triangle_only - ours))) > 1e-2 * np.max(np.abs(np.asarray(ours))), \
+        "vertical-slash changed nothing at this length: the test would not see a wrong pattern"
+    alone = full(params, tokens, layout=pattern)  # MInference alone: vertical-slash in every layer
+    expected = full(params, tokens, attention_fn=functools.partial(hook, switch_layer=c.num_layers))
+    hf_fixtures.assert_close_to_scale(alone, expected, tol=1e-5)
