@@ -47,7 +47,7 @@ def _step(q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, scale, visible=None):
     qk = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     qk = qk * (scale * _common.LOG2E)
     if visible is not None:
-        qk = jnp.where(visible(qk.shape), qk, _common.MASK_VALUE)
+        qk, v = _common.guard_masked_step(qk, visible(qk.shape), v)
     m_prev = m_ref[...]
     m_new = jnp.maximum(m_prev, jnp.max(qk, axis=1, keepdims=True))
     alpha = jnp.exp2(m_prev - m_new)

@@ -53,7 +53,7 @@ def _attend(q, carry, lo, hi, fetch, visible, *, scale):
         k, v = fetch(s)
         qk = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * (scale * _common.LOG2E)
         if visible is not None:
-            qk = jnp.where(visible(s), qk, _common.MASK_VALUE)
+            qk, v = _common.guard_masked_step(qk, visible(s), v)
         m_new = jnp.maximum(m, jnp.max(qk, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(qk - m_new[:, None])

@@ -40,6 +40,42 @@ def _scores(q: jax.Array, k: jax.Array, subscripts: str) -> jax.Array:
     return jnp.einsum(subscripts, q, k, precision=_HIGHEST, preferred_element_type=jnp.float32) * scale
 
 
+def _finite_values(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``v`` as float32 with non-finite entries zeroed, and which keys held one (``v``'s shape
+    without D). With the zeroed values, ``0 * NaN`` never brings an invisible key's value into a row;
+    scoring the bad keys NaN (``_guarded``) still makes every row that sees one non-finite."""
+    finite = jnp.isfinite(v)
+    return jnp.where(finite, v, 0).astype(jnp.float32), ~finite.all(axis=-1)
+
+
+def _guarded(s: jax.Array, visible: jax.Array, bad: jax.Array) -> jax.Array:
+    """Scores with invisible entries masked and visible keys whose value is not finite set to NaN."""
+    return jnp.where(visible, jnp.where(bad, jnp.nan, s), _MASKED)
+
+
+def _online_update(carry: tuple, s: jax.Array, visible: jax.Array, v: jax.Array, subscripts: str) -> tuple:
+    """One online-softmax step: raw scores ``s`` (float32), ``visible`` broadcastable to ``s``, values
+    ``v`` contracted by ``subscripts`` (``p, v -> acc``). ``v``'s key and head axes must line up with
+    ``s``'s key axis as ``subscripts`` says (see ``_finite_values``)."""
+    peak, total, acc = carry
+    clean, bad = _finite_values(v)
+    s = _guarded(s, visible, _key_flags(bad, subscripts))
+    new_peak = jnp.maximum(peak, s.max(axis=-1))
+    p = jnp.where(visible, jnp.exp(s - new_peak[..., None]), 0.0)
+    rescale = jnp.exp(peak - new_peak)
+    acc = acc * rescale[..., None] + jnp.einsum(subscripts, p, clean, precision=_HIGHEST)
+    return new_peak, total * rescale + p.sum(axis=-1), acc
+
+
+def _key_flags(bad: jax.Array, subscripts: str) -> jax.Array:
+    """Per-key flags laid out like ``v`` without D (``subscripts``' second operand), moved into the
+    scores' layout (its first operand, keys last) with size-1 axes where ``v`` has none."""
+    p_axes, v_axes = subscripts.split("->")[0].split(",")
+    names = v_axes[:-1]
+    moved = jnp.transpose(bad, [names.index(a) for a in p_axes if a in names])
+    return moved.reshape([bad.shape[names.index(a)] if a in names else 1 for a in p_axes])
+
+
 def _online_rows(
     q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, n_key_chunks: int | jax.Array, chunk: int
 ) -> jax.Array:
@@ -52,17 +88,10 @@ def _online_rows(
     b, r, hkv, g, d = q.shape
 
     def step(c, carry):
-        peak, total, acc = carry
         kc = lax.dynamic_slice_in_dim(k, c * chunk, chunk, axis=1)
-        vc = lax.dynamic_slice_in_dim(v, c * chunk, chunk, axis=1).astype(jnp.float32)
+        vc = lax.dynamic_slice_in_dim(v, c * chunk, chunk, axis=1)
         visible = ((c * chunk + jnp.arange(chunk)) <= q_pos[:, :, None])[:, None, None]  # [B, 1, 1, R, chunk]
-        s = jnp.where(visible, _scores(q, kc, "bqhgd,bkhd->bhgqk"), _MASKED)
-        new_peak = jnp.maximum(peak, s.max(axis=-1))
-        p = jnp.where(visible, jnp.exp(s - new_peak[..., None]), 0.0)
-        rescale = jnp.exp(peak - new_peak)
-        total = total * rescale + p.sum(axis=-1)
-        acc = acc * rescale[..., None] + jnp.einsum("bhgqk,bkhd->bhgqd", p, vc, precision=_HIGHEST)
-        return new_peak, total, acc
+        return _online_update(carry, _scores(q, kc, "bqhgd,bkhd->bhgqk"), visible, vc, "bhgqk,bkhd->bhgqd")
 
     init = (
         jnp.full((b, hkv, g, r), _MASKED, jnp.float32),
@@ -109,10 +138,12 @@ def _band(q: jax.Array, k: jax.Array, v: jax.Array, n_init: int, n_local: int, l
         kc, vc = (jnp.take(x, index, axis=1) for x in (kp, vp))  # [B, C, K, Hkv, D]
         qc = lax.dynamic_slice_in_dim(qp, row0, rows, axis=1).reshape(b, blocks_per_chunk, bq, hkv, g, d)
         mask = visible[None, :, None, None]  # [1, C, 1, 1, bq, K]
-        s = jnp.where(mask, _scores(qc, kc, "bcqhgd,bckhd->bchgqk"), _MASKED)
+        clean, bad = _finite_values(vc)
+        subscripts = "bchgqk,bckhd->bchgqd"
+        s = _guarded(_scores(qc, kc, "bcqhgd,bckhd->bchgqk"), mask, _key_flags(bad, subscripts))
         p = jnp.where(mask, jnp.exp(s - s.max(axis=-1, keepdims=True)), 0.0)
         total = p.sum(axis=-1)
-        o = jnp.einsum("bchgqk,bckhd->bchgqd", p, vc.astype(jnp.float32), precision=_HIGHEST)
+        o = jnp.einsum(subscripts, p, clean, precision=_HIGHEST)
         o = o / jnp.where(total == 0, 1.0, total)[..., None]
         o = o.transpose(0, 1, 4, 2, 3, 5).reshape(b, rows, hkv, g, d)
         return lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), row0, axis=1)
@@ -173,18 +204,6 @@ def causal_attention(
 
     out = lax.fori_loop(0, _cdiv(live, chunk), query_chunk, jnp.zeros(qp.shape, q.dtype))
     return out[:, :t].reshape(b, t, hq, d)
-
-
-def _online_update(carry: tuple, s: jax.Array, visible: jax.Array, v: jax.Array, subscripts: str) -> tuple:
-    """One online-softmax step: scores ``s`` (float32, masked entries anything), ``visible`` broadcastable
-    to ``s``, values ``v`` contracted by ``subscripts`` (``p, v -> acc``)."""
-    peak, total, acc = carry
-    s = jnp.where(visible, s, _MASKED)
-    new_peak = jnp.maximum(peak, s.max(axis=-1))
-    p = jnp.where(visible, jnp.exp(s - new_peak[..., None]), 0.0)
-    rescale = jnp.exp(peak - new_peak)
-    acc = acc * rescale[..., None] + jnp.einsum(subscripts, p, v.astype(jnp.float32), precision=_HIGHEST)
-    return new_peak, total * rescale + p.sum(axis=-1), acc
 
 
 def vertical_slash_attention(

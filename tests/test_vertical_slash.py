@@ -292,3 +292,26 @@ def test_model_with_shallow_vertical_slash_equals_injected_masks(tmp_path):
     alone = full(params, tokens, layout=pattern)  # MInference alone: vertical-slash in every layer
     expected = full(params, tokens, attention_fn=functools.partial(hook, switch_layer=c.num_layers))
     hf_fixtures.assert_close_to_scale(alone, expected, tol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_values_a_row_cannot_see_never_reach_it(backend):
+    """NaN in V at padded positions and at a real key that only some rows see: the others are
+    unchanged bit for bit, the rows that see it turn non-finite."""
+    from test_attention import assert_only_seeing_rows_change, poison
+
+    t, lengths = 700, (700, 450)
+    backend.require(t, 64)
+    q, k, v = random_qkv(11, 2, t, 4, 2, 64, backend.dtype)
+    cols, diags = sparse_indices(2, 2, t, lengths, 10, 5)
+    masks = [[reference.vertical_slash_mask(t, L, cols[b, h], diags[b, h]) for h in range(2)] for b, L in enumerate(lengths)]
+    # a key seen by some rows of both heads and both sequences, and missed by others
+    key = next(j for j in range(64, 400) if all(0 < m[:, j].sum() < L - j for row, L in zip(masks, lengths) for m in row))
+    padding = np.arange(t)[None, :] >= np.asarray(lengths)[:, None]
+    bad_v = poison(v, padding | (np.arange(t) == key)[None, :], np.nan)
+    out = _attend(q, k, bad_v, cols, diags, jnp.asarray(lengths), implementation=backend.name)
+    clean = _attend(q, k, v, cols, diags, jnp.asarray(lengths), implementation=backend.name)
+    for h in range(2):  # KV head h serves query heads 2h, 2h+1
+        sees = np.stack([masks[b][h][:, key] for b in range(2)])
+        heads = slice(2 * h, 2 * h + 2)
+        assert_only_seeing_rows_change(clean[:, :, heads], out[:, :, heads], sees, lengths)
