@@ -3,8 +3,8 @@
 The program is compiled for abstract weights (nothing is allocated), and XLA's own memory analysis
 says how many bytes of temporaries it needs. The vocabulary is large next to every other activation
 (V = 32768 against hidden 64), so full-sequence float32 logits (``B * T * V * 4`` bytes, 128 MiB per
-row of the batch at T = 1024) would dwarf the rest; today's program needs ~4 MiB dense and ~7 MiB
-with TriangleMix (jax 0.10.2, CPU). The bound is an eighth of the full logits.
+row of the batch at T = 1024) would dwarf the rest; today's program needs 8.4 MiB dense and 14.5 MiB
+with TriangleMix at B = 2 (jax 0.10.2, CPU). The bound is an eighth of the full logits (32 MiB).
 """
 
 from __future__ import annotations
