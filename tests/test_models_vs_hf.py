@@ -137,6 +137,8 @@ def test_bfloat16_rounding_matches_transformers_bfloat16(saved, name):
     identical. At T = 1 queries and keys do not matter, so q/k-norm and RoPE are only in the band above.
     Models with q/k/v biases are left out: torch adds a bias inside its bf16 GEMM (one rounding), we
     after it (two)."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("bit-level agreement with torch's CPU kernels is a CPU property")
     path = saved(name)
     params = _bfloat16(hf_fixtures.load_tmjax(path))
     tokens = np.arange(params.config.vocab_size, dtype=np.int32)[:, None]

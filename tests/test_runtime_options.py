@@ -71,7 +71,8 @@ def test_interpret_environment_variable(monkeypatch, backend):
     interpreted = module.band_block_sizes(8, 2, interpret=True)
     assert compiled != interpreted
     monkeypatch.delenv("TMJAX_PALLAS_INTERPRET", raising=False)
-    assert module.band_block_sizes(8, 2) == interpreted  # CPU
+    if jax.default_backend() == "cpu":
+        assert module.band_block_sizes(8, 2) == interpreted
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert module.band_block_sizes(8, 2) == compiled
     for value, expected in (("", compiled), ("0", compiled), ("1", interpreted)):
