@@ -122,7 +122,7 @@ class SafetensorsSource(contextlib.AbstractContextManager):
         """Copy the tokenizer, chat template and generation files present in the source folder."""
         for name in SIDE_FILES:
             if (self.folder / name).is_file():
-                shutil.copy2(self.folder / name, folder / name)
+                shutil.copyfile(self.folder / name, folder / name)  # new file: mode from the umask
 
     def __exit__(self, *exc: object) -> None:
         """Nothing to release: shards are only open during a read."""

@@ -77,8 +77,6 @@ def _remove_stale_staging(dst: Path) -> None:
 def restore_backup(dst: Path) -> None:
     """Undo a replace that was killed half-way: put a dead run's backup back at a missing ``dst``,
     or delete it once ``dst`` is a complete checkpoint (the replace had finished)."""
-    if not dst.parent.is_dir():
-        return
     pattern = _backup_pattern(dst)
     for entry in sorted(dst.parent.iterdir()):
         match = pattern.match(entry.name)
@@ -105,9 +103,12 @@ def _check_parent(dst: Path) -> None:
 def check_destination(dst: Path, force: bool) -> None:
     """Refuse an existing ``dst`` unless ``force``; even then, replace only an empty folder or one that
     is verifiably a complete tmjax checkpoint, so that a mistyped path cannot delete unrelated data.
-    First of all, a backup left by an interrupted replace is put back (``restore_backup``)."""
-    restore_backup(dst)
+    First of all, what a killed run left is dealt with: its backup put back (``restore_backup``), its
+    staging folders removed."""
     _check_parent(dst)
+    if dst.parent.is_dir():
+        restore_backup(dst)
+        _remove_stale_staging(dst)
     if not (dst.exists() or dst.is_symlink()):
         return
     if not force:
@@ -121,9 +122,9 @@ def check_destination(dst: Path, force: bool) -> None:
         except ValueError as err:
             reason = str(err)
     else:
-        reason = "it is not a folder"
-    raise FileExistsError(f"destination {dst} is not a complete tmjax checkpoint ({reason}); "
-                          "refusing to replace it even with --force: choose another DST or remove it yourself")
+        reason = f"{dst} is not a folder"
+    raise FileExistsError(f"refusing to replace {dst} even with --force, since only a complete tmjax checkpoint "
+                          f"is replaced: {reason}; choose another DST or remove it yourself")
 
 
 def check_free_space(dst: Path, config: ModelConfig, dtype: str) -> None:
@@ -190,7 +191,6 @@ def staged_output(dst: str | Path, *, force: bool) -> Iterator[Path]:
     dst = Path(dst).absolute()
     check_destination(dst, force)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(dst)
     staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(dst), dir=dst.parent))
     try:
         os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the checkpoint follows the umask
