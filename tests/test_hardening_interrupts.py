@@ -64,11 +64,12 @@ def _streaming(parent: Path) -> bool:
     return bool(_staging(parent)) and not _in_save(parent)
 
 
-def _signal_when(proc: subprocess.Popen, condition, signum: int, timeout: float = 120.0) -> bool:
-    """Send ``signum`` once ``condition()`` holds; False if the process ended first."""
+def _signal_when(proc: subprocess.Popen, condition, signum: int, delay: float = 0.0, timeout: float = 120.0) -> bool:
+    """Send ``signum`` ``delay`` seconds after ``condition()`` holds; False if the process ended first."""
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
         if condition():
+            time.sleep(delay)
             proc.send_signal(signum)
             return True
         time.sleep(0.002)
@@ -80,6 +81,7 @@ def _assert_clean_stop(proc: subprocess.Popen, signum: int, parent: Path, expect
     assert proc.returncode == 128 + signum, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "interrupted" in lines[0], err
+    time.sleep(0.5)  # writer threads that outlived the process's main thread would show up by now
     assert sorted(os.listdir(parent)) == expect  # no staging folder, no *-tmp, no backup
     return lines[0]
 
@@ -92,7 +94,9 @@ def test_signal_while_converting_over_an_old_checkpoint(big_source, old, tmp_pat
     shutil.copytree(old_ckpt, dst)
     proc = _convert(big_source, dst, "--force")
     condition = {"streaming": lambda: _streaming(tmp_path), "saving": lambda: _in_save(tmp_path)}[moment]
-    assert _signal_when(proc, condition, signum), f"the conversion ended before the {moment} moment"
+    # in the save, 50 ms in: orbax's writer threads are busy then
+    delay = {"streaming": 0.0, "saving": 0.05}[moment]
+    assert _signal_when(proc, condition, signum, delay), f"the conversion ended before the {moment} moment"
     _assert_clean_stop(proc, signum, tmp_path, ["dst"])
     assert_matches_torch(ckpt.load(dst), model)
 
