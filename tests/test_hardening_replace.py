@@ -255,3 +255,34 @@ def test_stale_staging_of_a_killed_run_is_removed_by_a_failing_run(sources, tmp_
     (tmp_path / f".dst.partial-{dead.pid}-abc" / "weights").mkdir(parents=True)
     assert run(tmp_path / "no-such-source", tmp_path / "dst") == 1
     assert leftovers(tmp_path) == []
+
+
+# --- class 6/9: a refused load leaves no orbax reads in flight ---
+
+_LOAD_THEN_DELETE = """
+import gc, shutil, sys, time
+import tmjax
+try:
+    tmjax.load(sys.argv[1])
+except ValueError as err:
+    print("refused:", err)
+shutil.rmtree(sys.argv[1])
+gc.collect()
+time.sleep(1)
+"""
+
+
+def test_a_refused_load_leaves_no_reads_in_flight(good, tmp_path):
+    """A config that disagrees with the stored shapes (manifest updated to match) is refused before
+    orbax reads anything: no "Event loop is closed" or "Encountered error while reading array index"
+    from reads still running after the error, or after the folder is gone."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(good, folder)
+    _rewrite_json(folder / "config.json", lambda c: {**c, "intermediate_size": 40})
+    _rewrite_json(folder / "tmjax.json", lambda m: {**m, "files": ckpt.build_manifest(folder)})
+    proc = subprocess.run([sys.executable, "-c", _LOAD_THEN_DELETE, str(folder)], env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "refused:" in proc.stdout and "config.json implies" in proc.stdout, proc.stdout
+    for noise in ("Traceback", "Exception ignored", "Event loop is closed", "Encountered error"):
+        assert noise not in proc.stderr, proc.stderr
