@@ -156,18 +156,47 @@ def test_dst_under_a_file(hf_folder, tmp_path):
                           f"{tmp_path / 'file'} is a file, not a folder")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs")
-def test_full_disk_is_one_line_before_any_work(hf_folder, tmp_path):
+_NO_SPACE_CHECK = (  # the disk fills during orbax's save: the up-front check is bypassed
+    "import sys\n"
+    "from tmjax.convert import writer\n"
+    "writer.check_free_space = lambda *args: None\n"
+    "from tmjax.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
     mount = tmp_path / "small"
     mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)]).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)]).returncode:
         pytest.skip("cannot mount a tmpfs here")
-    try:
-        proc = tmjax_cli("convert", hf_folder, mount / "dst")
-        assert_one_line_error(proc, "no space left on the device", "MiB needed")
-        assert os.listdir(mount) == []
-    finally:
-        subprocess.run(["umount", str(mount)])
+    yield mount
+    subprocess.run(["umount", str(mount)])
+
+
+def test_full_disk_is_one_line_before_any_work(hf_folder, small_disk):
+    proc = tmjax_cli("convert", hf_folder, small_disk / "dst", "--dtype", "float32")
+    assert_one_line_error(proc, f"no space left on the device of {small_disk}", "MiB needed")
+    assert os.listdir(small_disk) == []
+
+
+def test_disk_filling_during_the_save(tmp_path, small_disk):
+    src = tmp_path / "src"
+    tiny_model("qwen2").save_pretrained(src)  # ~0.1 MB: pad the disk so that the save runs out
+    (small_disk / "filler").write_bytes(bytes(1000 * 1024))
+    proc = subprocess.run([sys.executable, "-c", _NO_SPACE_CHECK, "convert", str(src), str(small_disk / "dst"),
+                           "--quiet", "--dtype", "float32"], env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("tmjax convert:")]
+    assert ours == [f"tmjax convert: error: no space left on the device of {small_disk} (No space left on device "
+                    "while writing the weights): free some space or choose another DST"], proc.stderr
+    # orbax's per-thread error logs are not shown. (Writes that were still in flight when orbax gave up
+    # may still print "Event loop is closed" from tensorstore's callbacks: see the README.)
+    assert "ERROR:absl" not in proc.stderr
+    assert os.listdir(small_disk) == ["filler"]
 
 
 # --- the demo (class 6) ---
