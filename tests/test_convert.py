@@ -361,7 +361,8 @@ def test_load_refuses_incomplete_checkpoints(models, tmp_path):
         meta = json.loads((f / "tmjax.json").read_text())
         (f / "tmjax.json").write_text(json.dumps({**meta, "files": ckpt.build_manifest(f)}))
 
-    with pytest.raises(ValueError, match=r"cannot restore .*'layers/mlp/down_proj/kernel' has shape \(2, 48, 32\) but config.json implies \(2, 40, 32\)"):
+    expected = r"cannot restore .*'layers/mlp/down_proj/kernel' has shape \(2, 48, 32\) but config.json implies \(2, 40, 32\)"
+    with pytest.raises(ValueError, match=expected):
         ckpt.load(broken("shape", mismatch))
 
 
