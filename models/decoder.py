@@ -19,7 +19,7 @@ from flax import struct
 from jax import lax
 
 from tmjax import attention
-from tmjax.layout import TriangleMix
+from tmjax.layout import Layout, TriangleMix, VerticalSlash
 from tmjax.models.config import ModelConfig
 from tmjax.models.params import Params
 from tmjax.models.rope import apply_rope, rope_tables
@@ -76,7 +76,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``. SiLU runs in float32 and is rounded once, like
+    transformers' kernel (``x * sigmoid(x)`` in bf16 would round the sigmoid too)."""
 
     config: ModelConfig
 
@@ -85,7 +86,8 @@ class MLP(nn.Module):
         c = self.config
         gate = nn.Dense(c.intermediate_size, use_bias=c.mlp_bias, name="gate_proj")(x)
         up = nn.Dense(c.intermediate_size, use_bias=c.mlp_bias, name="up_proj")(x)
-        return nn.Dense(c.hidden_size, use_bias=c.mlp_bias, name="down_proj")(nn.silu(gate) * up)
+        act = nn.silu(gate.astype(jnp.float32)).astype(gate.dtype)
+        return nn.Dense(c.hidden_size, use_bias=c.mlp_bias, name="down_proj")(act * up)
 
 
 class DecoderLayer(nn.Module):
@@ -104,22 +106,24 @@ class DecoderLayer(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class LayerAttention:
-    """How a layer attends in prefill: ``causal``, ``window`` (sliding window) or ``triangle``."""
+    """How a layer attends in prefill: ``causal``, ``window`` (sliding window), ``triangle`` or
+    ``vertical_slash`` (``pattern`` holds its budgets)."""
 
     kind: str
     window: int = 0
     n_init: int = 0
     n_local: int = 0
     n_last: int = 0
+    pattern: VerticalSlash | None = None
 
 
-def layer_plan(config: ModelConfig, layout: TriangleMix | None, seq_len: int
+def layer_plan(config: ModelConfig, layout: Layout | None, seq_len: int
                ) -> list[tuple[int, int, LayerAttention]]:
     """Runs ``(start, stop, how)`` of consecutive layers that attend alike, for a padded length ``seq_len``.
 
-    A window of at least ``seq_len`` hides nothing and counts as causal. A Triangle layer whose
-    sliding window is shorter raises ``ValueError``: the intersection of the two masks is not a
-    triangle, and dropping either would change the model.
+    A window of at least ``seq_len`` hides nothing and counts as causal. A Triangle or
+    vertical-slash layer whose sliding window is shorter raises ``ValueError``: the intersection of
+    the two masks is neither pattern, and dropping either would change the model.
     """
     if layout is not None:
         layout.check_layers(config.num_layers)
@@ -128,13 +132,17 @@ def layer_plan(config: ModelConfig, layout: TriangleMix | None, seq_len: int
         window = config.layer_window(layer)
         if window is not None and window >= seq_len:
             window = None
-        if layout is not None and layout.is_triangle(layer):
-            if window is not None:
-                raise ValueError(
-                    f"layer {layer} has a sliding window of {window} < the padded prompt length {seq_len} and is a "
-                    f"Triangle layer (switch_layer={layout.switch_layer}); TriangleMix on windowed layers is not supported"
-                )
-            kinds.append(LayerAttention("triangle", n_init=layout.n_init, n_local=layout.n_local, n_last=layout.n_last))
+        sparse = None if layout is None else layout.attention_at(layer)
+        if sparse is not None and window is not None:
+            name = "Triangle" if isinstance(sparse, TriangleMix) else "vertical-slash"
+            raise ValueError(
+                f"layer {layer} has a sliding window of {window} < the padded prompt length {seq_len} and is a "
+                f"{name} layer; sparse layouts on windowed layers are not supported"
+            )
+        if isinstance(sparse, TriangleMix):
+            kinds.append(LayerAttention("triangle", n_init=sparse.n_init, n_local=sparse.n_local, n_last=sparse.n_last))
+        elif isinstance(sparse, VerticalSlash):
+            kinds.append(LayerAttention("vertical_slash", pattern=sparse))
         elif window is not None:
             kinds.append(LayerAttention("window", window=window))
         else:
@@ -153,6 +161,8 @@ def _prefill_attention(how: LayerAttention, q: jax.Array, k: jax.Array, v: jax.A
     if how.kind == "triangle":
         return attention.triangle_attention(q, k, v, n_init=how.n_init, n_local=how.n_local, n_last=how.n_last,
                                             length=length, implementation=implementation)
+    if how.kind == "vertical_slash":
+        return attention.vertical_slash(q, k, v, how.pattern, length=length, implementation=implementation)
     if how.kind == "window":  # a window is a triangle without sinks or dense rows
         return attention.triangle_attention(q, k, v, n_init=0, n_local=how.window, n_last=0,
                                             length=length, implementation=implementation)
@@ -181,7 +191,7 @@ def prefill_hidden(
     tokens: jax.Array,
     length: jax.Array | int,
     *,
-    layout: TriangleMix | None = None,
+    layout: Layout | None = None,
     cache_size: int | None = None,
     implementation: str | None = None,
     attention_fn: AttentionFn | None = None,
@@ -226,7 +236,7 @@ def prefill_hidden(
 def full_logits(
     params: Params,
     tokens: jax.Array,
-    layout: TriangleMix | None = None,
+    layout: Layout | None = None,
     *,
     implementation: str | None = None,
     attention_fn: AttentionFn | None = None,

@@ -5,10 +5,13 @@ the padded length, plus the dense last rows ``[length - n_last, length)``, whose
 the true ``length`` (possibly a traced scalar). So every backend runs:
 
 1. the band pass: a block-sparse kernel following ``block_tables.band_table`` over all rows;
-2. the last-rows pass: the ``n_last`` rows starting at ``start = length - n_last`` (a dynamic slice)
-   against every earlier key, with ``start`` given to the kernel as a scalar; GPU backends split it
-   over KV chunks and merge the chunks by log-sum-exp;
-3. a splice: rows in ``[length - n_last, length)`` take the last-rows result.
+2. the last-rows pass: for each batch row ``b``, the ``n_last`` rows starting at
+   ``start[b] = length[b] - n_last`` (a dynamic slice) against every earlier key, with ``start``
+   given to the kernel as an int32 ``[B]`` array; GPU backends split it over KV chunks and merge the
+   chunks by log-sum-exp;
+3. a splice: rows in ``[length[b] - n_last, length[b])`` take the last-rows result.
+
+``length`` may be one length for the whole batch or one per row (``row_lengths``).
 
 Dense causal attention is the band pass alone with ``block_tables.causal_table``.
 """
@@ -58,6 +61,27 @@ def interpret_mode(flag: bool | None) -> bool:
     return jax.default_backend() == "cpu" or os.environ.get("TMJAX_PALLAS_INTERPRET", "") not in ("", "0")
 
 
+def guard_masked_step(qk: jax.Array, visible: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Scores and values of a masked step such that keys a row cannot see never reach it.
+
+    ``qk`` ``[rows, keys]``, ``visible`` its bool mask, ``v`` ``[keys, D]``. Non-finite values are
+    zeroed (``0 * NaN`` in P.V would otherwise poison rows that cannot see the key), and a visible key
+    whose value was not finite gets a NaN score, so the rows that see it still come out non-finite.
+    Unmasked steps need none of this: every row sees every key there.
+    """
+    finite = jnp.abs(v.astype(jnp.float32)) < jnp.inf
+    bad = jnp.max(jnp.where(finite, 0, 1), axis=1) == 1
+    qk = jnp.where(visible, jnp.where(bad[None, :], jnp.nan, qk), MASK_VALUE)
+    return qk, jnp.where(finite, v, jnp.zeros_like(v))
+
+
+def zero_padding(x: jax.Array, lengths: jax.Array) -> jax.Array:
+    """``x [B, T, ...]`` with the positions at or past each row's length zeroed: for kernels whose
+    masked steps cannot clean values themselves (``0 * NaN`` in the padding would reach real rows)."""
+    real = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
+    return jnp.where(real.reshape(real.shape + (1,) * (x.ndim - 2)), x, jnp.zeros((), x.dtype))
+
+
 def round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
@@ -70,18 +94,62 @@ def pad_seq(x: jax.Array, padded_len: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (0, extra)) + ((0, 0),) * (x.ndim - 2))
 
 
-def check_length(length: int | jax.Array | None, seq_len: int) -> None:
-    """Raise ``ValueError`` for a static ``length`` outside ``[1, seq_len]`` (traced ones pass)."""
-    if isinstance(length, (int, np.integer)) and not isinstance(length, bool) and not 1 <= length <= seq_len:
-        raise ValueError(f"length must be in [1, {seq_len}], got {length}")
+def row_lengths(length: int | jax.Array | np.ndarray | None, batch: int, seq_len: int) -> jax.Array:
+    """The true length of every row, int32 ``[batch]``.
 
-
-def true_length(length: int | jax.Array | None, seq_len: int) -> jax.Array:
-    """``length`` as an int32 scalar (``None`` means ``seq_len``)."""
+    ``length`` is None (every row is ``seq_len`` long), an int or integer scalar (all rows), or an
+    integer array ``[batch]`` (one per row). Concrete values outside ``[1, seq_len]`` raise
+    ``ValueError``; traced values cannot be checked and are clipped to ``[0, seq_len]`` (a row of
+    length 0 has no visible output).
+    """
     if length is None:
-        return jnp.int32(seq_len)
-    check_length(length, seq_len)
-    return jnp.asarray(length, jnp.int32)
+        return jnp.full((batch,), seq_len, jnp.int32)
+    if isinstance(length, bool):
+        raise ValueError(f"length must be an int or an integer array, got {length!r}")
+    if isinstance(length, (int, np.integer)):
+        if not 1 <= length <= seq_len:
+            raise ValueError(f"length must be in [1, {seq_len}], got {length}")
+        return jnp.full((batch,), int(length), jnp.int32)
+    arr = length if isinstance(length, jax.Array) else np.asarray(length)
+    if not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise ValueError(f"length must be an int or an integer array, got dtype {arr.dtype}")
+    if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != batch):
+        raise ValueError(f"length must be a scalar or have shape [{batch}] (one per row), got shape {tuple(arr.shape)}")
+    if not isinstance(arr, jax.core.Tracer):
+        values = np.asarray(arr).reshape(-1)
+        bad = values[(values < 1) | (values > seq_len)]
+        if bad.size:
+            raise ValueError(f"length must be in [1, {seq_len}], got {int(bad[0])}")
+    return jnp.broadcast_to(jnp.clip(jnp.asarray(arr, jnp.int32), 0, seq_len), (batch,))
+
+
+def static_length(length: int | jax.Array | None, seq_len: int) -> int | None:
+    """The common length of every row when it is known at trace time, else None."""
+    if length is None:
+        return seq_len
+    if isinstance(length, (int, np.integer)) and not isinstance(length, bool):
+        return int(length)
+    return None
+
+
+def take_rows(x: jax.Array, start: jax.Array, rows: int) -> jax.Array:
+    """``x[b, start[b] : start[b] + rows]`` for every row ``b`` of ``x [B, T, ...]``."""
+    if x.shape[0] == 1:
+        return jax.lax.dynamic_slice_in_dim(x, start[0], rows, axis=1)
+    return jax.vmap(lambda xb, sb: jax.lax.dynamic_slice_in_dim(xb, sb, rows, axis=0))(x, start)
+
+
+def put_rows(x: jax.Array, rows: jax.Array, start: jax.Array) -> jax.Array:
+    """``x`` with ``x[b, start[b] : start[b] + R] = rows[b]``, one in-place update per batch row (a
+    loop rather than a scatter, so XLA never copies the whole of ``x``)."""
+    if x.shape[0] == 1:
+        return jax.lax.dynamic_update_slice_in_dim(x, rows, start[0], axis=1)
+
+    def put(b, out):
+        row = jax.lax.dynamic_slice_in_dim(rows, b, 1, axis=0)
+        return jax.lax.dynamic_update_slice(out, row, (b, start[b]) + (0,) * (x.ndim - 2))
+
+    return jax.lax.fori_loop(0, x.shape[0], put, x)
 
 
 def merge_partials(out: jax.Array, lse: jax.Array) -> jax.Array:
@@ -116,9 +184,9 @@ def triangle_two_pass(
     """Triangle attention from a backend's band pass and last-rows pass (see the module docstring).
 
     ``band_pass(q, k, v, table)`` gets inputs padded to a multiple of both block sizes;
-    ``rows_pass(q_rows, k, v, start)`` gets ``R`` query rows (``R`` = ``min(n_last, T)`` rounded up to
-    ``rows_block``) whose first row sits at position ``start`` (int32 scalar) and returns their
-    attention over all keys ``<= row``, ``[B, R, Hq, D]``.
+    ``rows_pass(q_rows, k, v, start)`` gets ``R`` query rows per batch row (``R`` = ``min(n_last, T)``
+    rounded up to ``rows_block``) whose first row sits at position ``start[b]`` (int32 ``[B]``: each
+    row's length may differ) and returns their attention over all keys ``<= row``, ``[B, R, Hq, D]``.
     """
     seq_len = q.shape[1]
     padded = round_up(seq_len, math.lcm(block_q, block_kv, rows_block))
@@ -129,20 +197,18 @@ def triangle_two_pass(
         # XLA's GPU dynamic-slice fusion rejects a kernel's result as the direct target of the
         # in-place update below (seen with jax 0.11.2); the barrier keeps it a plain buffer.
         out = jax.lax.optimization_barrier(out)
-        length = true_length(length, seq_len)
+        lengths = row_lengths(length, q.shape[0], seq_len)
         rows = round_up(min(n_last, seq_len), rows_block)
-        start = jnp.clip(length - n_last, 0, padded - rows).astype(jnp.int32)
-        q_rows = jax.lax.dynamic_slice_in_dim(qp, start, rows, axis=1)
-        last = rows_pass(q_rows, kp, vp, start).astype(out.dtype)
+        start = jnp.clip(lengths - n_last, 0, padded - rows).astype(jnp.int32)  # [B]
+        last = rows_pass(take_rows(qp, start, rows), kp, vp, start).astype(out.dtype)
         if seq_len - n_last > padded - rows:
             # start is clipped below length - n_last for the longest lengths: the rows written
             # before the dense ones must keep the band result.
-            band_rows = jax.lax.dynamic_slice_in_dim(out, start, rows, axis=1)
-            dense = (start + jnp.arange(rows)) >= length - n_last
-            last = jnp.where(dense[None, :, None, None], last, band_rows)
-        # Otherwise every written row is dense or at/after length (unspecified): a plain in-place
-        # update, which XLA does not turn into a copy of the whole output.
-        out = jax.lax.dynamic_update_slice_in_dim(out, last, start, axis=1)
+            dense = (start[:, None] + jnp.arange(rows)) >= (lengths - n_last)[:, None]
+            last = jnp.where(dense[:, :, None, None], last, take_rows(out, start, rows))
+        # Otherwise every written row is dense or at/after its length (unspecified): plain in-place
+        # updates, which XLA does not turn into a copy of the whole output.
+        out = put_rows(out, last, start)
     return out[:, :seq_len]
 
 

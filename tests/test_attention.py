@@ -1,6 +1,7 @@
 """Shared attention suite: every backend against dense float32 attention with element-wise masks.
 
-Adding a backend is one line in ``BACKENDS``; its fields limit which shapes it is run on.
+Adding a backend is one line in ``attention_fixtures.BACKENDS``; each case runs in every dtype the
+backend takes, and dtype-agnostic tests in its first one, so no backend skips a case for its dtype.
 """
 
 from __future__ import annotations
@@ -16,31 +17,7 @@ import pytest
 
 import tmjax
 from tmjax.pallas_kernels import reference
-from attention_fixtures import random_qkv
-
-
-@dataclasses.dataclass(frozen=True)
-class Backend:
-    """One implementation under test and the shapes it is asked to handle."""
-
-    name: str
-    max_seq_len: int = 1 << 16
-    head_dims: tuple[int, ...] = (64, 128)
-    dtypes: tuple[str, ...] = ("float32", "bfloat16")
-    long_context: bool = True  # the 32K-token triangle run
-
-    def require(self, seq_len: int, head_dim: int, dtype=jnp.float32) -> None:
-        if seq_len > self.max_seq_len or head_dim not in self.head_dims or jnp.dtype(dtype).name not in self.dtypes:
-            pytest.skip(f"{self.name} is not run at T={seq_len}, D={head_dim}, {jnp.dtype(dtype).name}")
-
-
-BACKENDS = [
-    Backend("xla"),
-    Backend("triton", max_seq_len=1024, dtypes=("bfloat16",), long_context=False),
-    Backend("tpu", max_seq_len=1024, dtypes=("bfloat16",), long_context=False),
-]
-
-TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+from attention_fixtures import BACKENDS, assert_matches, backend_dtype_params, random_qkv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,21 +65,18 @@ def _causal(q, k, v, length, *, implementation):
 _reference = jax.jit(reference.masked_attention)
 
 
-def _assert_close(out: jax.Array, ref: jax.Array, tol: float) -> None:
-    """Max abs error relative to the reference's max abs value."""
-    ref = np.asarray(ref, np.float32)
-    chex.assert_trees_all_close(np.asarray(out, np.float32), ref, atol=tol * float(np.abs(ref).max()), rtol=0)
-
-
 def _float32(*arrays):
     return [a.astype(jnp.float32) for a in arrays]
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def _as(dtype, *arrays):
+    return [a.astype(dtype) for a in arrays]
+
+
 @pytest.mark.parametrize("case", list(TRIANGLE_CASES.values()), ids=list(TRIANGLE_CASES))
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
-def test_triangle_matches_dense_reference(backend, case, dtype):
-    backend.require(case.seq_len, case.head_dim, dtype)
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params())
+def test_triangle_matches_dense_reference(backend, dtype, case):
+    backend.require(case.seq_len, case.head_dim)
     q, k, v = random_qkv(0, 2, case.seq_len, case.q_heads, case.kv_heads, case.head_dim, dtype)
     out = _triangle(
         q, k, v, None, implementation=backend.name, n_init=case.n_init, n_local=case.n_local, n_last=case.n_last
@@ -110,48 +84,79 @@ def test_triangle_matches_dense_reference(backend, case, dtype):
     mask = reference.triangle_mask(case.seq_len, case.n_init, case.n_local, case.n_last)
     chex.assert_shape(out, q.shape)
     chex.assert_type(out, dtype)
-    _assert_close(out, _reference(*_float32(q, k, v), mask), TOLERANCE[dtype])
+    assert_matches(out, _reference(*_float32(q, k, v), mask), dtype, backend.name)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", list(CAUSAL_CASES.values()), ids=list(CAUSAL_CASES))
-@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
-def test_causal_matches_dense_reference(backend, case, dtype):
-    backend.require(case.seq_len, case.head_dim, dtype)
+@pytest.mark.parametrize("backend, dtype", backend_dtype_params())
+def test_causal_matches_dense_reference(backend, dtype, case):
+    backend.require(case.seq_len, case.head_dim)
     q, k, v = random_qkv(1, 2, case.seq_len, case.q_heads, case.kv_heads, case.head_dim, dtype)
     out = _causal(q, k, v, None, implementation=backend.name)
     chex.assert_shape(out, q.shape)
     chex.assert_type(out, dtype)
-    _assert_close(out, _reference(*_float32(q, k, v), reference.causal_mask(case.seq_len)), TOLERANCE[dtype])
+    assert_matches(out, _reference(*_float32(q, k, v), reference.causal_mask(case.seq_len)), dtype, backend.name)
 
 
 PADDED = Case(300, 4, 40, 24, 4, 2, 64)
 
 
+def _padded_masks(length: int, c: Case) -> tuple[np.ndarray, np.ndarray]:
+    """Triangle and causal masks of a ``length``-token prompt inside the padded ``[T, T]`` shape (one
+    compilation of the reference for every length; padded keys are never visible)."""
+    tri, causal = np.zeros((2, c.seq_len, c.seq_len), bool)
+    tri[:length, :length] = reference.triangle_mask(length, c.n_init, c.n_local, c.n_last)
+    causal[:length, :length] = reference.causal_mask(length)
+    return tri, causal
+
+
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
 def test_right_padding_with_traced_length_matches_unpadded(backend):
     """Garbage in the padding must not reach rows < length; the dense rows move with length."""
-    c = PADDED
+    c, dtype = PADDED, backend.dtype
     backend.require(c.seq_len, c.head_dim)
-    q, k, v = random_qkv(2, 2, c.seq_len, c.q_heads, c.kv_heads, c.head_dim, jnp.float32)
+    q, k, v = random_qkv(2, 2, c.seq_len, c.q_heads, c.kv_heads, c.head_dim, dtype)
+    pad_garbage = lambda x, n: jnp.where((jnp.arange(c.seq_len) >= n)[None, :, None, None], 30 * x, x)  # noqa: E731
     sizes = dict(n_init=c.n_init, n_local=c.n_local, n_last=c.n_last)
     # 300: no padding; 237: typical; 20: shorter than n_last (all rows dense); 1: a single token.
     for length in (300, 237, 20, 1):
+        qg, kg, vg = (pad_garbage(x, length) for x in (q, k, v))
         traced = jnp.asarray(length, jnp.int32)
-        tri = _triangle(q, k, v, traced, implementation=backend.name, **sizes)[:, :length]
-        causal = _causal(q, k, v, traced, implementation=backend.name)[:, :length]
-        # Reference masks keep the padded shape (one compilation); padded keys are never visible.
-        tri_mask, causal_mask = np.zeros((2, c.seq_len, c.seq_len), bool)
-        tri_mask[:length, :length] = reference.triangle_mask(length, c.n_init, c.n_local, c.n_last)
-        causal_mask[:length, :length] = reference.causal_mask(length)
-        _assert_close(tri, _reference(q, k, v, tri_mask)[:, :length], 1e-5)
-        _assert_close(causal, _reference(q, k, v, causal_mask)[:, :length], 1e-5)
+        tri = _triangle(qg, kg, vg, traced, implementation=backend.name, **sizes)[:, :length]
+        causal = _causal(qg, kg, vg, traced, implementation=backend.name)[:, :length]
+        tri_mask, causal_mask = _padded_masks(length, c)
+        assert_matches(tri, _reference(*_float32(q, k, v), tri_mask)[:, :length], dtype, f"triangle L={length}")
+        assert_matches(causal, _reference(*_float32(q, k, v), causal_mask)[:, :length], dtype, f"causal L={length}")
         unpadded = _triangle(*(x[:, :length] for x in (q, k, v)), None, implementation=backend.name, **sizes)
         # Not bit-exact: chunk sizes (and, for short inputs, the code path) depend on T.
-        chex.assert_trees_all_close(tri, unpadded, atol=1e-6, rtol=0)
+        assert_matches(tri, unpadded, dtype, f"padded vs unpadded L={length}")
         if length in (237, 20):
             static = functools.partial(tmjax.triangle_attention, **sizes, length=length, implementation=backend.name)
-            chex.assert_trees_all_close(jax.jit(static)(q, k, v)[:, :length], unpadded, atol=1e-6, rtol=0)
+            assert_matches(jax.jit(static)(qg, kg, vg)[:, :length], unpadded, dtype, f"static L={length}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_per_row_lengths_match_each_row_alone(backend):
+    """``length`` of shape [B]: each row's dense last rows start at its own length, and every row
+    equals the same row run alone with a scalar length (padding filled with garbage)."""
+    c, dtype = PADDED, backend.dtype
+    backend.require(c.seq_len, c.head_dim)
+    lengths = np.array([300, 137, 20, 1], np.int32)
+    q, k, v = random_qkv(5, len(lengths), c.seq_len, c.q_heads, c.kv_heads, c.head_dim, dtype)
+    pad = (np.arange(c.seq_len)[None, :] >= lengths[:, None])[:, :, None, None]
+    qg, kg, vg = (jnp.where(pad, 30 * x, x) for x in (q, k, v))
+    sizes = dict(n_init=c.n_init, n_local=c.n_local, n_last=c.n_last)
+    tri = _triangle(qg, kg, vg, jnp.asarray(lengths), implementation=backend.name, **sizes)
+    causal = _causal(qg, kg, vg, jnp.asarray(lengths), implementation=backend.name)
+    for b, length in enumerate(lengths):
+        row = slice(b, b + 1)
+        tri_mask, causal_mask = _padded_masks(int(length), c)
+        ref = _reference(*_float32(q[row], k[row], v[row]), tri_mask)
+        assert_matches(tri[row, :length], ref[:, :length], dtype, f"triangle row {b} (L={length})")
+        ref = _reference(*_float32(q[row], k[row], v[row]), causal_mask)
+        assert_matches(causal[row, :length], ref[:, :length], dtype, f"causal row {b} (L={length})")
+        alone = _triangle(qg[row], kg[row], vg[row], jnp.int32(length), implementation=backend.name, **sizes)
+        assert_matches(tri[row, :length], alone[:, :length], dtype, f"row {b} vs alone")
 
 
 def _triangle_mask_rows(rows: np.ndarray, seq_len: int, n_init: int, n_local: int, n_last: int) -> np.ndarray:
@@ -163,8 +168,9 @@ def _triangle_mask_rows(rows: np.ndarray, seq_len: int, n_init: int, n_local: in
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
 def test_triangle_at_32k_tokens_is_linear_memory(backend):
     seq_len, n_init, n_local, n_last = 32768, 8, 512, 128
-    if not backend.long_context:
-        pytest.skip(f"{backend.name} is not run at 32K tokens")
+    backend.require()
+    if not backend.long_context or backend.dtype != jnp.float32:
+        pytest.skip(f"{backend.name}: the 32K memory check runs on the float32 XLA path")
     q, k, v = random_qkv(3, 1, seq_len, 2, 1, 16, jnp.float32)
     fn = functools.partial(
         _triangle, implementation=backend.name, n_init=n_init, n_local=n_local, n_last=n_last
@@ -177,14 +183,14 @@ def test_triangle_at_32k_tokens_is_linear_memory(backend):
     edges = [np.arange(12), np.arange(n_local - 3, n_local + 3), np.arange(seq_len - n_last - 3, seq_len - n_last + 3)]
     rows = np.unique(np.concatenate(edges + [rng.integers(0, seq_len, 200), np.arange(seq_len - 6, seq_len)]))
     ref = _reference(q[:, rows], k, v, _triangle_mask_rows(rows, seq_len, n_init, n_local, n_last))
-    _assert_close(out[:, rows], ref, 1e-5)
+    assert_matches(out[:, rows], ref, jnp.float32, "32K triangle rows")
 
 
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
 def test_causal_at_8k_tokens_needs_less_than_one_score_matrix(backend):
     seq_len = 8192
     backend.require(seq_len, 64)
-    shapes = [jax.ShapeDtypeStruct((1, seq_len, h, 64), jnp.float32) for h in (9, 3, 3)]
+    shapes = [jax.ShapeDtypeStruct((1, seq_len, h, 64), backend.dtype) for h in (9, 3, 3)]
     compiled = jax.jit(functools.partial(_causal, implementation=backend.name)).lower(*shapes, None).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < seq_len * seq_len * 4
 
@@ -221,3 +227,62 @@ def test_static_length_out_of_range_is_rejected(backend, length):
         tmjax.triangle_attention(*_GOOD, length=length, implementation=backend.name)
     with pytest.raises(ValueError, match=f"got {length}"):
         tmjax.causal_attention(*_GOOD, length=length, implementation=backend.name)
+
+
+@pytest.mark.parametrize(
+    "length, needle",
+    [
+        (np.array([8, 9], np.int32), r"got 9"),  # concrete arrays are checked value by value
+        (np.array([0, 3]), r"got 0"),
+        (np.array([4, 4, 4]), r"shape \[2\]"),
+        (np.array([[4], [4]]), r"shape \[2\]"),
+        (np.array([4.0, 4.0]), "integer"),
+        (True, "int"),
+    ],
+)
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_per_row_length_errors_name_the_problem(backend, length, needle):
+    two = [jnp.concatenate([x, x]) for x in _GOOD]
+    for fn in (tmjax.triangle_attention, tmjax.causal_attention):
+        with pytest.raises(ValueError, match=needle):
+            fn(*two, length=length, implementation=backend.name)
+
+
+def poison(x: jax.Array, positions: np.ndarray, value: float) -> jax.Array:
+    """``x [B, T, H, D]`` with every entry at ``positions`` (bool ``[B, T]``) set to ``value``."""
+    return jnp.where(jnp.asarray(positions)[:, :, None, None], jnp.asarray(value, x.dtype), x)
+
+
+def assert_only_seeing_rows_change(clean, out, sees: np.ndarray, lengths) -> None:
+    """Rows (< length) that see no poisoned key are bit-for-bit ``clean``; rows that see one are
+    non-finite in every head (``sees`` bool ``[B, T]``)."""
+    clean, out = np.asarray(clean, np.float32), np.asarray(out, np.float32)
+    for b, length in enumerate(lengths):
+        blind, seeing = ~sees[b, :length], sees[b, :length]
+        np.testing.assert_array_equal(out[b, :length][blind], clean[b, :length][blind])
+        assert not np.isfinite(out[b, :length][seeing]).any(axis=(-1, -2)).any(), "a row that sees NaN/Inf stayed finite"
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_values_a_row_cannot_see_never_reach_it(backend, value):
+    """NaN/Inf in K and V at padded positions and at one real key: rows that cannot see the real key
+    are unchanged bit for bit (no 0 * NaN in partial blocks), rows that see it turn non-finite."""
+    c, dtype = PADDED, backend.dtype
+    backend.require(c.seq_len, c.head_dim)
+    lengths, key = (237, 300), 100  # key 100: in the window of rows 100..139 and seen by the last rows
+    q, k, v = random_qkv(9, 2, c.seq_len, c.q_heads, c.kv_heads, c.head_dim, dtype)
+    padding = np.arange(c.seq_len)[None, :] >= np.asarray(lengths)[:, None]
+    at_key = padding | (np.arange(c.seq_len) == key)[None, :]
+    sizes = dict(n_init=c.n_init, n_local=c.n_local, n_last=c.n_last)
+    traced = jnp.asarray(lengths, jnp.int32)
+    for name, target in (("v", 2), ("k", 1)):
+        bad = [q, k, v]
+        bad[target] = poison(bad[target], at_key, value)
+        tri = _triangle(*bad, traced, implementation=backend.name, **sizes)
+        sees = np.stack([reference.triangle_mask(c.seq_len, **sizes)[:, key] if L == c.seq_len
+                         else np.pad(reference.triangle_mask(L, **sizes)[:, key], (0, c.seq_len - L)) for L in lengths])
+        assert_only_seeing_rows_change(_triangle(q, k, v, traced, implementation=backend.name, **sizes), tri, sees, lengths)
+        causal = _causal(*bad, traced, implementation=backend.name)
+        sees = np.broadcast_to(np.arange(c.seq_len) >= key, (2, c.seq_len))
+        assert_only_seeing_rows_change(_causal(q, k, v, traced, implementation=backend.name), causal, sees, lengths)

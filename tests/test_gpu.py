@@ -21,7 +21,7 @@ import pytest
 import tmjax
 from tmjax.pallas_kernels import reference
 from tmjax.pallas_kernels.block_tables import band_table
-from attention_fixtures import random_qkv
+from attention_fixtures import REL_L2, random_qkv
 
 ON_GPU = jax.devices()[0].platform == "gpu"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")]
@@ -38,7 +38,6 @@ def _pallas_impls() -> list[str]:
 PALLAS = _pallas_impls()
 IMPLS = ["xla"] + PALLAS
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16}
-TOLERANCE = {"bf16": 2e-2, "fp16": 4e-3}  # max abs error / max abs reference value
 SIZES = dict(n_init=8, n_local=512, n_last=128)
 _records: list[dict] = []
 
@@ -69,7 +68,8 @@ _reference = jax.jit(reference.masked_attention)
 
 
 def _check(name, impl, dtype_name, out, ref, rows):
-    """Assert and record max-abs error (relative to the reference's max) and relative L2 error."""
+    """Record max-abs error (relative to the reference's max) and relative L2 error; assert the latter
+    (the bounds and why: ``attention_fixtures``)."""
     out = np.asarray(out[:, :rows], np.float32)
     ref = np.asarray(ref[:, :rows], np.float32)
     scale = float(np.abs(ref).max())
@@ -80,7 +80,8 @@ def _check(name, impl, dtype_name, out, ref, rows):
         rel_l2=float(np.linalg.norm(diff) / np.linalg.norm(ref)),
     ))
     assert np.isfinite(out).all(), f"{name} {impl}: non-finite output"
-    chex.assert_trees_all_close(out, ref, atol=TOLERANCE[dtype_name] * scale, rtol=0)
+    bound = REL_L2[jnp.dtype(DTYPES[dtype_name]).name]
+    assert _records[-1]["rel_l2"] <= bound, f"{name} {impl} {dtype_name}: relative L2 {_records[-1]['rel_l2']:.2e} > {bound}"
 
 
 # (T, Hq, Hkv, D): T a multiple of no block size, GQA 1, 4, 7, head_dim 64 and 128; then T shorter
@@ -143,3 +144,45 @@ def test_unlisted_blocks_are_never_read(impl):
         rows = slice(q_block * block_q, (q_block + 1) * block_q)
         assert np.isfinite(out[:, rows]).all()
         np.testing.assert_array_equal(out[:, rows], clean[:, rows])
+
+
+VS_SHAPES = [(4096, 32, 8, 128, "group"), (4000, 9, 3, 64, "group"), (2000, 8, 2, 128, "head")]
+
+
+@pytest.mark.parametrize("shape", VS_SHAPES, ids=lambda s: "T%d_H%d_KV%d_D%d_%s" % s)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vertical_slash(impl, shape):
+    """Vertical-slash kernels vs dense float32 attention under the contract's mask (hand-built sparse
+    columns and diagonals; B = 2 with the second sequence right-padded)."""
+    from test_vertical_slash import _reference, sparse_indices
+
+    t, hq, hkv, d, selection = shape
+    lengths = (t, t - 333)
+    q, k, v = random_qkv(5, 2, t, hq, hkv, d, jnp.bfloat16)
+    cols, diags = sparse_indices(1, hkv if selection == "group" else hq, t, lengths, 300, 40)
+    fn = jax.jit(lambda *a: importlib.import_module(f"tmjax.pallas_kernels.{impl}").vertical_slash_attention(
+        *a[:3], columns=a[3], diagonals=a[4], length=a[5]))
+    out = fn(q, k, v, cols, diags, jnp.asarray(lengths))
+    ref = _reference(q, k, v, np.asarray(cols), np.asarray(diags), lengths)
+    for b, length in enumerate(lengths):
+        _check("vertical_slash_T%d_H%d_KV%d_D%d_%s" % shape + f"_row{b}", impl, "bf16", out[b:b + 1], ref[b:b + 1], length)
+
+
+@pytest.mark.parametrize("impl", IMPLS + ["cudnn"])
+def test_nan_in_the_padding_never_reaches_real_rows(impl):
+    """NaN in K and V at positions >= length: real rows equal the clean run (every GPU path; the
+    Mosaic GPU kernels and cuDNN get a zeroed copy of the padding, the others mask per step)."""
+    t, lengths = 1000, (1000, 777)
+    q, k, v = random_qkv(6, 2, t, 8, 2, 128, jnp.bfloat16)
+    pad = jnp.asarray(np.arange(t)[None, :] >= np.asarray(lengths)[:, None])[:, :, None, None]
+    bad = [jnp.where(pad, jnp.nan, x) for x in (k, v)]
+    name = None if impl == "cudnn" else impl
+    traced = jnp.asarray(lengths, jnp.int32)
+    causal = jax.jit(lambda *a: tmjax.causal_attention(*a[:3], length=a[3], implementation=name))
+    clean, out = causal(q, k, v, traced), causal(q, *bad, traced)
+    for b, length in enumerate(lengths):
+        np.testing.assert_array_equal(np.asarray(out[b, :length], np.float32), np.asarray(clean[b, :length], np.float32))
+    if impl != "cudnn":
+        clean, out = (_triangle(q, kk, vv, traced, impl=impl, **SIZES) for kk, vv in ((k, v), bad))
+        for b, length in enumerate(lengths):
+            np.testing.assert_array_equal(np.asarray(out[b, :length], np.float32), np.asarray(clean[b, :length], np.float32))

@@ -8,17 +8,21 @@ import importlib
 import importlib.metadata
 import importlib.util
 
-from tmjax.layout import TriangleMix
+from tmjax.layout import TriangleMix, VerticalSlash
 
 try:
     __version__ = importlib.metadata.version("tmjax")  # one source of truth: pyproject.toml
 except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
-_API = {"decode_step": "tmjax.api", "generate": "tmjax.api", "prefill": "tmjax.api",
-        "causal_attention": "tmjax.attention", "triangle_attention": "tmjax.attention", "load": "tmjax.checkpoint"}
+_API = {"decode_step": "tmjax.api", "generate": "tmjax.api", "prefill": "tmjax.api", "load": "tmjax.checkpoint",
+        **{name: "tmjax.attention" for name in ("causal_attention", "triangle_attention", "vertical_slash_attention",
+                                                 "vertical_slash_indices")}}
 
-__all__ = ["TriangleMix", "causal_attention", "decode_step", "generate", "load", "prefill", "triangle_attention"]
+__all__ = [
+    "TriangleMix", "VerticalSlash", "causal_attention", "decode_step", "generate", "load", "prefill", "triangle_attention",
+    "vertical_slash_attention", "vertical_slash_indices",
+]
 
 
 def __getattr__(name: str):

@@ -21,7 +21,7 @@ SUBCOMMANDS = {
 
 
 def _usage() -> str:
-    lines = ["usage: tmjax [--version] <command> [options]", "", "commands:"]
+    lines = ["usage: tmjax <command> [options]", "       tmjax --version", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in SUBCOMMANDS.items()]
     lines += ["", "Run `tmjax <command> --help` for a command's options."]
     return "\n".join(lines)
