@@ -8,7 +8,8 @@ replicated. The mesh stays out of ``ModelConfig``: the same config runs on one d
 
 Heads are independent, so attention runs once per shard through ``shard_map`` (``shard_attention``)
 on its slice of the batch and heads: each device's query heads stay with the KV heads that serve
-them. Everything else is left to XLA's partitioner, which follows the weights' shardings.
+them. Everything else is left to XLA's partitioner, which follows the weights' shardings: a mesh
+whose axes are ``Explicit`` (``jax.make_mesh``'s default) is used with ``Auto`` axes.
 
 KV heads are never replicated across devices: the ``model`` axis must divide the number of KV heads
 (and of query heads, the MLP hidden size and the vocabulary), or ``check_mesh`` refuses the mesh.
@@ -19,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from tmjax.models.config import ModelConfig
 from tmjax.models.params import Params, is_spec, weight_specs
@@ -76,9 +77,11 @@ def check_mesh(config: ModelConfig, mesh: object) -> None:
 
 
 def param_shardings(config: ModelConfig, mesh: Mesh) -> dict:
-    """The ``NamedSharding`` of every weight, as a tree shaped like ``param_shapes(config)``."""
+    """The ``NamedSharding`` of every weight, as a tree shaped like ``param_shapes(config)``, on
+    ``mesh`` with ``Auto`` axes."""
     check_mesh(config, mesh)
-    return jax.tree.map(lambda s: named(s.axes, mesh), weight_specs(config), is_leaf=is_spec)
+    auto = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+    return jax.tree.map(lambda s: named(s.axes, auto), weight_specs(config), is_leaf=is_spec)
 
 
 def shard_params(params: Params, mesh: Mesh) -> Params:
@@ -113,5 +116,7 @@ def shard_attention(attend: AttentionOp, mesh: Mesh) -> AttentionOp:
     once per device on its rows and heads; ``check_mesh`` ensured that every device holds whole GQA
     groups (``Hkv`` divisible by the model axis)."""
     q_spec, kv_spec = spec(_Q_AXES, mesh), spec(_KV_AXES, mesh)
+    # check_vma=False: the backends' loops start from constants (zeros) and carry per-shard values,
+    # which the varying-axes check rejects although every output is per shard by construction.
     return jax.shard_map(attend, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, spec(("batch",), mesh)),
                          out_specs=q_spec, check_vma=False)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from tmjax.models.config import ModelConfig
 from tmjax.models.params import Params, param_shapes
+from tmjax.models.sharding import param_shardings
 
 FORMAT = "tmjax-checkpoint"
 VERSION = 1
@@ -60,8 +61,9 @@ def read_config(path: str | Path) -> ModelConfig:
         raise ValueError(f"{config_path} is not valid JSON: {err}") from None
 
 
-def load(path: str | Path, *, dtype: Any = None) -> Params:
-    """Restore the weights of a tmjax checkpoint onto the default device.
+def load(path: str | Path, *, dtype: Any = None, mesh: jax.sharding.Mesh | None = None) -> Params:
+    """Restore the weights of a tmjax checkpoint onto the default device, or straight into their
+    shards on ``mesh`` (``tmjax.models.sharding``: no device holds a full copy).
 
     ``dtype`` (e.g. ``"bfloat16"``, ``jnp.float32``) casts on restore; None keeps the stored dtype.
     """
@@ -71,10 +73,10 @@ def load(path: str | Path, *, dtype: Any = None) -> Params:
     target = jnp.dtype(meta["dtype"] if dtype is None else dtype)
     if not jnp.issubdtype(target, jnp.floating):
         raise ValueError(f"load dtype must be a floating type, got {target}")
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), param_shapes(config, target)
-    )
+    shapes = param_shapes(config, target)
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: single, shapes) if mesh is None else param_shardings(config, mesh)
+    abstract = jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), shapes, shardings)
     import orbax.checkpoint as ocp  # deferred: orbax is slow to import and only needed here
 
     checkpointer = ocp.StandardCheckpointer()
