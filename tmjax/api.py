@@ -64,10 +64,10 @@ def _concrete(value: object, name: str) -> np.ndarray:
 
 
 def _int_array(value: object, name: str) -> np.ndarray:
-    arr = _concrete(value, name)
-    if arr.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be integers (token ids; encode text with the tokenizer first), "
-                        f"got dtype {arr.dtype}")
+    arr = None if isinstance(value, (str, bytes)) else _concrete(value, name)
+    if arr is None or arr.dtype.kind not in "iu":
+        got = type(value).__name__ if arr is None else f"dtype {arr.dtype}"
+        raise TypeError(f"{name} must be integers (token ids; encode text with the tokenizer first), got {got}")
     return arr
 
 
@@ -108,11 +108,12 @@ def _rows(tokens: object, lengths: object, vocab_size: int) -> tuple[np.ndarray,
         if lengths is not None:
             raise ValueError("lengths: a list of token sequences carries its own lengths; pass lengths only "
                              "with [B, T] tokens")
-        rows = [_int_array(row, f"tokens[{i}]") for i, row in enumerate(tokens)]
-        for i, row in enumerate(rows):
-            if row.size == 0:
+        rows = []
+        for i, row in enumerate(tokens):
+            if np.size(row) == 0:
                 raise ValueError(f"tokens[{i}] is empty")
-            _check_ids(row, f"tokens[{i}]", vocab_size)
+            rows.append(_int_array(row, f"tokens[{i}]"))
+            _check_ids(rows[-1], f"tokens[{i}]", vocab_size)
         lens = np.asarray([row.size for row in rows], np.int32)
         arr = np.zeros((len(rows), int(lens.max())), np.int32)
         for i, row in enumerate(rows):
@@ -207,8 +208,8 @@ def _sampling(temperature: object, key: object, eos_token_id: object, vocab_size
         raise ValueError(f"temperature={temp} samples and needs a PRNG key (key=jax.random.key(seed))")
     eos_ids = np.zeros(0, np.int64)
     if eos_token_id is not None:
-        eos_ids = _concrete(eos_token_id, "eos_token_id")
-        if isinstance(eos_token_id, bool) or eos_ids.ndim > 1 or (eos_ids.size and eos_ids.dtype.kind not in "iu"):
+        eos_ids = None if isinstance(eos_token_id, (str, bytes, bool)) else _concrete(eos_token_id, "eos_token_id")
+        if eos_ids is None or eos_ids.ndim > 1 or (eos_ids.size and eos_ids.dtype.kind not in "iu"):
             raise TypeError(f"eos_token_id must be a token id (int) or a list of ids (e.g. tokenizer.eos_token_id), "
                             f"got {type(eos_token_id).__name__} {eos_token_id!r}")
         eos_ids = eos_ids.reshape(-1)
