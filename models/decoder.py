@@ -25,7 +25,7 @@ from jax import lax
 from jax.sharding import Mesh
 
 from tmjax import attention
-from tmjax.layout import TriangleMix
+from tmjax.layout import Layout, TriangleMix, VerticalSlash
 from tmjax.models import sharding
 from tmjax.models.config import ModelConfig
 from tmjax.models.params import Params
@@ -111,22 +111,24 @@ class DecoderLayer(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class LayerAttention:
-    """How a layer attends in prefill: ``causal``, ``window`` (sliding window) or ``triangle``."""
+    """How a layer attends in prefill: ``causal``, ``window`` (sliding window), ``triangle`` or
+    ``vertical_slash`` (``pattern`` holds its budgets)."""
 
     kind: str
     window: int = 0
     n_init: int = 0
     n_local: int = 0
     n_last: int = 0
+    pattern: VerticalSlash | None = None
 
 
-def layer_plan(config: ModelConfig, layout: TriangleMix | None, seq_len: int
+def layer_plan(config: ModelConfig, layout: Layout | None, seq_len: int
                ) -> list[tuple[int, int, LayerAttention]]:
     """Runs ``(start, stop, how)`` of consecutive layers that attend alike, for a padded length ``seq_len``.
 
-    A window of at least ``seq_len`` hides nothing and counts as causal. A Triangle layer ignores its
-    sliding window: ``check_windows`` has made sure, on the true prompt lengths, that the window
-    hides nothing there (the plan is static per bucket and cannot see those lengths).
+    A window of at least ``seq_len`` hides nothing and counts as causal. A Triangle or vertical-slash
+    layer ignores its sliding window: ``check_windows`` has made sure, on the true prompt lengths,
+    that the window hides nothing there (the plan is static per bucket and cannot see those lengths).
     """
     if layout is not None:
         layout.check_layers(config.num_layers)
@@ -135,8 +137,11 @@ def layer_plan(config: ModelConfig, layout: TriangleMix | None, seq_len: int
         window = config.layer_window(layer)
         if window is not None and window >= seq_len:
             window = None
-        if layout is not None and layout.is_triangle(layer):
-            kinds.append(LayerAttention("triangle", n_init=layout.n_init, n_local=layout.n_local, n_last=layout.n_last))
+        sparse = None if layout is None else layout.attention_at(layer)
+        if isinstance(sparse, TriangleMix):
+            kinds.append(LayerAttention("triangle", n_init=sparse.n_init, n_local=sparse.n_local, n_last=sparse.n_last))
+        elif isinstance(sparse, VerticalSlash):
+            kinds.append(LayerAttention("vertical_slash", pattern=sparse))
         elif window is not None:
             kinds.append(LayerAttention("window", window=window))
         else:
@@ -150,7 +155,7 @@ def layer_plan(config: ModelConfig, layout: TriangleMix | None, seq_len: int
     return runs
 
 
-def check_windows(config: ModelConfig, layout: TriangleMix | None, longest: int) -> None:
+def check_windows(config: ModelConfig, layout: Layout | None, longest: int) -> None:
     """Raise ``ValueError`` if a sparse-layout layer (Triangle or vertical-slash) has a sliding
     window shorter than the longest true prompt length ``longest``.
 
@@ -162,12 +167,12 @@ def check_windows(config: ModelConfig, layout: TriangleMix | None, longest: int)
     if layout is None:
         return
     for layer in range(config.num_layers):
-        window = config.layer_window(layer)
-        if window is not None and window < longest and layout.attention_at(layer) is not None:
+        window, sparse = config.layer_window(layer), layout.attention_at(layer)
+        if window is not None and window < longest and sparse is not None:
+            name = "Triangle" if isinstance(sparse, TriangleMix) else "vertical-slash"
             raise ValueError(
-                f"layer {layer} has a sliding window of {window} < the prompt length {longest} and uses "
-                f"{type(layout.attention_at(layer)).__name__} attention in this layout; sparse layouts on a "
-                f"windowed layer are supported only for prompts of at most {window} tokens"
+                f"layer {layer} has a sliding window of {window} < the prompt length {longest} and is a {name} "
+                f"layer; sparse layouts on a windowed layer take prompts of at most {window} tokens"
             )
 
 
@@ -176,6 +181,8 @@ def _prefill_attention(how: LayerAttention, q: jax.Array, k: jax.Array, v: jax.A
     if how.kind == "triangle":
         return attention.triangle_attention(q, k, v, n_init=how.n_init, n_local=how.n_local, n_last=how.n_last,
                                             length=length, implementation=implementation)
+    if how.kind == "vertical_slash":
+        return attention.vertical_slash(q, k, v, how.pattern, length=length, implementation=implementation)
     if how.kind == "window":  # a window is a triangle without sinks or dense rows
         return attention.triangle_attention(q, k, v, n_init=0, n_local=how.window, n_last=0,
                                             length=length, implementation=implementation)
@@ -214,7 +221,7 @@ def prefill_hidden(
     tokens: jax.Array,
     length: jax.Array | int,
     *,
-    layout: TriangleMix | None = None,
+    layout: Layout | None = None,
     cache_size: int | None = None,
     implementation: str | None = None,
     attention_fn: AttentionFn | None = None,
@@ -271,7 +278,7 @@ def prefill_hidden(
 def full_logits(
     params: Params,
     tokens: jax.Array,
-    layout: TriangleMix | None = None,
+    layout: Layout | None = None,
     *,
     implementation: str | None = None,
     attention_fn: AttentionFn | None = None,

@@ -61,6 +61,27 @@ def interpret_mode(flag: bool | None) -> bool:
     return jax.default_backend() == "cpu" or os.environ.get("TMJAX_PALLAS_INTERPRET", "") not in ("", "0")
 
 
+def guard_masked_step(qk: jax.Array, visible: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Scores and values of a masked step such that keys a row cannot see never reach it.
+
+    ``qk`` ``[rows, keys]``, ``visible`` its bool mask, ``v`` ``[keys, D]``. Non-finite values are
+    zeroed (``0 * NaN`` in P.V would otherwise poison rows that cannot see the key), and a visible key
+    whose value was not finite gets a NaN score, so the rows that see it still come out non-finite.
+    Unmasked steps need none of this: every row sees every key there.
+    """
+    finite = jnp.abs(v.astype(jnp.float32)) < jnp.inf
+    bad = jnp.max(jnp.where(finite, 0, 1), axis=1) == 1
+    qk = jnp.where(visible, jnp.where(bad[None, :], jnp.nan, qk), MASK_VALUE)
+    return qk, jnp.where(finite, v, jnp.zeros_like(v))
+
+
+def zero_padding(x: jax.Array, lengths: jax.Array) -> jax.Array:
+    """``x [B, T, ...]`` with the positions at or past each row's length zeroed: for kernels whose
+    masked steps cannot clean values themselves (``0 * NaN`` in the padding would reach real rows)."""
+    real = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
+    return jnp.where(real.reshape(real.shape + (1,) * (x.ndim - 2)), x, jnp.zeros((), x.dtype))
+
+
 def round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 

@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from tmjax.pallas_kernels import _common
+from tmjax.pallas_kernels import _common, dynamic_tables
 from tmjax.pallas_kernels.block_tables import BlockTable
 
 ROWS = 64  # query rows per compute warpgroup (the wgmma M dimension)
@@ -68,21 +68,37 @@ class _Work:
     n_full: jax.Array
     n_steps: jax.Array
     kv_block: object  # step -> key block index
+    # Optional column phase after the listed blocks (vertical-slash): n_cols steps whose K/V tiles are
+    # col_src(c) = (k, v) GMEM refs and whose mask is bit j of the two words col_bits(c) returns.
+    n_cols: jax.Array | int = 0
+    col_src: object = None
+    col_bits: object = None
 
 
-def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale, n_init, n_local, dtype):
-    """Producer/consumer attention over the steps ``work_of(wg)`` lists (see the module docstring)."""
+def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale, n_init, n_local, dtype, consumers=2):
+    """Producer/consumer attention over the steps ``work_of(wg)`` lists (see the module docstring).
+
+    ``consumers`` compute warpgroups (1 or 2; two ping-pong on the tensor cores) share every K/V
+    tile; the warpgroup after them is the producer."""
     qo_smem2, k_smem, v_smem, lse_smem2 = smem
     (k_ready, v_ready, q_ready), (k_free, v_free), turn = barriers
     wg = lax.axis_index("wg")
     head_dim = k_smem.shape[-1]
     c = scale * _common.LOG2E
+    pingpong = consumers == 2
 
     def take_turn():
-        plgpu.barrier_arrive(turn)
-        plgpu.barrier_wait(turn)
+        if pingpong:
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
 
-    @pl.when(wg < 2)
+    def column_mask(w, s):
+        lane = plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 1, layout=plgpu.Layout.WGMMA)
+        low, high = w.col_bits(s - w.n_steps)
+        word = jnp.where(lane < 32, lane * 0 + low, lane * 0 + high)
+        return ((word >> (lane & 31)) & 1) == 1
+
+    @pl.when(wg < consumers)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
         w = work_of(wg)
@@ -93,7 +109,9 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
         l_i = plgpu.layout_cast(jnp.full((ROWS,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
         acc = plgpu.layout_cast(jnp.full((ROWS, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
 
-        @pl.when(w.n_steps > 0)
+        total = w.n_steps + w.n_cols
+
+        @pl.when(total > 0)
         def _():
             plgpu.barrier_wait(k_ready.at[0])
 
@@ -110,7 +128,9 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
 
             qk = pl.run_scoped(qk_product, plgpu.ACC((ROWS, block_kv), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
-            if masked:
+            if masked == "columns":
+                qk = jnp.where(column_mask(w, s), qk, _common.MASK_VALUE)
+            elif masked:
                 rows = w.row + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=plgpu.Layout.WGMMA)
                 cols = w.kv_block(s) * block_kv + plgpu.broadcasted_iota(
                     jnp.int32, (ROWS, block_kv), 1, layout=plgpu.Layout.WGMMA
@@ -126,15 +146,17 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
             l_i = l_i * alpha + p.sum(axis=1)
             p16 = p.astype(dtype)
             acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-            plgpu.barrier_arrive(turn)
+            if pingpong:
+                plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(v_ready.at[slot])
-            plgpu.barrier_wait(turn)
+            if pingpong:
+                plgpu.barrier_wait(turn)
 
             def pv_product(acc_ref):
                 plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
                 nxt = s + 1
 
-                @pl.when(nxt < w.n_steps)
+                @pl.when(nxt < total)
                 def _():
                     plgpu.barrier_wait(k_ready.at[lax.rem(nxt, jnp.int32(stages))])
 
@@ -143,7 +165,10 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
             return acc, m_new, l_i
 
         carry = lax.fori_loop(0, w.n_full, functools.partial(_unmasked, step), (acc, m_i, l_i))
-        acc, m_i, l_i = lax.fori_loop(w.n_full, w.n_steps, functools.partial(_masked, step), carry)
+        carry = lax.fori_loop(w.n_full, w.n_steps, functools.partial(_masked, step), carry)
+        if w.col_src is not None:
+            carry = lax.fori_loop(w.n_steps, total, functools.partial(step, masked="columns"), carry)
+        acc, m_i, l_i = carry
         pl.when(wg == 0)(take_turn)
 
         l_safe = jnp.where(l_i == 0, 1.0, l_i)  # a row with no key in this chunk: output 0, lse -inf
@@ -157,27 +182,42 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
             plgpu.copy_smem_to_gmem(lse_smem2.at[wg], w.lse_dst)
         plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wg == 2)
+    @pl.when(wg == consumers)
     def _produce():
         plgpu.set_max_registers(40, action="decrease")
         w = work_of(0)
+        total = w.n_steps + w.n_cols
 
-        def fetch(s, slot):
-            rows = pl.ds(w.kv_block(s) * block_kv, block_kv)
-            plgpu.copy_gmem_to_smem(k_ref.at[w.batch, rows, w.kv_head], k_smem.at[slot], k_ready.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[w.batch, rows, w.kv_head], v_smem.at[slot], v_ready.at[slot])
+        def fetch(which, s, slot):
+            """Copy step ``s``'s K (which=0) or V (which=1) tile into ``slot``."""
+            ref, dst, ready = (k_ref, k_smem, k_ready) if which == 0 else (v_ref, v_smem, v_ready)
+
+            def listed_block():
+                rows = pl.ds(w.kv_block(s) * block_kv, block_kv)
+                plgpu.copy_gmem_to_smem(ref.at[w.batch, rows, w.kv_head], dst.at[slot], ready.at[slot])
+
+            if w.col_src is None:
+                listed_block()
+                return
+            pl.when(s < w.n_steps)(listed_block)
+
+            @pl.when(s >= w.n_steps)
+            def _():
+                plgpu.copy_gmem_to_smem(w.col_src(s - w.n_steps)[which], dst.at[slot], ready.at[slot])
 
         for i in range(stages):
-            pl.when(i < w.n_steps)(functools.partial(fetch, jnp.int32(i), i))
+            @pl.when(i < total)
+            def _(i=i):
+                fetch(0, jnp.int32(i), i)
+                fetch(1, jnp.int32(i), i)
 
-        @pl.loop(0, jnp.maximum(w.n_steps - stages, 0))
+        @pl.loop(0, jnp.maximum(total - stages, 0))
         def _(s):
             slot = lax.rem(s, jnp.int32(stages))
-            rows = pl.ds(w.kv_block(s + stages) * block_kv, block_kv)
             plgpu.barrier_wait(k_free.at[slot])
-            plgpu.copy_gmem_to_smem(k_ref.at[w.batch, rows, w.kv_head], k_smem.at[slot], k_ready.at[slot])
+            fetch(0, s + stages, slot)
             plgpu.barrier_wait(v_free.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[w.batch, rows, w.kv_head], v_smem.at[slot], v_ready.at[slot])
+            fetch(1, s + stages, slot)
 
 
 def _unmasked(step, s, carry):
@@ -188,23 +228,24 @@ def _masked(step, s, carry):
     return step(s, carry, True)
 
 
-def _launch(body, inputs, out_types, *, grid, tuning, head_dim, dtype, with_lse):
-    """Run ``body(refs, smem, barriers)`` as a 3-warpgroup ``plgpu.kernel`` with the shared scratch."""
+def _launch(body, inputs, out_types, *, grid, tuning, head_dim, dtype, with_lse, consumers=2):
+    """Run ``body(refs, smem, barriers)`` as a ``plgpu.kernel`` of ``consumers`` compute warpgroups and
+    one producer, with the shared scratch."""
     stages = tuning.stages
     tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
     smem = [
-        plgpu.SMEM((2, ROWS, head_dim), dtype, **tiled),
+        plgpu.SMEM((consumers, ROWS, head_dim), dtype, **tiled),
         plgpu.SMEM((stages, tuning.block_kv, head_dim), dtype, **tiled),
         plgpu.SMEM((stages, tuning.block_kv, head_dim), dtype, **tiled),
-        plgpu.SMEM((2, ROWS), jnp.float32) if with_lse else None,
+        plgpu.SMEM((consumers, ROWS), jnp.float32) if with_lse else None,
     ]
 
     def entry(*refs):
         pl.run_scoped(
             lambda *scratch: body(refs, scratch[0], scratch[1:]),
             smem,
-            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2)),
-            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=consumers)),
+            (plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=2),
             collective_axes="wg",
         )
@@ -214,7 +255,7 @@ def _launch(body, inputs, out_types, *, grid, tuning, head_dim, dtype, with_lse)
         out_type=out_types,
         grid=grid,
         grid_names=("heads", "blocks", "batch"),
-        num_threads=3,
+        num_threads=consumers + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(*inputs)
@@ -333,8 +374,10 @@ def triangle_attention(
     tuning: Tuning = DEFAULT_TUNING,
 ) -> jax.Array:
     """Triangle attention (see ``tmjax.triangle_attention``) with Mosaic GPU kernels (Hopper only)."""
-    length = _common.row_lengths(length, q.shape[0], q.shape[1])
     _common.check_inputs(q, k, v, "mosaic_gpu")
+    if length is not None:  # masked steps read V from shared memory as is: clean the padding first
+        length = _common.row_lengths(length, q.shape[0], q.shape[1])
+        v = _common.zero_padding(v, length)
     block_q, block_kv = band_block_sizes(q.shape[2], k.shape[2], tuning=tuning)
     return _common.triangle_two_pass(
         q, k, v, n_init=n_init, n_local=n_local, n_last=n_last, length=length,
@@ -346,10 +389,75 @@ def triangle_attention(
 def causal_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, length: int | jax.Array | None, tuning: Tuning = DEFAULT_TUNING
 ) -> jax.Array:
-    """Dense causal attention through the causal block table (``length`` needs no special care)."""
-    _common.row_lengths(length, q.shape[0], q.shape[1])  # validates; causal attention needs no length
+    """Dense causal attention through the causal block table; values past ``length`` are zeroed first
+    (real rows never see them, but ``0 * NaN`` in a partial block would reach them)."""
     _common.check_inputs(q, k, v, "mosaic_gpu")
+    if length is not None:
+        v = _common.zero_padding(v, _common.row_lengths(length, q.shape[0], q.shape[1]))
     block_q, block_kv = band_block_sizes(q.shape[2], k.shape[2], tuning=tuning)
     return _common.causal_one_pass(
         q, k, v, block_q=block_q, block_kv=block_kv, band_pass=_band_pass(tuning, 0, None)
     )
+
+
+def vertical_slash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    columns: jax.Array,
+    diagonals: jax.Array,
+    length: int | jax.Array | None,
+    tuning: Tuning = DEFAULT_TUNING,
+) -> jax.Array:
+    """Vertical-slash attention (see ``tmjax.vertical_slash_attention``) on the band pass's pipeline.
+
+    A CTA takes one 64-row query block of two query heads that share a selection (per-group selection
+    with an even group size; the producer streams each K/V tile once for both) or of one head. Its
+    steps are the dynamic table's key blocks (``qb - offsets[first + s]``, the diagonal block last
+    and causal), then the counted column chunks, whose K/V were gathered once per call into
+    contiguous ``[B, H, V, D]`` arrays so that every step is one TMA copy.
+    """
+    b, t, hq, d = q.shape
+    lengths = _common.row_lengths(length, b, t)
+    _common.check_inputs(q, k, v, "mosaic_gpu")
+    v = _common.zero_padding(v, lengths)  # masked steps read V from shared memory as is
+    hkv, hsel = k.shape[2], columns.shape[1]
+    group = hq // hsel  # query heads per selection head
+    bq = dynamic_tables.BLOCK
+    tp = _common.round_up(t, bq)
+    table = dynamic_tables.build(columns, diagonals, lengths, tp)
+    qp, kp, vp = (_common.pad_seq(x, tp) for x in (q, k, v))
+    kc, vc = (dynamic_tables.gather_columns(x, table) for x in (kp, vp))
+    consumers = 2 if group % 2 == 0 else 1
+
+    def body(refs, smem, barriers):
+        offsets_ref, first_ref, steps_ref, chunks_ref, bits_ref, q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref = refs
+        qb, batch = lax.axis_index("blocks"), lax.axis_index("batch")
+
+        def work_of(wg):
+            head = consumers * lax.axis_index("heads") + wg
+            sel = lax.div(head, jnp.int32(group))
+            first, n = first_ref[batch, sel, qb], steps_ref[batch, sel, qb]
+            tile = (batch, pl.ds(qb * ROWS, ROWS), head)
+            return _Work(
+                batch=batch, kv_head=lax.div(sel * hkv, jnp.int32(hsel)), row=qb * ROWS,
+                q_src=q_ref.at[tile], o_dst=o_ref.at[tile], lse_dst=None,
+                n_full=jnp.maximum(n - 1, 0), n_steps=n, kv_block=lambda s: qb - offsets_ref[batch, sel, first + s],
+                n_cols=chunks_ref[batch, sel, qb],
+                col_src=lambda c: (kc_ref.at[batch, sel, pl.ds(c * bq, bq)], vc_ref.at[batch, sel, pl.ds(c * bq, bq)]),
+                col_bits=lambda c: (bits_ref[batch, sel, qb, 2 * c], bits_ref[batch, sel, qb, 2 * c + 1]),
+            )
+
+        _pipeline(
+            work_of, k_ref, v_ref, smem, barriers, block_kv=bq, stages=tuning.stages, scale=d ** -0.5,
+            n_init=0, n_local=None, dtype=q.dtype, consumers=consumers,
+        )
+
+    inputs = (table.offsets, table.first, table.n_steps, table.n_chunks, table.column_bits, qp, kp, vp, kc, vc)
+    out = _launch(
+        body, inputs, jax.ShapeDtypeStruct(qp.shape, q.dtype), grid=(hq // consumers, tp // bq, b),
+        tuning=dataclasses.replace(tuning, block_kv=bq), head_dim=d, dtype=q.dtype, with_lse=False,
+        consumers=consumers,
+    )
+    return out[:, :t]

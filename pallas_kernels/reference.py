@@ -24,8 +24,30 @@ def causal_mask(seq_len: int) -> np.ndarray:
     return np.tril(np.ones((seq_len, seq_len), dtype=bool))
 
 
+def vertical_slash_mask(seq_len: int, length: int, columns, diagonals, block: int = 64) -> np.ndarray:
+    """Bool ``[seq_len, seq_len]`` vertical-slash mask of one sequence and head, straight from the
+    contract (``tmjax.pallas_kernels.dynamic_tables``): query ``i < length`` sees key ``j <= i`` iff
+    ``j`` is a kept column, or ``j``'s ``block``-key block holds ``r - s`` for a kept diagonal ``s``
+    and a real row ``r`` of ``i``'s ``block``-row query block. Rows at or past ``length`` see nothing.
+    O(T^2): for tests and small T only.
+    """
+    mask = np.zeros((seq_len, seq_len), dtype=bool)
+    rows = np.arange(length)
+    cols = np.asarray([c for c in np.asarray(columns).tolist() if c < length], dtype=np.int64)
+    mask[rows[:, None], cols[None, :]] = cols[None, :] <= rows[:, None]
+    diags = np.asarray([d for d in np.asarray(diagonals).tolist() if d < length], dtype=np.int64)
+    for q0 in range(0, length, block):
+        real_rows = np.arange(q0, min(q0 + block, length))
+        keys = (real_rows[:, None] - diags[None, :]).reshape(-1)
+        for kb in np.unique(keys[keys >= 0] // block):
+            key_range = np.arange(kb * block, min((kb + 1) * block, seq_len))
+            mask[real_rows[:, None], key_range[None, :]] |= key_range[None, :] <= real_rows[:, None]
+    return mask
+
+
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | np.ndarray) -> jax.Array:
-    """Dense attention in float32 with an explicit bool mask ``[T, S]``; GQA by repeating K/V.
+    """Dense attention in float32 with an explicit bool mask ``[T, S]`` (every sequence and head) or
+    ``[B, Hq, T, S]`` (one per sequence and query head); GQA by repeating K/V.
 
     q ``[B, T, Hq, D]``, k/v ``[B, S, Hkv, D]``; returns ``[B, T, Hq, D]`` in q's dtype. Rows with no
     visible key return zeros.
@@ -37,7 +59,8 @@ def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
     vf = jnp.repeat(v.astype(jnp.float32), group, axis=2)
     scores = jnp.einsum("bthd,bshd->bhts", qf, kf, precision=jax.lax.Precision.HIGHEST)
     scores = scores / np.sqrt(q.shape[-1])
-    mask = jnp.asarray(mask)[None, None]
+    mask = jnp.asarray(mask)
+    mask = mask[None, None] if mask.ndim == 2 else mask
     scores = jnp.where(mask, scores, -jnp.inf)
     peak = jnp.max(scores, axis=-1, keepdims=True)
     peak = jnp.where(jnp.isfinite(peak), peak, 0.0)

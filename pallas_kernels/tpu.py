@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from tmjax.pallas_kernels import _common
+from tmjax.pallas_kernels import _common, dynamic_tables
 from tmjax.pallas_kernels.block_tables import BlockTable
 
 BLOCK_Q = 128
@@ -28,19 +28,26 @@ BLOCK_KV = 128
 INTERPRET_BLOCK = 16
 
 
-def _step(q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, row0, col0, masked, block_q, scale, n_init, n_local):
-    """One key block of the online softmax for the packed ``[G * block_q, D]`` query tile."""
+def _band_visible(shape, *, row0, col0, block_q, n_init, n_local):
+    """Token mask of one key block for the packed ``[G * block_q, bkv]`` scores: causal, and the band's
+    sinks + window unless ``n_local`` is None."""
+    rows = row0 + jax.lax.broadcasted_iota(jnp.int32, shape, 0) % block_q
+    cols = col0 + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+    visible = cols <= rows
+    if n_local is not None:
+        visible &= (cols < n_init) | (rows - cols < n_local)
+    return visible
+
+
+def _step(q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, scale, visible=None):
+    """One key block of the online softmax for the packed ``[G * block_q, D]`` query tile;
+    ``visible(shape)`` gives the block's mask, None when every row sees every key."""
     q = q_ref[...].reshape(-1, q_ref.shape[-1])
     k, v = k_ref[...], v_ref[...]
     qk = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     qk = qk * (scale * _common.LOG2E)
-    if masked:
-        rows = row0 + jax.lax.broadcasted_iota(jnp.int32, qk.shape, 0) % block_q
-        cols = col0 + jax.lax.broadcasted_iota(jnp.int32, qk.shape, 1)
-        visible = cols <= rows
-        if n_local is not None:
-            visible &= (cols < n_init) | (rows - cols < n_local)
-        qk = jnp.where(visible, qk, _common.MASK_VALUE)
+    if visible is not None:
+        qk, v = _common.guard_masked_step(qk, visible(qk.shape), v)
     m_prev = m_ref[...]
     m_new = jnp.maximum(m_prev, jnp.max(qk, axis=1, keepdims=True))
     alpha = jnp.exp2(m_prev - m_new)
@@ -66,13 +73,14 @@ def _write(o_ref, acc_ref, l_ref):
 def _band_kernel(kv_index_ref, num_full_ref, num_steps_ref, q_ref, k_ref, v_ref, o_ref, acc_ref, m_ref, l_ref, *, max_steps, block_q, block_kv, scale, n_init, n_local):
     qb, s = pl.program_id(2), pl.program_id(3)
     n_full, n_steps = num_full_ref[qb], num_steps_ref[qb]
-    step = functools.partial(
-        _step, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, row0=qb * block_q,
-        col0=kv_index_ref[qb * max_steps + s] * block_kv, block_q=block_q, scale=scale, n_init=n_init, n_local=n_local,
+    step = functools.partial(_step, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, scale=scale)
+    visible = functools.partial(
+        _band_visible, row0=qb * block_q, col0=kv_index_ref[qb * max_steps + s] * block_kv, block_q=block_q,
+        n_init=n_init, n_local=n_local,
     )
     pl.when(s == 0)(lambda: _init(acc_ref, m_ref, l_ref))
-    pl.when(s < n_full)(lambda: step(masked=False))
-    pl.when((s >= n_full) & (s < n_steps))(lambda: step(masked=True))
+    pl.when(s < n_full)(lambda: step())
+    pl.when((s >= n_full) & (s < n_steps))(lambda: step(visible=visible))
     pl.when(s == max_steps - 1)(lambda: _write(o_ref, acc_ref, l_ref))
 
 
@@ -80,14 +88,12 @@ def _rows_kernel(start_ref, q_ref, k_ref, v_ref, o_ref, acc_ref, m_ref, l_ref, *
     s = pl.program_id(2)
     start = start_ref[pl.program_id(0)]
     last_needed = (start + rows - 1) // block_kv
-    step = functools.partial(
-        _step, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, row0=start, col0=s * block_kv,
-        block_q=rows, scale=scale, n_init=0, n_local=None,
-    )
+    step = functools.partial(_step, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, scale=scale)
+    visible = functools.partial(_band_visible, row0=start, col0=s * block_kv, block_q=rows, n_init=0, n_local=None)
     full = (s + 1) * block_kv <= start + 1  # every key of the block precedes the first row
     pl.when(s == 0)(lambda: _init(acc_ref, m_ref, l_ref))
-    pl.when(full)(lambda: step(masked=False))
-    pl.when(~full & (s <= last_needed))(lambda: step(masked=True))
+    pl.when(full)(lambda: step())
+    pl.when(~full & (s <= last_needed))(lambda: step(visible=visible))
     pl.when(s == num_blocks - 1)(lambda: _write(o_ref, acc_ref, l_ref))
 
 
@@ -228,3 +234,97 @@ def causal_attention(
     return _common.causal_one_pass(
         q, k, v, block_q=cfg.block_q, block_kv=cfg.block_kv, band_pass=_band_pass(cfg, 0, None)
     )
+
+
+def _vs_kernel(offsets_ref, first_ref, n_steps_ref, n_chunks_ref, bits_ref, q_ref, k_ref, v_ref, kc_ref, vc_ref,
+               o_ref, acc_ref, m_ref, l_ref, *, heads, nq, words, max_steps, scale):
+    """Grid step ``s`` of one (sequence, selection head, 64-row query block): slash key block ``s``
+    (the last one, the diagonal block, causal), then column chunk ``s - n_steps``; later steps idle."""
+    b, h, qb, s = (pl.program_id(i) for i in range(4))
+    bq = dynamic_tables.BLOCK
+    item = (b * heads + h) * nq + qb
+    n_steps, n_chunks = n_steps_ref[item], n_chunks_ref[item]
+    step = functools.partial(_step, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, scale=scale)
+    column = functools.partial(_step, q_ref, kc_ref, vc_ref, acc_ref, m_ref, l_ref, scale=scale)
+
+    def counted(shape):
+        chunk = s - n_steps
+        lane = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+        word = jnp.where(lane < 32, bits_ref[item * words + 2 * chunk], bits_ref[item * words + 2 * chunk + 1])
+        return ((word >> (lane % 32)) & 1) == 1
+
+    diagonal = functools.partial(_band_visible, row0=qb * bq, col0=qb * bq, block_q=bq, n_init=0, n_local=None)
+    pl.when(s == 0)(lambda: _init(acc_ref, m_ref, l_ref))
+    pl.when(s < n_steps - 1)(lambda: step())
+    pl.when(s == n_steps - 1)(lambda: step(visible=diagonal))
+    pl.when((s >= n_steps) & (s < n_steps + n_chunks))(lambda: column(visible=counted))
+    pl.when(s == max_steps - 1)(lambda: _write(o_ref, acc_ref, l_ref))
+
+
+def vertical_slash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    columns: jax.Array,
+    diagonals: jax.Array,
+    length: int | jax.Array | None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Vertical-slash attention (see ``tmjax.vertical_slash_attention``) as a Mosaic TPU kernel: the
+    dynamic table is scalar-prefetched and the K/V index maps read it, as the static band's do.
+
+    The grid's last axis is a static bound on a query block's steps (its slash blocks, at most
+    ``min(T/64, 2 x diagonals)``, plus its column chunks); steps past a block's count repeat the last
+    fetched blocks and compute nothing. The tables live in scalar memory, which bounds the sequence
+    length on real TPUs (not yet run on one).
+    """
+    b, t, hq, d = q.shape
+    lengths = _common.row_lengths(length, b, t)
+    _common.check_inputs(q, k, v, "tpu")
+    hkv, hsel = k.shape[2], columns.shape[1]
+    bq = dynamic_tables.BLOCK
+    tp = _common.round_up(t, bq)
+    nq = tp // bq
+    table = dynamic_tables.build(columns, diagonals, lengths, tp)
+    qp, kp, vp = (_common.pad_seq(x, tp) for x in (q, k, v))
+    kc, vc = (dynamic_tables.gather_columns(x, table) for x in (kp, vp))  # [B, H, Vp, D]
+    words = table.column_bits.shape[-1]
+    max_steps = min(nq, 2 * diagonals.shape[-1]) + table.columns.shape[-1] // bq
+    g = hq // hsel
+
+    def kv_index(b_, h, qb, s, offsets, first, n_steps, n_chunks, bits):
+        item = (b_ * hsel + h) * nq + qb
+        last = jnp.maximum(n_steps[item] - 1, 0)
+        kb = qb - offsets[(b_ * hsel + h) * 2 * nq + first[item] + jnp.minimum(s, last)]
+        return b_, h * hkv // hsel, jnp.where(n_steps[item] > 0, kb, 0), 0
+
+    def column_index(b_, h, qb, s, offsets, first, n_steps, n_chunks, bits):
+        item = (b_ * hsel + h) * nq + qb
+        return b_, h, jnp.clip(s - n_steps[item], 0, jnp.maximum(n_chunks[item] - 1, 0)), 0
+
+    q_spec = pl.BlockSpec((None, None, g, bq, d), lambda b_, h, qb, s, *_: (b_, h, 0, qb, 0))
+    kv_spec = pl.BlockSpec((None, None, bq, d), kv_index)
+    col_spec = pl.BlockSpec((None, None, bq, d), column_index)
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=5,
+        grid=(b, hsel, nq, max_steps),
+        in_specs=[q_spec, kv_spec, kv_spec, col_spec, col_spec],
+        out_specs=q_spec,
+        scratch_shapes=_scratch(g * bq, d),
+    )
+    interpret = _common.interpret_mode(interpret)
+    out = pl.pallas_call(
+        functools.partial(_vs_kernel, heads=hsel, nq=nq, words=words, max_steps=max_steps, scale=d ** -0.5),
+        grid_spec=grid_spec,
+        out_shape=jax.ShapeDtypeStruct((b, hsel, g, tp, d), q.dtype),
+        compiler_params=None if interpret else pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+        ),
+        interpret=interpret,
+        name="tmjax_vertical_slash_attention_tpu",
+    )(
+        *(x.reshape(-1) for x in (table.offsets, table.first, table.n_steps, table.n_chunks, table.column_bits)),
+        qp.reshape(b, tp, hsel, g, d).transpose(0, 2, 3, 1, 4), kp.transpose(0, 2, 1, 3), vp.transpose(0, 2, 1, 3), kc, vc,
+    )
+    return _seq_major(out)[:, :t]

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from tmjax.pallas_kernels import _common
+from tmjax.pallas_kernels import _common, dynamic_tables
 from tmjax.pallas_kernels.block_tables import BlockTable
 
 BLOCK_ROWS = 128  # rows of the packed [block_q * G, D] tile on GPU
@@ -31,28 +31,29 @@ def _next_pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
 
 
-def _attend(q, rows, kv_block, n_full, n_steps, k_ref, v_ref, *, block_kv, scale, n_init, n_local):
-    """Online softmax of the packed query tile over the listed key blocks; returns (acc, m, l).
+def _init(rows: int, head_dim: int) -> tuple:
+    """Online-softmax state (acc, m, l) of a packed query tile with ``rows`` rows."""
+    return (
+        jnp.zeros((rows, head_dim), jnp.float32),
+        jnp.full((rows,), -jnp.inf, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
 
-    Query row ``i`` of the tile sits at sequence position ``rows[i]``; ``kv_block(s)`` is the key block
-    of step ``s``; steps ``[0, n_full)`` need no mask, ``[n_full, n_steps)`` do. ``n_local=None``:
-    plain causal mask.
+
+def _attend(q, carry, lo, hi, fetch, visible, *, scale):
+    """Online softmax of the packed query tile over steps ``[lo, hi)``; returns (acc, m, l).
+
+    ``fetch(s)`` gives step ``s``'s ``(k, v)`` tiles; ``visible(s)`` its bool ``[rows, keys]`` mask, or
+    ``visible=None`` for steps whose keys every row sees. The band, last-rows and vertical-slash
+    kernels all run on this core and differ only in what they fetch and mask.
     """
-    m_rows = q.shape[0]
 
-    def step(s, carry, masked):
+    def step(s, carry):
         acc, m, l = carry
-        start = kv_block(s) * block_kv
-        k = k_ref[pl.ds(start, block_kv), :]
-        v = v_ref[pl.ds(start, block_kv), :]
+        k, v = fetch(s)
         qk = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * (scale * _common.LOG2E)
-        if masked:
-            cols = start + jnp.arange(block_kv)[None, :]
-            r = rows[:, None]
-            visible = cols <= r
-            if n_local is not None:
-                visible &= (cols < n_init) | (r - cols < n_local)
-            qk = jnp.where(visible, qk, _common.MASK_VALUE)
+        if visible is not None:
+            qk, v = _common.guard_masked_step(qk, visible(s), v)
         m_new = jnp.maximum(m, jnp.max(qk, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(qk - m_new[:, None])
@@ -60,21 +61,27 @@ def _attend(q, rows, kv_block, n_full, n_steps, k_ref, v_ref, *, block_kv, scale
         acc = acc * alpha[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return acc, m_new, l
 
-    carry = (
-        jnp.zeros((m_rows, q.shape[1]), jnp.float32),
-        jnp.full((m_rows,), -jnp.inf, jnp.float32),
-        jnp.zeros((m_rows,), jnp.float32),
-    )
-    carry = jax.lax.fori_loop(0, n_full, functools.partial(_unmasked_step, step), carry)
-    return jax.lax.fori_loop(n_full, n_steps, functools.partial(_masked_step, step), carry)
+    return jax.lax.fori_loop(lo, hi, step, carry)
 
 
-def _unmasked_step(step, s, carry):
-    return step(s, carry, False)
+def _table_blocks(q, rows, kv_block, n_full, n_steps, k_ref, v_ref, *, block_kv, scale, n_init, n_local):
+    """The listed key blocks of one table row: ``[0, n_full)`` unmasked, then ``[n_full, n_steps)``
+    masked token by token (causal, and the band's sinks + window unless ``n_local`` is None)."""
 
+    def fetch(s):
+        start = kv_block(s) * block_kv
+        return k_ref[pl.ds(start, block_kv), :], v_ref[pl.ds(start, block_kv), :]
 
-def _masked_step(step, s, carry):
-    return step(s, carry, True)
+    def visible(s):
+        cols = kv_block(s) * block_kv + jnp.arange(block_kv)[None, :]
+        r = rows[:, None]
+        seen = cols <= r
+        if n_local is not None:
+            seen &= (cols < n_init) | (r - cols < n_local)
+        return seen
+
+    carry = _attend(q, _init(q.shape[0], q.shape[1]), 0, n_full, fetch, None, scale=scale)
+    return _attend(q, carry, n_full, n_steps, fetch, visible, scale=scale)
 
 
 def _finish(acc, m, l):
@@ -89,7 +96,7 @@ def _band_kernel(kv_index_ref, num_full_ref, num_steps_ref, q_ref, k_ref, v_ref,
     qb = pl.program_id(0)
     q = q_ref[...].reshape(block_q * group, -1)
     rows = qb * block_q + jnp.arange(block_q * group) // group
-    acc, m, l = _attend(
+    acc, m, l = _table_blocks(
         q, rows, lambda s: kv_index_ref[qb, s], num_full_ref[qb], num_steps_ref[qb], k_ref, v_ref,
         block_kv=block_kv, scale=scale, n_init=n_init, n_local=n_local,
     )
@@ -107,13 +114,39 @@ def _rows_kernel(start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_q, gro
     last_needed = (row_lo + block_q - 1) // block_kv  # blocks after it lie after every row
     n_steps = jnp.clip(last_needed + 1 - first, 0, chunk_blocks)
     n_full = jnp.clip((row_lo + 1) // block_kv - first, 0, n_steps)
-    acc, m, l = _attend(
+    acc, m, l = _table_blocks(
         q, rows, lambda s: first + s, n_full, n_steps, k_ref, v_ref,
         block_kv=block_kv, scale=scale, n_init=0, n_local=None,
     )
     out, lse = _finish(acc, m, l)
     o_ref[...] = out.reshape(o_ref.shape)
     lse_ref[...] = lse
+
+
+def _vs_kernel(offsets_ref, first_ref, n_steps_ref, n_chunks_ref, bits_ref, q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref,
+               *, group, scale):
+    """One 64-row query block of one selection head: its slash key blocks (the diagonal block last,
+    causal), then its counted columns, 64 gathered keys per step with a bit mask."""
+    qb = pl.program_id(0)
+    bq = dynamic_tables.BLOCK
+    q = q_ref[...].reshape(bq * group, -1)
+    rows = qb * bq + jnp.arange(bq * group) // group
+    first, n = first_ref[qb], n_steps_ref[qb]
+    carry = _table_blocks(
+        q, rows, lambda s: qb - offsets_ref[first + s], jnp.maximum(n - 1, 0), n, k_ref, v_ref,
+        block_kv=bq, scale=scale, n_init=0, n_local=None,
+    )
+
+    def fetch(c):
+        return kc_ref[pl.ds(c * bq, bq), :], vc_ref[pl.ds(c * bq, bq), :]
+
+    def visible(c):
+        lane = jnp.arange(bq)[None, :]
+        word = jnp.where(lane < 32, bits_ref[qb, 2 * c], bits_ref[qb, 2 * c + 1])
+        return jnp.broadcast_to(((word >> (lane % 32)) & 1) == 1, (q.shape[0], bq))
+
+    out, _ = _finish(*_attend(q, carry, 0, n_chunks_ref[qb], fetch, visible, scale=scale))
+    o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
 
 
 def _pack_heads(x: jax.Array, hkv: int, group_pad: int) -> jax.Array:
@@ -254,3 +287,49 @@ def causal_attention(
         q, k, v, block_q=cfg.block_q, block_kv=cfg.block_kv,
         band_pass=_band_pass(cfg, 0, None),
     )
+
+
+def vertical_slash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    columns: jax.Array,
+    diagonals: jax.Array,
+    length: int | jax.Array | None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Vertical-slash attention (see ``tmjax.vertical_slash_attention``) with a Pallas Triton kernel:
+    one program per (64-row query block, sequence, selection head), the selection head's query heads
+    packed into one tile."""
+    b, t, hq, d = q.shape
+    lengths = _common.row_lengths(length, b, t)
+    _common.check_inputs(q, k, v, "triton")
+    hkv, hsel = k.shape[2], columns.shape[1]
+    group = hq // hsel
+    gp = _next_pow2(group)
+    bq = dynamic_tables.BLOCK
+    tp = _common.round_up(t, bq)
+    nq = tp // bq
+    table = dynamic_tables.build(columns, diagonals, lengths, tp)
+    qp, kp, vp = (_common.pad_seq(x, tp) for x in (q, k, v))
+    kc, vc = (dynamic_tables.gather_columns(x, table) for x in (kp, vp))
+    q5 = _pack_heads(qp, hsel, gp)
+    kv_head = lambda bh: (bh % hsel) * hkv // hsel  # noqa: E731
+    per_head = lambda *shape: pl.BlockSpec((None, None) + shape, lambda i, bh: (bh // hsel, bh % hsel) + (0,) * len(shape))  # noqa: E731
+    qo_spec = pl.BlockSpec((None, bq, None, gp, d), lambda i, bh: (bh // hsel, i, bh % hsel, 0, 0))
+    kv_spec = pl.BlockSpec((None, tp, None, d), lambda i, bh: (bh // hsel, 0, kv_head(bh), 0))
+    vp_cols = table.columns.shape[-1]
+    interpret = _common.interpret_mode(interpret)
+    out = pl.pallas_call(
+        functools.partial(_vs_kernel, group=gp, scale=d ** -0.5),
+        grid=(nq, b * hsel),
+        in_specs=[per_head(2 * nq), per_head(nq), per_head(nq), per_head(nq), per_head(nq, vp_cols // 32),
+                  qo_spec, kv_spec, kv_spec, per_head(vp_cols, d), per_head(vp_cols, d)],
+        out_specs=qo_spec,
+        out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
+        compiler_params=None if interpret else _compiler_params(d),
+        interpret=interpret,
+        name="tmjax_vertical_slash_attention",
+    )(table.offsets, table.first, table.n_steps, table.n_chunks, table.column_bits, q5, kp, vp, kc, vc)
+    return _unpack_heads(out, group)[:, :t]

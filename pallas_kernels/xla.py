@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from tmjax.pallas_kernels import dynamic_tables
 from tmjax.pallas_kernels._common import pad_seq, put_rows, round_up, row_lengths, static_length, take_rows
 
 # Query rows per band block; a band chunk (one loop step) holds as many blocks as keep its score
@@ -39,6 +40,42 @@ def _scores(q: jax.Array, k: jax.Array, subscripts: str) -> jax.Array:
     return jnp.einsum(subscripts, q, k, precision=_HIGHEST, preferred_element_type=jnp.float32) * scale
 
 
+def _finite_values(v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``v`` as float32 with non-finite entries zeroed, and which keys held one (``v``'s shape
+    without D). With the zeroed values, ``0 * NaN`` never brings an invisible key's value into a row;
+    scoring the bad keys NaN (``_guarded``) still makes every row that sees one non-finite."""
+    finite = jnp.isfinite(v)
+    return jnp.where(finite, v, 0).astype(jnp.float32), ~finite.all(axis=-1)
+
+
+def _guarded(s: jax.Array, visible: jax.Array, bad: jax.Array) -> jax.Array:
+    """Scores with invisible entries masked and visible keys whose value is not finite set to NaN."""
+    return jnp.where(visible, jnp.where(bad, jnp.nan, s), _MASKED)
+
+
+def _online_update(carry: tuple, s: jax.Array, visible: jax.Array, v: jax.Array, subscripts: str) -> tuple:
+    """One online-softmax step: raw scores ``s`` (float32), ``visible`` broadcastable to ``s``, values
+    ``v`` contracted by ``subscripts`` (``p, v -> acc``). ``v``'s key and head axes must line up with
+    ``s``'s key axis as ``subscripts`` says (see ``_finite_values``)."""
+    peak, total, acc = carry
+    clean, bad = _finite_values(v)
+    s = _guarded(s, visible, _key_flags(bad, subscripts))
+    new_peak = jnp.maximum(peak, s.max(axis=-1))
+    p = jnp.where(visible, jnp.exp(s - new_peak[..., None]), 0.0)
+    rescale = jnp.exp(peak - new_peak)
+    acc = acc * rescale[..., None] + jnp.einsum(subscripts, p, clean, precision=_HIGHEST)
+    return new_peak, total * rescale + p.sum(axis=-1), acc
+
+
+def _key_flags(bad: jax.Array, subscripts: str) -> jax.Array:
+    """Per-key flags laid out like ``v`` without D (``subscripts``' second operand), moved into the
+    scores' layout (its first operand, keys last) with size-1 axes where ``v`` has none."""
+    p_axes, v_axes = subscripts.split("->")[0].split(",")
+    names = v_axes[:-1]
+    moved = jnp.transpose(bad, [names.index(a) for a in p_axes if a in names])
+    return moved.reshape([bad.shape[names.index(a)] if a in names else 1 for a in p_axes])
+
+
 def _online_rows(
     q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, n_key_chunks: int | jax.Array, chunk: int
 ) -> jax.Array:
@@ -51,17 +88,10 @@ def _online_rows(
     b, r, hkv, g, d = q.shape
 
     def step(c, carry):
-        peak, total, acc = carry
         kc = lax.dynamic_slice_in_dim(k, c * chunk, chunk, axis=1)
-        vc = lax.dynamic_slice_in_dim(v, c * chunk, chunk, axis=1).astype(jnp.float32)
+        vc = lax.dynamic_slice_in_dim(v, c * chunk, chunk, axis=1)
         visible = ((c * chunk + jnp.arange(chunk)) <= q_pos[:, :, None])[:, None, None]  # [B, 1, 1, R, chunk]
-        s = jnp.where(visible, _scores(q, kc, "bqhgd,bkhd->bhgqk"), _MASKED)
-        new_peak = jnp.maximum(peak, s.max(axis=-1))
-        p = jnp.where(visible, jnp.exp(s - new_peak[..., None]), 0.0)
-        rescale = jnp.exp(peak - new_peak)
-        total = total * rescale + p.sum(axis=-1)
-        acc = acc * rescale[..., None] + jnp.einsum("bhgqk,bkhd->bhgqd", p, vc, precision=_HIGHEST)
-        return new_peak, total, acc
+        return _online_update(carry, _scores(q, kc, "bqhgd,bkhd->bhgqk"), visible, vc, "bhgqk,bkhd->bhgqd")
 
     init = (
         jnp.full((b, hkv, g, r), _MASKED, jnp.float32),
@@ -108,10 +138,12 @@ def _band(q: jax.Array, k: jax.Array, v: jax.Array, n_init: int, n_local: int, l
         kc, vc = (jnp.take(x, index, axis=1) for x in (kp, vp))  # [B, C, K, Hkv, D]
         qc = lax.dynamic_slice_in_dim(qp, row0, rows, axis=1).reshape(b, blocks_per_chunk, bq, hkv, g, d)
         mask = visible[None, :, None, None]  # [1, C, 1, 1, bq, K]
-        s = jnp.where(mask, _scores(qc, kc, "bcqhgd,bckhd->bchgqk"), _MASKED)
+        clean, bad = _finite_values(vc)
+        subscripts = "bchgqk,bckhd->bchgqd"
+        s = _guarded(_scores(qc, kc, "bcqhgd,bckhd->bchgqk"), mask, _key_flags(bad, subscripts))
         p = jnp.where(mask, jnp.exp(s - s.max(axis=-1, keepdims=True)), 0.0)
         total = p.sum(axis=-1)
-        o = jnp.einsum("bchgqk,bckhd->bchgqd", p, vc.astype(jnp.float32), precision=_HIGHEST)
+        o = jnp.einsum(subscripts, p, clean, precision=_HIGHEST)
         o = o / jnp.where(total == 0, 1.0, total)[..., None]
         o = o.transpose(0, 1, 4, 2, 3, 5).reshape(b, rows, hkv, g, d)
         return lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), row0, axis=1)
@@ -172,3 +204,74 @@ def causal_attention(
 
     out = lax.fori_loop(0, _cdiv(live, chunk), query_chunk, jnp.zeros(qp.shape, q.dtype))
     return out[:, :t].reshape(b, t, hq, d)
+
+
+def vertical_slash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    columns: jax.Array,
+    diagonals: jax.Array,
+    length: int | jax.Array | None = None,
+) -> jax.Array:
+    """Vertical-slash attention (see ``tmjax.vertical_slash_attention``) following the dynamic table.
+
+    Query blocks are processed a chunk at a time; each chunk loops over its key-block steps and then
+    its column chunks (gathered once per call, ``[B, H, V, D]``), with loop counts read from the table,
+    so the work follows the kept pattern and memory stays O(T x budget / 64).
+    """
+    b, t, hq, d = q.shape
+    hkv, hsel = k.shape[2], columns.shape[1]
+    group = hq // hsel
+    lengths = row_lengths(length, b, t)
+    tp = round_up(t, dynamic_tables.BLOCK)
+    bq, nq = dynamic_tables.BLOCK, tp // dynamic_tables.BLOCK
+    table = dynamic_tables.build(columns, diagonals, lengths, tp)
+    kv_head = dynamic_tables.kv_heads(hsel, hkv)
+    blocks = max(1, min(nq, _BAND_CHUNK_SCORES // (b * hq * bq * bq)))
+    nqp = round_up(nq, blocks)
+    qs = pad_seq(q, nqp * bq).reshape(b, nqp, bq, hsel, group, d)
+    kp, vp = (pad_seq(x, tp) for x in (k, v))
+    per_block = [jnp.pad(x, ((0, 0), (0, 0), (0, nqp - nq))) for x in (table.first, table.n_steps, table.n_chunks)]
+    bi = jnp.arange(b)[:, None, None]
+    kc, vc = (dynamic_tables.gather_columns(x, table) for x in (kp, vp))  # [B, H, Vp, D]
+    bits = jnp.pad(table.column_bits, ((0, 0), (0, 0), (0, nqp - nq), (0, 0)))
+
+    def query_chunk(ci, out):
+        qb = ci * blocks + jnp.arange(blocks)
+        first, n_steps, n_chunks = (jax.lax.dynamic_slice_in_dim(x, ci * blocks, blocks, axis=2) for x in per_block)
+        qc = lax.dynamic_slice_in_dim(qs, ci * blocks, blocks, axis=1)  # [B, C, 64, H, G, D]
+        rows = (qb[:, None] * bq + jnp.arange(bq))[None, :, None, None, :, None]  # [1, C, 1, 1, 64, 1]
+
+        def block_step(s, carry):
+            live = (s < n_steps).transpose(0, 2, 1)  # [B, C, H]
+            slot = jnp.minimum(first + s, 2 * nq - 1)
+            kb = jnp.maximum(qb[None, :, None] - jnp.take_along_axis(table.offsets, slot, axis=-1).transpose(0, 2, 1), 0)
+            pos = kb[..., None] * bq + jnp.arange(bq)  # [B, C, H, 64]
+            keys = kp[bi[..., None], pos, kv_head[None, None, :, None]]  # [B, C, H, 64, D]
+            vals = vp[bi[..., None], pos, kv_head[None, None, :, None]]
+            scores = _scores(qc, keys, "bcqhgd,bchkd->bchgqk")
+            visible = live[..., None, None, None] & (pos[:, :, :, None, None, :] <= rows)
+            return _online_update(carry, scores, visible, vals, "bchgqk,bchkd->bchgqd")
+
+        def column_step(c, carry):
+            live = (c < n_chunks).transpose(0, 2, 1)
+            counts = dynamic_tables.chunk_mask(lax.dynamic_slice_in_dim(bits, ci * blocks, blocks, axis=2), c)
+            keys = lax.dynamic_slice_in_dim(kc, c * bq, bq, axis=2)  # [B, H, 64, D]
+            vals = lax.dynamic_slice_in_dim(vc, c * bq, bq, axis=2)
+            scores = _scores(qc, keys, "bcqhgd,bhkd->bchgqk")
+            visible = (live[..., None] & counts.transpose(0, 2, 1, 3))[:, :, :, None, None, :]
+            return _online_update(carry, scores, visible, vals, "bchgqk,bhkd->bchgqd")
+
+        shape = (b, blocks, hsel, group, bq)
+        carry = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape + (d,), jnp.float32))
+        carry = lax.fori_loop(0, jnp.max(n_steps), block_step, carry)
+        _, total, acc = lax.fori_loop(0, jnp.max(n_chunks), column_step, carry)
+        o = acc / jnp.where(total == 0, 1.0, total)[..., None]  # [B, C, H, G, 64, D]
+        o = o.transpose(0, 1, 4, 2, 3, 5).reshape(b, blocks * bq, hq, d)
+        return lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), ci * blocks * bq, axis=1)
+
+    live_chunks = _cdiv(_cdiv(jnp.max(lengths), bq), blocks)
+    out = lax.fori_loop(0, live_chunks, query_chunk, jnp.zeros((b, nqp * bq, hq, d), q.dtype))
+    return out[:, :t]

@@ -246,3 +246,43 @@ def test_per_row_length_errors_name_the_problem(backend, length, needle):
     for fn in (tmjax.triangle_attention, tmjax.causal_attention):
         with pytest.raises(ValueError, match=needle):
             fn(*two, length=length, implementation=backend.name)
+
+
+def poison(x: jax.Array, positions: np.ndarray, value: float) -> jax.Array:
+    """``x [B, T, H, D]`` with every entry at ``positions`` (bool ``[B, T]``) set to ``value``."""
+    return jnp.where(jnp.asarray(positions)[:, :, None, None], jnp.asarray(value, x.dtype), x)
+
+
+def assert_only_seeing_rows_change(clean, out, sees: np.ndarray, lengths) -> None:
+    """Rows (< length) that see no poisoned key are bit-for-bit ``clean``; rows that see one are
+    non-finite in every head (``sees`` bool ``[B, T]``)."""
+    clean, out = np.asarray(clean, np.float32), np.asarray(out, np.float32)
+    for b, length in enumerate(lengths):
+        blind, seeing = ~sees[b, :length], sees[b, :length]
+        np.testing.assert_array_equal(out[b, :length][blind], clean[b, :length][blind])
+        assert not np.isfinite(out[b, :length][seeing]).any(axis=(-1, -2)).any(), "a row that sees NaN/Inf stayed finite"
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_values_a_row_cannot_see_never_reach_it(backend, value):
+    """NaN/Inf in K and V at padded positions and at one real key: rows that cannot see the real key
+    are unchanged bit for bit (no 0 * NaN in partial blocks), rows that see it turn non-finite."""
+    c, dtype = PADDED, backend.dtype
+    backend.require(c.seq_len, c.head_dim)
+    lengths, key = (237, 300), 100  # key 100: in the window of rows 100..139 and seen by the last rows
+    q, k, v = random_qkv(9, 2, c.seq_len, c.q_heads, c.kv_heads, c.head_dim, dtype)
+    padding = np.arange(c.seq_len)[None, :] >= np.asarray(lengths)[:, None]
+    at_key = padding | (np.arange(c.seq_len) == key)[None, :]
+    sizes = dict(n_init=c.n_init, n_local=c.n_local, n_last=c.n_last)
+    traced = jnp.asarray(lengths, jnp.int32)
+    for name, target in (("v", 2), ("k", 1)):
+        bad = [q, k, v]
+        bad[target] = poison(bad[target], at_key, value)
+        tri = _triangle(*bad, traced, implementation=backend.name, **sizes)
+        sees = np.stack([reference.triangle_mask(c.seq_len, **sizes)[:, key] if L == c.seq_len
+                         else np.pad(reference.triangle_mask(L, **sizes)[:, key], (0, c.seq_len - L)) for L in lengths])
+        assert_only_seeing_rows_change(_triangle(q, k, v, traced, implementation=backend.name, **sizes), tri, sees, lengths)
+        causal = _causal(*bad, traced, implementation=backend.name)
+        sees = np.broadcast_to(np.arange(c.seq_len) >= key, (2, c.seq_len))
+        assert_only_seeing_rows_change(_causal(q, k, v, traced, implementation=backend.name), causal, sees, lengths)

@@ -1,9 +1,11 @@
 """Public attention entry points; each backend is one module of ``tmjax.pallas_kernels``.
 
-A backend module exposes two functions with the same signature as below (minus ``implementation``):
-``triangle_attention(q, k, v, *, n_init, n_local, n_last, length)`` and
-``causal_attention(q, k, v, *, length)``. Backends are imported lazily so that a CPU install never
-imports GPU-only code.
+The stack has three stages: a layout (``TriangleMix`` sizes, ``VerticalSlash`` budgets) -> block
+tables (static: ``block_tables``, built at trace time; dynamic: ``vs_estimate`` picks columns and
+diagonals on device, ``dynamic_tables`` turns them into per-query-block lists) -> one kernel per
+backend. A backend module exposes ``triangle_attention(q, k, v, *, n_init, n_local, n_last, length)``,
+``causal_attention(q, k, v, *, length)`` and ``vertical_slash_attention(q, k, v, *, columns,
+diagonals, length)``. Backends are imported lazily so that a CPU install never imports GPU-only code.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tmjax.layout import VerticalSlash
+
 IMPLEMENTATIONS = ("xla", "triton", "mosaic_gpu", "tpu")
+# Vertical-slash kernels not yet run on their hardware (triton and tpu pass in the CPU interpreter,
+# mosaic_gpu lowers for sm_90): implementation=None keeps vertical-slash on xla there until the GPU
+# grid (tests/test_gpu.py) has validated them; naming one runs it.
+_VS_NOT_YET_ON_HARDWARE = ("triton", "mosaic_gpu", "tpu")
 
 
 def default_implementation() -> str:
@@ -124,13 +132,94 @@ def causal_attention(
 
     ``implementation=None`` on a GPU with bf16/fp16 inputs uses cuDNN
     (``jax.nn.dot_product_attention(implementation="cudnn")``); our causal-table kernels stay
-    available by name. Right padding needs no mask there: a query before ``length`` never sees a
-    key after it.
+    available by name. Right padding needs no mask there (a query before ``length`` never sees a
+    key after it); values past ``length`` are zeroed first, so that non-finite padding cannot reach
+    real rows through ``0 * NaN``.
     """
     _check_shapes(q, k, v)
     if implementation is None and _cudnn_takes(q):
         from tmjax.pallas_kernels import _common
 
-        _common.row_lengths(length, q.shape[0], q.shape[1])  # validates; causal attention needs no length
+        if length is not None:  # real rows never see the padding, but 0 * NaN inside cuDNN's tiles would reach them
+            v = _common.zero_padding(v, _common.row_lengths(length, q.shape[0], q.shape[1]))
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     return _backend(_resolve(implementation, q)).causal_attention(q, k, v, length=length)
+
+
+def _check_qk(q: jax.Array, k: jax.Array) -> None:
+    _check_shapes(q, k, k)
+
+
+def vertical_slash_indices(
+    q: jax.Array,
+    k: jax.Array,
+    *,
+    vertical: int,
+    slash: int,
+    last_q: int = 64,
+    force_vertical: int = 30,
+    force_slash: int = 100,
+    length: int | jax.Array | None = None,
+    selection: str = "group",
+) -> tuple[jax.Array, jax.Array]:
+    """The columns and diagonals vertical-slash keeps: ``(columns [B, H, vertical], diagonals
+    [B, H, slash])`` int32, ascending, where ``H`` is the KV heads (``selection="group"``) or the
+    query heads (``"head"``). When a sequence has fewer columns or diagonals than the budget
+    (``length < budget``), the remaining slots hold ``T``, which matches no key.
+
+    Estimated on device from the last ``last_q`` real queries of each sequence (see
+    ``tmjax.VerticalSlash``); q ``[B, T, Hq, D]``, k ``[B, T, Hkv, D]``, ``length`` as in
+    ``triangle_attention`` (one per sequence allowed).
+    """
+    pattern = VerticalSlash(vertical, slash, last_q, force_vertical, force_slash, selection)  # validates
+    _check_qk(q, k)
+    return _select(q, k, pattern, length)
+
+
+def _select(q: jax.Array, k: jax.Array, pattern: VerticalSlash, length) -> tuple[jax.Array, jax.Array]:
+    from tmjax.pallas_kernels import vs_estimate
+
+    return vs_estimate.select(
+        q, k, vertical=pattern.vertical, slash=pattern.slash, last_q=pattern.last_q,
+        force_vertical=pattern.force_vertical, force_slash=pattern.force_slash, length=length,
+        selection=pattern.selection,
+    )
+
+
+def vertical_slash(
+    q: jax.Array, k: jax.Array, v: jax.Array, pattern: VerticalSlash, *,
+    length: int | jax.Array | None = None, implementation: str | None = None,
+) -> jax.Array:
+    """``vertical_slash_attention`` with the budgets of a ``VerticalSlash`` (what the decoder calls)."""
+    _check_shapes(q, k, v)
+    columns, diagonals = _select(q, k, pattern, length)
+    name = _resolve(implementation, q)
+    if implementation is None and name in _VS_NOT_YET_ON_HARDWARE:
+        name = "xla"
+    return _backend(name).vertical_slash_attention(q, k, v, columns=columns, diagonals=diagonals, length=length)
+
+
+def vertical_slash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    vertical: int,
+    slash: int,
+    last_q: int = 64,
+    force_vertical: int = 30,
+    force_slash: int = 100,
+    length: int | jax.Array | None = None,
+    selection: str = "group",
+    implementation: str | None = None,
+) -> jax.Array:
+    """MInference's vertical-slash dynamic sparse attention: estimate (``vertical_slash_indices``),
+    then attend to the kept columns and the 64-key blocks the kept diagonals cross.
+
+    Same layouts, dtypes and ``length`` rules as ``triangle_attention``; budgets covering the whole
+    sequence give dense causal attention. Query ``i`` sees key ``j <= i`` iff ``j`` is a kept column
+    or lies in a 64-key block that a kept diagonal crosses within ``i``'s 64-row query block
+    (``tmjax.pallas_kernels.dynamic_tables``).
+    """
+    pattern = VerticalSlash(vertical, slash, last_q, force_vertical, force_slash, selection)
+    return vertical_slash(q, k, v, pattern, length=length, implementation=implementation)
