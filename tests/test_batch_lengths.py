@@ -13,7 +13,7 @@ import pytest
 
 import hf_fixtures
 from tmjax import api
-from tmjax.layout import TriangleMix
+from tmjax.layout import TriangleMix, VerticalSlash
 from tmjax.models import decoder
 from tmjax.models.config import ModelConfig
 from tmjax.models.params import init_params
@@ -140,3 +140,21 @@ def test_rows_equal_their_prompt_alone_on_each_backend(implementation):
         alone, _ = api.prefill(params, prompt, layout, implementation=implementation, max_new_tokens=4)
         hf_fixtures.assert_close_to_scale(logits[row], alone, tol=1e-5)
         np.testing.assert_array_equal(batch[row], api.generate(params, prompt, 4, layout, implementation=implementation))
+
+
+def test_vertical_slash_rows_equal_their_prompt_alone(models):
+    """Vertical-slash estimates its pattern from each row's own last queries: in a batch padded to
+    640, every row gets the logits and greedy tokens of its prompt alone (padded to its own bucket)."""
+    _, params = models("llama")
+    pattern = VerticalSlash(vertical=8, slash=2, last_q=64, force_vertical=2, force_slash=1)
+    layout = TriangleMix(switch_layer=2, n_init=4, n_local=32, n_last=16, shallow=pattern)
+    prompts = _prompts(9, (600, 400, 250))
+    logits, _ = api.prefill(params, prompts, layout, max_new_tokens=4)
+    batch = np.asarray(api.generate(params, prompts, 4, layout))
+    dense, _ = api.prefill(params, prompts, max_new_tokens=4)
+    for row, prompt in enumerate(prompts):
+        alone, _ = api.prefill(params, prompt, layout, max_new_tokens=4)
+        hf_fixtures.assert_close_to_scale(logits[row], alone, tol=1e-5)
+        np.testing.assert_array_equal(batch[row], api.generate(params, prompt, 4, layout))
+        # the pattern matters at these lengths, so a row run with another row's pattern would differ
+        assert np.max(np.abs(np.asarray(dense[row] - alone))) > 1e-2 * np.max(np.abs(np.asarray(alone)))

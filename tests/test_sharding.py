@@ -1,6 +1,6 @@
 """Sharding over a device mesh, on 8 virtual CPU devices: meshes 1x8, 2x4 and 8x1 (data x model) give
-the single-device logits and greedy tokens (Llama, Qwen3, Mistral; dense and TriangleMix), and the
-weights and the cache really are split (their ``.sharding`` and per-device shapes).
+the single-device logits and greedy tokens (Llama, Qwen3, Mistral; dense, TriangleMix and
+vertical-slash), and the weights and the cache really are split (``.sharding``, per-device shapes).
 
 The rest of the suite keeps one device, so ``test_on_8_virtual_cpu_devices`` runs this file again in
 a subprocess with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; there the other tests run.
@@ -22,7 +22,7 @@ import hf_fixtures
 from tmjax import api
 from tmjax.checkpoint import load
 from tmjax.convert import cli as convert_cli
-from tmjax.layout import TriangleMix
+from tmjax.layout import TriangleMix, VerticalSlash
 from tmjax.models import sharding
 
 DEVICES = 8
@@ -96,20 +96,37 @@ def test_mesh_gives_the_single_device_logits_and_tokens(models, name, shape):
     _assert_split(sharded.weights["layers"]["mlp"]["down_proj"]["kernel"], P(None, "model", None),
                   (L, config.intermediate_size // model, H))
     prompts = _prompts()
-    for layout in (None, LAYOUT):
+    for layout in (LAYOUT, None):
         reference, reference_cache = api.prefill(params, prompts, layout)
         logits, cache = api.prefill(sharded, prompts, layout)
         hf_fixtures.assert_close_to_scale(logits, reference, tol=1e-5)
         _assert_split(cache.k, P(None, "data", None, "model", None),
                       (L, len(LENGTHS) // data, cache.max_length, config.num_kv_heads // model, D))
         assert cache.length.tolist() == list(LENGTHS)
-        np.testing.assert_array_equal(api.generate(sharded, prompts, NEW_TOKENS, layout),
-                                      api.generate(params, prompts, NEW_TOKENS, layout))
+    np.testing.assert_array_equal(api.generate(sharded, prompts, NEW_TOKENS, LAYOUT),
+                                  api.generate(params, prompts, NEW_TOKENS, LAYOUT))
+    # decoding after the dense prefill (generate covered decoding after the TriangleMix one)
     token = np.argmax(np.asarray(reference), axis=-1).astype(np.int32)
     stepped, cache = api.decode_step(sharded, token, cache)
     hf_fixtures.assert_close_to_scale(stepped, api.decode_step(params, token, reference_cache)[0], tol=1e-5)
     assert cache.k.sharding.is_equivalent_to(jax.sharding.NamedSharding(cache.k.sharding.mesh,
                                                                         P(None, "data", None, "model", None)), 5)
+
+
+@needs_devices
+def test_vertical_slash_per_shard(models):
+    """Vertical-slash selects per KV group, and a group's query heads stay on its KV head's device:
+    a 2x4 mesh gives the single-device logits and tokens of TriangleMix(shallow=VerticalSlash)."""
+    _, params = models("llama")
+    pattern = VerticalSlash(vertical=8, slash=2, last_q=64, force_vertical=2, force_slash=1)
+    layout = TriangleMix(switch_layer=2, n_init=4, n_local=32, n_last=16, shallow=pattern)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 256, size=n, dtype=np.int32) for n in (600, 250)]
+    sharded = sharding.shard_params(params, _mesh((2, 4)))
+    hf_fixtures.assert_close_to_scale(api.prefill(sharded, prompts, layout)[0], api.prefill(params, prompts, layout)[0],
+                                      tol=1e-5)
+    np.testing.assert_array_equal(api.generate(sharded, prompts, NEW_TOKENS, layout),
+                                  api.generate(params, prompts, NEW_TOKENS, layout))
 
 
 @needs_devices
