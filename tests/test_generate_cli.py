@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -134,27 +135,35 @@ def test_chat_applies_the_template(tiny, capsys, tmp_path):
     assert record["prompt_tokens"] == 6 and record["text"] == _text(_hf_greedy(src, ids, 5))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_an_interrupted_jsonl_run_keeps_its_finished_lines(tiny, tmp_path, sig):
+@pytest.mark.parametrize("sig, to_file", [(signal.SIGINT, True), (signal.SIGTERM, False)],
+                         ids=["SIGINT-out-file", "SIGTERM-stdout"])
+def test_an_interrupted_jsonl_run_keeps_its_finished_lines(tiny, tmp_path, sig, to_file):
     _, ckpt = tiny
     source = tmp_path / "in.jsonl"
     # one prompt per bucket, one per batch: every batch compiles, so the run lasts long enough to stop
     source.write_text("".join(json.dumps(_words(i, 100 * i + 20)) + "\n" for i in range(12)))
     out = tmp_path / "out.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "tmjax.cli", "generate", str(ckpt), "--jsonl", str(source),
-                             "--out", str(out), "--max-new-tokens", "4", "--batch-size", "1", "--quiet"],
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    argv = [sys.executable, "-m", "tmjax.cli", "generate", str(ckpt), "--jsonl", str(source), "--max-new-tokens", "4",
+            "--batch-size", "1", "--quiet"] + (["--out", str(out)] if to_file else [])
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}  # stdout buffered as usual
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**env, "JAX_PLATFORMS": "cpu"})
+    streamed: list[str] = []  # stdout lines as they arrive (they must be flushed to get here)
+    reader = threading.Thread(target=lambda: streamed.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
     deadline = time.monotonic() + 300
-    while not (out.exists() and out.read_text().count("\n") >= 2) and proc.poll() is None:
+    while len(out.read_text().splitlines() if to_file and out.exists() else streamed) < 2 and proc.poll() is None:
         assert time.monotonic() < deadline, "no line was written"
         time.sleep(0.05)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
-    lines = out.read_text().splitlines(keepends=True)
+    proc.wait(timeout=120)
+    reader.join(timeout=10)
+    err = proc.stderr.read()
+    lines = out.read_text().splitlines(keepends=True) if to_file else streamed
     assert proc.returncode == 130, err
     assert 2 <= len(lines) < 12 and all(line.endswith("\n") and json.loads(line)["text"] for line in lines)
-    assert err.strip().splitlines()[-1] == (f"tmjax generate: interrupted after {len(lines)} of 12 prompts; "
-                                            f"{out} holds their lines")
+    where = f"; {out} holds their lines" if to_file else ""
+    assert err.strip().splitlines()[-1] == f"tmjax generate: interrupted after {len(lines)} of 12 prompts{where}"
     assert "Traceback" not in err
 
 

@@ -23,7 +23,7 @@ from tmjax import api
 from tmjax.checkpoint import load
 from tmjax.convert import cli as convert_cli
 from tmjax.layout import TriangleMix, VerticalSlash
-from tmjax.models import sharding
+from tmjax.models import decoder, sharding
 
 DEVICES = 8
 ON_MESH = jax.device_count() >= DEVICES
@@ -111,6 +111,19 @@ def test_mesh_gives_the_single_device_logits_and_tokens(models, name, shape):
     hf_fixtures.assert_close_to_scale(stepped, api.decode_step(params, token, reference_cache)[0], tol=1e-5)
     assert cache.k.sharding.is_equivalent_to(jax.sharding.NamedSharding(cache.k.sharding.mesh,
                                                                         P(None, "data", None, "model", None)), 5)
+
+
+@needs_devices
+def test_attention_runs_per_shard(models):
+    """Each run of alike layers calls its attention inside one shard_map (a manual computation in the
+    lowered program); XLA's partitioner alone would give the same numbers, maybe gathering heads."""
+    _, params = models("llama")
+    mesh = sharding.params_mesh(sharding.shard_params(params, _mesh((2, 4))))
+    prefill = jax.jit(decoder.prefill_hidden, static_argnames=("layout", "mesh"))
+    tokens, lengths = np.zeros((2, 128), np.int32), np.asarray([5, 90], np.int32)
+    for layout, runs in ((None, 1), (LAYOUT, 2)):  # dense: one run of 3 layers; TriangleMix: layer 0, layers 1-2
+        text = prefill.lower(params, tokens, lengths, layout=layout, mesh=mesh).as_text()
+        assert text.count("sdy.manual_computation(") == runs
 
 
 @needs_devices
