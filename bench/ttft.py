@@ -1,11 +1,18 @@
-"""End-to-end time to first token for a model with Llama-3.1-8B's shapes (random weights).
+"""End-to-end time to first token: dense, TriangleMix, vertical-slash and both, one jitted prefill each.
 
-tokens in, last-position logits out, one jitted prefill; median of >= 3 timed runs after a warm-up;
-dense vs TriangleMix(switch 16) at each length. Writes JSON + markdown under --out (default $OUT or
-bench/results). Run the Hugging Face peer (`peers.py hf`) on the same GPU, back to back, for the
-transformers SDPA figures.
+tokens in, last-position logits out; median of >= 3 timed runs after a warm-up. ``--model llama8b``:
+Llama-3.1-8B's shapes with random weights (vertical-slash picks then scatter: the worst case);
+``--model smollm2``: the real SmolLM2-135M-Instruct on the demo's haystack prompt (beyond its trained
+8K positions at these lengths: fine for timing). ``--configs`` names what to run: ``dense``, ``tm``
+(TriangleMix(switch)), ``vs`` (vertical-slash in every layer), ``tm+vs`` (TriangleMix(switch,
+shallow=vertical-slash)). With ``--attention-json`` (the one-layer results of ``bench/vertical_slash.py``
+and ``bench/attention.py`` from the same run) the markdown adds a *composed* TTFT: the measured
+non-attention time (dense TTFT minus layers x dense attention) plus, per layer, the one-layer time of
+what that layer runs. Writes JSON + markdown under --out (default $OUT or bench/results). Run the
+Hugging Face peer (`peers.py hf`) on the same GPU, back to back, for the transformers SDPA figures.
 
     python3 bench/ttft.py --lengths 32768,65536,98304,131072 --repeats 3
+    python3 bench/ttft.py --model smollm2 --switch-layer 22 --configs dense,tm,vs,tm+vs --vertical 1000 --slash 6096
 """
 
 from __future__ import annotations
@@ -59,26 +66,89 @@ def time_prefill(params, tokens: np.ndarray, layout, repeats: int, implementatio
             "finite": bool(jnp.all(jnp.isfinite(logits)))}
 
 
+def layouts(args) -> dict:
+    """Configuration name -> layout, for the names in ``--configs``."""
+    shallow = tmjax.VerticalSlash(vertical=args.vertical, slash=args.slash)
+    every = {
+        "dense": None,
+        "tm": tmjax.TriangleMix(args.switch_layer),
+        "vs": shallow,
+        "tm+vs": tmjax.TriangleMix(args.switch_layer, shallow=shallow),
+    }
+    names = {"dense": "dense", "tm": f"TriangleMix({args.switch_layer})", "vs": "vertical-slash",
+             "tm+vs": f"TriangleMix({args.switch_layer}) + vertical-slash"}
+    return {names[c]: every[c] for c in args.configs.split(",")}
+
+
+def model(args):
+    """(params, token source ``n -> [1, n]`` int32, description)."""
+    if args.model == "smollm2":
+        from tmjax.checkpoint import tokenizer as load_tokenizer
+        from tmjax.default_model import smollm2_checkpoint
+        from tmjax.demo import build_prompt
+
+        path = smollm2_checkpoint(args.dtype)
+        params, tok = tmjax.load(path), load_tokenizer(path)
+
+        def tokens(n: int) -> np.ndarray:
+            text = build_prompt(tok, n + 64, depth=0.5, seed=n)[0]
+            return np.asarray(tok.encode(text, add_special_tokens=False)[:n], np.int32)[None]
+
+        return params, tokens, f"SmolLM2-135M-Instruct (real weights, {args.dtype}, haystack prompt)"
+    config = ModelConfig.from_hf(LLAMA_31_8B)
+    params = init_params(config, jax.random.key(0), jnp.dtype(args.dtype))
+    rng = np.random.default_rng(0)
+    return params, lambda n: rng.integers(0, config.vocab_size, size=(1, n), dtype=np.int32), \
+        f"Llama-3.1-8B shapes (RANDOM weights, {args.dtype})"
+
+
+def composed(rows: list[dict], attention_json: str, num_layers: int, switch_layer: int) -> list[str]:
+    """Markdown lines: TTFT composed from the dense run's non-attention time and one-layer times."""
+    layer = {}
+    for path in attention_json.split(","):
+        for r in json.loads(Path(path).read_text())["rows"]:
+            if r.get("ms") is not None:
+                layer[(r["n"], r["system"])] = r["ms"] / 1e3
+    lines = ["", "Composed TTFT (s): dense TTFT - layers x dense attention + per-layer one-layer times", "",
+             "| tokens | non-attention | dense attention / layer | triangle / layer | vertical-slash (real) / layer "
+             "| TriangleMix + vertical-slash, composed | vs dense |", "|---|---|---|---|---|---|---|"]
+    for n in sorted({r["n"] for r in rows}):
+        dense = next((r["median_s"] for r in rows if r["n"] == n and r["system"] == "tmjax dense"), None)
+        dense_layer = next((v for (m, name), v in layer.items() if m == n and name.startswith(("cuDNN dense", "dense causal"))), None)
+        triangle = next((v for (m, name), v in layer.items() if m == n and "triangle" in name and "mosaic" in name), None)
+        vs = layer.get((n, "vertical-slash (real)"))
+        if None in (dense, dense_layer, triangle, vs):
+            continue
+        rest = dense - num_layers * dense_layer
+        total = rest + switch_layer * vs + (num_layers - switch_layer) * triangle
+        lines.append(f"| {n} | {rest:.2f} | {dense_layer * 1e3:.1f} ms | {triangle * 1e3:.2f} ms | {vs * 1e3:.1f} ms | "
+                     f"{total:.2f} | {total / dense:.2f}x |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("llama8b", "smollm2"), default="llama8b")
     parser.add_argument("--lengths", default="32768,65536,98304,131072")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--switch-layer", type=int, default=16)
-    parser.add_argument("--implementation", default=None, help="triangle backend (default: platform's)")
+    parser.add_argument("--configs", default="dense,tm")
+    parser.add_argument("--vertical", type=int, default=1000)
+    parser.add_argument("--slash", type=int, default=6096)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--implementation", default=None, help="attention backend (default: platform's)")
+    parser.add_argument("--attention-json", default=None, help="one-layer result JSONs (comma-separated) to compose")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = parser.parse_args()
 
-    config = ModelConfig.from_hf(LLAMA_31_8B)
-    params = init_params(config, jax.random.key(0), jnp.bfloat16)
+    params, make_tokens, description = model(args)
     jax.block_until_ready(params)
-    layout = tmjax.TriangleMix(args.switch_layer)
     device = jax.devices()[0]
-    print(f"jax {jax.__version__} on {device.device_kind}; Llama-3.1-8B shapes, RANDOM weights (bf16)", flush=True)
+    print(f"jax {jax.__version__} on {device.device_kind}; {description}", flush=True)
     rows = []
-    rng = np.random.default_rng(0)
     for n in [int(x) for x in args.lengths.split(",")]:
-        tokens = rng.integers(0, config.vocab_size, size=(1, n), dtype=np.int32)
-        for name, lay in (("dense", None), (f"TriangleMix({args.switch_layer})", layout)):
+        tokens = make_tokens(n)
+        for name, lay in layouts(args).items():
             try:
                 r = time_prefill(params, tokens, lay, args.repeats, args.implementation)
             except Exception as ex:  # keep the other rows: report what failed
@@ -86,20 +156,19 @@ def main() -> None:
             r.update(system=f"tmjax {name}", n=n, peak_gib=peak_gib())
             rows.append(r)
             print("ROW", json.dumps(r), flush=True)
-    for n in sorted({r["n"] for r in rows}):
-        d = next(r for r in rows if r["n"] == n and r["system"] == "tmjax dense")
-        t = next(r for r in rows if r["n"] == n and r["system"] != "tmjax dense")
-        if d["median_s"] and t["median_s"]:
-            t["ratio_vs_dense"] = t["median_s"] / d["median_s"]
+    for r in rows:
+        d = next((x for x in rows if x["n"] == r["n"] and x["system"] == "tmjax dense"), None)
+        if d and d["median_s"] and r["median_s"] and r is not d:
+            r["ratio_vs_dense"] = r["median_s"] / d["median_s"]
 
     stamp = datetime.date.today().isoformat()
-    meta = {"device": device.device_kind, "date": stamp, "jax": jax.__version__, "weights": "random",
-            "model": "Llama-3.1-8B shapes", "command": "python3 bench/ttft.py " + " ".join(
+    meta = {"device": device.device_kind, "date": stamp, "jax": jax.__version__, "model": description,
+            "command": "python3 bench/ttft.py " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ttft.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"TTFT, {meta['model']} ({meta['weights']} weights), {meta['device']}, {stamp}, jax {meta['jax']}",
+    lines = [f"TTFT, {meta['model']}, {meta['device']}, {stamp}, jax {meta['jax']}",
              f"command: `{meta['command']}`", "", "| system | tokens | median s | vs dense | peak GiB |",
              "|---|---|---|---|---|"]
     for r in rows:
@@ -107,6 +176,8 @@ def main() -> None:
         ratio = f"{r['ratio_vs_dense']:.2f}x" if "ratio_vs_dense" in r else ""
         peak = "" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
         lines.append(f"| {r['system']} | {r['n']} | {med} | {ratio} | {peak} |")
+    if args.attention_json:
+        lines += composed(rows, args.attention_json, params.config.num_layers, args.switch_layer)
     (out / "ttft.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

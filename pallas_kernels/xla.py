@@ -53,15 +53,21 @@ def _guarded(s: jax.Array, visible: jax.Array, bad: jax.Array) -> jax.Array:
     return jnp.where(visible, jnp.where(bad, jnp.nan, s), _MASKED)
 
 
-def _online_update(carry: tuple, s: jax.Array, visible: jax.Array, v: jax.Array, subscripts: str) -> tuple:
-    """One online-softmax step: raw scores ``s`` (float32), ``visible`` broadcastable to ``s``, values
-    ``v`` contracted by ``subscripts`` (``p, v -> acc``). ``v``'s key and head axes must line up with
-    ``s``'s key axis as ``subscripts`` says (see ``_finite_values``)."""
+def _online_update(carry: tuple, s: jax.Array, visible: jax.Array | None, v: jax.Array, subscripts: str) -> tuple:
+    """One online-softmax step: raw scores ``s`` (float32), ``visible`` broadcastable to ``s`` (None:
+    every row sees every key, so no mask and no guard), values ``v`` contracted by ``subscripts``
+    (``p, v -> acc``). ``v``'s key and head axes must line up with ``s``'s key axis as ``subscripts``
+    says (see ``_finite_values``)."""
     peak, total, acc = carry
-    clean, bad = _finite_values(v)
-    s = _guarded(s, visible, _key_flags(bad, subscripts))
+    if visible is None:
+        clean = v.astype(jnp.float32)
+    else:
+        clean, bad = _finite_values(v)
+        s = _guarded(s, visible, _key_flags(bad, subscripts))
     new_peak = jnp.maximum(peak, s.max(axis=-1))
-    p = jnp.where(visible, jnp.exp(s - new_peak[..., None]), 0.0)
+    p = jnp.exp(s - new_peak[..., None])
+    if visible is not None:
+        p = jnp.where(visible, p, 0.0)
     rescale = jnp.exp(peak - new_peak)
     acc = acc * rescale[..., None] + jnp.einsum(subscripts, p, clean, precision=_HIGHEST)
     return new_peak, total * rescale + p.sum(axis=-1), acc
@@ -77,20 +83,24 @@ def _key_flags(bad: jax.Array, subscripts: str) -> jax.Array:
 
 
 def _online_rows(
-    q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, n_key_chunks: int | jax.Array, chunk: int
+    q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, n_key_chunks: int | jax.Array, chunk: int,
+    n_full: int | jax.Array = 0,
 ) -> jax.Array:
     """Causal attention of query rows at positions ``q_pos`` over key chunks ``[0, n_key_chunks)``.
 
     q ``[B, R, Hkv, G, D]``, k/v ``[B, S, Hkv, D]`` with ``S`` a multiple of ``chunk``, ``q_pos``
-    ``[B, R]`` (or ``[1, R]`` for every batch row). Returns the normalised float32 output
-    ``[B, R, Hkv, G, D]``; rows that saw no key are zero.
+    ``[B, R]`` (or ``[1, R]`` for every batch row). The first ``n_full`` key chunks must precede every
+    row: they run without a mask. Returns the normalised float32 output ``[B, R, Hkv, G, D]``; rows
+    that saw no key are zero.
     """
     b, r, hkv, g, d = q.shape
 
-    def step(c, carry):
+    def step(c, carry, masked):
         kc = lax.dynamic_slice_in_dim(k, c * chunk, chunk, axis=1)
         vc = lax.dynamic_slice_in_dim(v, c * chunk, chunk, axis=1)
-        visible = ((c * chunk + jnp.arange(chunk)) <= q_pos[:, :, None])[:, None, None]  # [B, 1, 1, R, chunk]
+        visible = None
+        if masked:
+            visible = ((c * chunk + jnp.arange(chunk)) <= q_pos[:, :, None])[:, None, None]  # [B, 1, 1, R, chunk]
         return _online_update(carry, _scores(q, kc, "bqhgd,bkhd->bhgqk"), visible, vc, "bhgqk,bkhd->bhgqd")
 
     init = (
@@ -98,7 +108,8 @@ def _online_rows(
         jnp.zeros((b, hkv, g, r), jnp.float32),
         jnp.zeros((b, hkv, g, r, d), jnp.float32),
     )
-    _, total, acc = lax.fori_loop(0, n_key_chunks, step, init)
+    carry = lax.fori_loop(0, n_full, lambda c, carry: step(c, carry, False), init)
+    _, total, acc = lax.fori_loop(n_full, n_key_chunks, lambda c, carry: step(c, carry, True), carry)
     out = acc / jnp.where(total == 0, 1.0, total)[..., None]
     return out.transpose(0, 3, 1, 2, 4)
 
@@ -178,7 +189,8 @@ def triangle_attention(
         kp, vp = (pad_seq(x, round_up(t, chunk)) for x in (k, v))
         rows = take_rows(qg, start, n_dense)
         q_pos = start[:, None] + jnp.arange(n_dense)
-        dense = _online_rows(rows, q_pos, kp, vp, _cdiv(jnp.max(start) + n_dense, chunk), chunk)
+        n_full = jnp.min(start + 1) // chunk  # key chunks before every dense row
+        dense = _online_rows(rows, q_pos, kp, vp, _cdiv(jnp.max(start) + n_dense, chunk), chunk, n_full)
         out = put_rows(out, dense.astype(out.dtype), start)
     return out.reshape(b, t, hq, d)
 
@@ -199,7 +211,7 @@ def causal_attention(
     def query_chunk(c, out):
         row0 = c * chunk
         rows = lax.dynamic_slice_in_dim(qp, row0, chunk, axis=1)
-        o = _online_rows(rows, (row0 + jnp.arange(chunk))[None], kp, vp, c + 1, chunk)
+        o = _online_rows(rows, (row0 + jnp.arange(chunk))[None], kp, vp, c + 1, chunk, n_full=c)
         return lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), row0, axis=1)
 
     out = lax.fori_loop(0, _cdiv(live, chunk), query_chunk, jnp.zeros(qp.shape, q.dtype))

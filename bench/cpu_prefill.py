@@ -1,0 +1,114 @@
+"""CPU prefill of SmolLM2-135M-Instruct: tmjax (dense, TriangleMix) against transformers' PyTorch model.
+
+One process, one prompt (the demo's haystack, 3858 tokens by default), float32. The PyTorch peer is
+transformers' Llama loaded from the same GGUF file with SDPA attention, ``use_cache=False`` and only
+the last position's logits (``logits_to_keep=1``), with as many threads as JAX uses. Each system
+gets a warm-up, then the systems take turns for ``--repeats`` rounds (interleaved, so that a noisy
+neighbour hits them alike); medians. With ``--breakdown`` it also times tmjax's prefill with the
+attention replaced by the identity (non-attention time) and one layer's attention alone.
+
+    python bench/cpu_prefill.py --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import tmjax
+from tmjax.checkpoint import tokenizer as load_tokenizer
+from tmjax.default_model import smollm2_checkpoint, smollm2_gguf
+from tmjax.demo import build_prompt
+from tmjax.models import decoder
+
+
+def torch_model(threads: int):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    path = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+
+    def run(tokens: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = model(torch.from_numpy(tokens.astype(np.int64)), use_cache=False, logits_to_keep=1)
+        return out.logits[:, -1].float().numpy()
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-tokens", type=int, default=4000, help="the demo's target (3858 tokens)")
+    parser.add_argument("--switch-layer", type=int, default=22)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--breakdown", action="store_true")
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    args = parser.parse_args()
+
+    path = smollm2_checkpoint("float32")
+    params, tok = tmjax.load(path), load_tokenizer(path)
+    text = build_prompt(tok, args.prompt_tokens, depth=0.4, seed=0)[0]
+    tokens = np.asarray(tok.encode(text), np.int32)[None]
+    n = tokens.shape[1]
+    threads = os.cpu_count() or 1
+
+    def tmjax_run(layout):
+        def run(t):
+            logits, _ = tmjax.prefill(params, t, layout, max_new_tokens=0)
+            return np.asarray(logits)
+        return run
+
+    systems = {
+        "tmjax dense": tmjax_run(None),
+        f"tmjax TriangleMix({args.switch_layer})": tmjax_run(tmjax.TriangleMix(args.switch_layer)),
+        "transformers PyTorch SDPA": torch_model(threads),
+    }
+    if args.breakdown:
+        no_attention = jax.jit(lambda p, t: decoder.prefill_hidden(p, t, t.shape[1], attention_fn=lambda i, q, k, v, L: q)[0][:, -1])
+        systems["tmjax without attention (identity)"] = lambda t: np.asarray(no_attention(params, t))
+        c = params.config
+        q = jax.random.normal(jax.random.key(0), (1, n, c.num_heads, c.head_dim))
+        k = jax.random.normal(jax.random.key(1), (1, n, c.num_kv_heads, c.head_dim))
+        layer = jax.jit(lambda q, k: tmjax.causal_attention(q, k, k))
+        systems["one layer's causal attention"] = lambda t: np.asarray(layer(q, k))
+    outputs = {name: run(tokens) for name, run in systems.items()}  # warm-up (compiles)
+    times = {name: [] for name in systems}
+    for _ in range(args.repeats):
+        for name, run in systems.items():
+            t0 = time.perf_counter()
+            run(tokens)
+            times[name].append(time.perf_counter() - t0)
+    torch_s = statistics.median(times["transformers PyTorch SDPA"])
+    agree = float(np.max(np.abs(outputs["tmjax dense"] - outputs["transformers PyTorch SDPA"])))
+    rows = [dict(system=name, median_s=statistics.median(t), times_s=t, vs_pytorch=statistics.median(t) / torch_s)
+            for name, t in times.items()]
+    meta = dict(machine=f"{platform.node()} ({threads} CPUs)", date=datetime.date.today().isoformat(), jax=jax.__version__,
+                prompt_tokens=n, max_abs_logit_difference_dense_vs_pytorch=agree,
+                command="python bench/cpu_prefill.py " + " ".join(sys.argv[1:]))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"cpu-prefill-{meta['date']}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    lines = [f"SmolLM2-135M-Instruct float32 prefill, {n} tokens, {meta['machine']}, {meta['date']}, jax {meta['jax']}",
+             f"command: `{meta['command']}`; medians of {args.repeats}, systems interleaved; dense vs PyTorch "
+             f"max |logit difference| {agree:.1e}", "", "| system | median s | vs PyTorch |", "|---|---|---|"]
+    lines += [f"| {r['system']} | {r['median_s']:.2f} | {r['vs_pytorch']:.2f}x |" for r in rows]
+    (out / f"cpu-prefill-{meta['date']}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The columns and diagonals SmolLM2-135M-Instruct's layers keep under vertical-slash, on a real prompt.
+
+Runs the model once per length over the demo's haystack prompt (dense attention), and in every
+layer estimates the vertical-slash picks for each ``--budgets`` pair from that layer's own q/k. Writes
+``smollm2-vs-indices.npz`` (``columns_<n>_<layer>``, ``diagonals_<n>_<layer>`` for the first budget:
+the real-structure index sets ``bench/vertical_slash.py`` times) and ``smollm2-vs-density.json``: per
+budget, length and layer, the share of causal (query, key) pairs the kernel computes. Lengths beyond
+the model's trained 8K positions are fine for timing and for structure, not for accuracy.
+
+    python bench/smollm2_vs_indices.py --lengths 8192 --budgets 1000/6096,256/1024 --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vertical_slash import visited_fraction  # noqa: E402
+
+import tmjax  # noqa: E402
+from tmjax.checkpoint import tokenizer as load_tokenizer  # noqa: E402
+from tmjax.default_model import smollm2_checkpoint  # noqa: E402
+from tmjax.demo import build_prompt  # noqa: E402
+from tmjax.models import decoder  # noqa: E402
+from tmjax.pallas_kernels import dynamic_tables  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="32768,65536,131072")
+    parser.add_argument("--budgets", default="1000/6096", help="vertical/slash pairs, comma-separated")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    args = parser.parse_args()
+
+    path = smollm2_checkpoint(args.dtype)
+    params, tok = tmjax.load(path), load_tokenizer(path)
+    budgets = [tuple(int(x) for x in b.split("/")) for b in args.budgets.split(",")]
+    picks: dict = {}
+
+    def hook(layer, q, k, v, length):
+        for vertical, slash in budgets:
+            cols, diags = tmjax.vertical_slash_indices(q, k, vertical=vertical, slash=slash, length=length)
+            jax.debug.callback(lambda layer, c, d, key=(vertical, slash): picks.setdefault(key, {}).__setitem__(
+                int(layer), (np.asarray(c), np.asarray(d))), layer, cols, diags)
+        return tmjax.causal_attention(q, k, v, length=length)
+
+    run = jax.jit(lambda p, t: decoder.prefill_hidden(p, t, t.shape[1], attention_fn=hook)[0][:, -1])
+    arrays, density = {}, []
+    for n in (int(x) for x in args.lengths.split(",")):
+        text = build_prompt(tok, n + 64, depth=0.5, seed=n)[0]
+        tokens = np.asarray(tok.encode(text, add_special_tokens=False)[:n], np.int32)[None]
+        picks.clear()
+        jax.block_until_ready(run(params, tokens))
+        for (vertical, slash), layers in picks.items():
+            for layer, (cols, diags) in sorted(layers.items()):
+                table = dynamic_tables.build(jnp.asarray(cols), jnp.asarray(diags), jnp.full((1,), n, jnp.int32),
+                                             -(-n // 64) * 64)
+                density.append(dict(n=n, vertical=vertical, slash=slash, layer=layer,
+                                    visited_fraction=visited_fraction(table, n)))
+                if (vertical, slash) == budgets[0]:
+                    arrays[f"columns_{n}_{layer}"], arrays[f"diagonals_{n}_{layer}"] = cols, diags
+        print(json.dumps([r for r in density if r["n"] == n]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "smollm2-vs-indices.npz", **arrays)
+    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, dtype=args.dtype,
+                command="python bench/smollm2_vs_indices.py " + " ".join(sys.argv[1:]))
+    (out / "smollm2-vs-density.json").write_text(json.dumps(dict(meta=meta, rows=density), indent=1))
+
+
+if __name__ == "__main__":
+    main()
