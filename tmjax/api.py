@@ -236,7 +236,7 @@ def _check_cache(cache: object, config: ModelConfig) -> KVCache:
 
 def _check_room(cache: KVCache, steps: int) -> None:
     """Raise ``ValueError`` unless every row has room for ``steps`` more positions."""
-    filled = int(np.max(np.asarray(cache.length)))
+    filled = int(jnp.max(cache.length))  # a replicated scalar, readable by every process of a multi-host mesh
     if filled + steps > cache.max_length:
         raise ValueError(f"the cache is full ({filled} of {cache.max_length} positions used, {steps} more needed); "
                          "prefill with a larger max_new_tokens")
