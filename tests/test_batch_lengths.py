@@ -4,7 +4,6 @@ equal that prompt run alone, checked against dense float32 attention with the ro
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +17,8 @@ from tmjax.models import decoder
 from tmjax.models.config import ModelConfig
 from tmjax.models.params import init_params
 from tmjax.pallas_kernels.reference import causal_mask, masked_attention, triangle_mask
+from test_prefill import LAYOUT, MODELS
 
-LAYOUT = TriangleMix(switch_layer=1, n_init=2, n_local=4, n_last=3)
 ONE_BUCKET = (5, 28, 17)        # all pad to 128
 ACROSS_BUCKETS = (28, 140, 60)  # the longest pads to 256: the short rows carry 200+ padding positions
 STEPS = 3
@@ -27,22 +26,9 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    specs = {
-        "llama": ("llama", dict(num_hidden_layers=3)),
-        "qwen3": ("qwen3", dict(head_dim=32, num_hidden_layers=3)),
-        # dynamic RoPE: the frequencies follow each row's own length (28 and 60 > 16 positions)
-        "dynamic": ("llama", dict(max_position_embeddings=16,
-                                  rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0))),
-    }
-
-    @functools.cache
-    def build(name: str):
-        """(saved folder, our Params)"""
-        family, overrides = specs[name]
-        path = hf_fixtures.save_tiny_model(tmp_path_factory.mktemp(name), family, **overrides)
-        return path, hf_fixtures.load_tmjax(path)
-
-    return build
+    """name -> (saved folder, our Params) of test_prefill's tiny models; the dynamic-RoPE one's
+    frequencies follow each row's own length (28 and 60 > 16 positions)."""
+    return hf_fixtures.tiny_models(tmp_path_factory, MODELS)
 
 
 def _prompts(seed: int, lengths: tuple[int, ...], extra: int = 0) -> list[np.ndarray]:
@@ -108,20 +94,6 @@ def test_greedy_tokens_of_a_batch_equal_each_prompt_alone(models, layout):
     # prefill, then generate_from: the same tokens, prefill timed apart
     logits, cache = api.prefill(params, prompts, layout, max_new_tokens=5)
     np.testing.assert_array_equal(api.generate_from(params, logits, cache, 5), batch)
-
-
-def test_a_batch_compiles_once_per_bucket_of_its_longest_row(monkeypatch):
-    config = ModelConfig(architecture="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
-                         num_heads=2, num_kv_heads=1, head_dim=16)
-    params = init_params(config, jax.random.key(0))
-    traces = []
-    real = decoder.prefill_hidden
-    monkeypatch.setattr(decoder, "prefill_hidden", lambda *a, **k: traces.append(a[1].shape) or real(*a, **k))
-    for lengths in ((5, 77), (128, 3), (40, 40)):
-        api.prefill(params, [np.ones(n, np.int32) for n in lengths])
-    assert traces == [(2, 128)]
-    api.prefill(params, [np.ones(n, np.int32) for n in (129, 4)])
-    assert traces == [(2, 128), (2, 256)]
 
 
 @pytest.mark.parametrize("implementation", ["xla", "triton", "tpu"])

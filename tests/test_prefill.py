@@ -3,7 +3,6 @@ padding and bucketing invariance, decoding after a Triangle prefill, generation,
 
 from __future__ import annotations
 
-import functools
 
 import chex
 import jax
@@ -22,26 +21,23 @@ from tmjax.pallas_kernels.reference import causal_mask, masked_attention, triang
 # Small enough that the triangle hides keys at T = 28: sinks 2, window 4, last 3 rows dense.
 LAYOUT = TriangleMix(switch_layer=1, n_init=2, n_local=4, n_last=3)
 T = 28
+# name -> (family, overrides) of the tiny models (large random weights); test_batch_lengths uses them too
+MODELS = {
+    "llama": ("llama", dict(num_hidden_layers=3)),
+    "qwen3": ("qwen3", dict(head_dim=32, num_hidden_layers=3)),
+    "mistral-window": ("mistral", dict(sliding_window=8)),
+    "mistral-window100": ("mistral", dict(sliding_window=100)),
+    # the base grows with the true length: 28 > 16 positions
+    "dynamic": ("llama", dict(max_position_embeddings=16,
+                              rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0))),
+}
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """name -> our Params of a saved tiny model with large random weights."""
-    specs = {
-        "llama": ("llama", dict(num_hidden_layers=3)),
-        "qwen3": ("qwen3", dict(head_dim=32, num_hidden_layers=3)),
-        "mistral-window": ("mistral", dict(sliding_window=8)),
-        "mistral-window100": ("mistral", dict(sliding_window=100)),
-        "dynamic": ("llama", dict(max_position_embeddings=16,
-                                  rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0))),
-    }
-
-    @functools.cache
-    def build(name: str):
-        family, overrides = specs[name]
-        return hf_fixtures.load_tmjax(hf_fixtures.save_tiny_model(tmp_path_factory.mktemp(name), family, **overrides))
-
-    return build
+    """name -> our Params of ``MODELS[name]``."""
+    build = hf_fixtures.tiny_models(tmp_path_factory, MODELS)
+    return lambda name: build(name)[1]
 
 
 def _tokens(seed: int, length: int, batch: int = 2) -> np.ndarray:
@@ -102,6 +98,11 @@ def test_prompt_lengths_in_one_bucket_compile_once(monkeypatch):
     assert traces == [(1, 128)]
     api.prefill(params, _tokens(2, 129, batch=1) % 97)
     assert traces == [(1, 128), (1, 256)]
+    # a batch of different lengths compiles once per bucket of its longest row
+    for lengths in ((5, 77), (128, 3), (40, 40)):
+        api.prefill(params, [np.ones(n, np.int32) for n in lengths])
+    api.prefill(params, [np.ones(n, np.int32) for n in (129, 4)])
+    assert traces == [(1, 128), (1, 256), (2, 128), (2, 256)]
 
 
 @pytest.mark.parametrize("bucket_input, expected", [(1, 128), (128, 128), (129, 256), (1024, 1024), (1025, 1152),

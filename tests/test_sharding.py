@@ -51,14 +51,9 @@ def test_on_8_virtual_cpu_devices():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    @functools.cache
-    def build(name: str):
-        """(saved HF folder, our Params on one device)"""
-        family, extra = FAMILIES[name]
-        path = hf_fixtures.save_tiny_model(tmp_path_factory.mktemp(name), family, **HEADS, **extra)
-        return path, hf_fixtures.load_tmjax(path)
-
-    return build
+    """name -> (saved HF folder, our Params on one device)"""
+    return hf_fixtures.tiny_models(tmp_path_factory, {name: (family, {**HEADS, **extra})
+                                                      for name, (family, extra) in FAMILIES.items()})
 
 
 @functools.cache

@@ -305,7 +305,7 @@ def _run_batches(params: Any, tokenizer: Any, prompts: list[Prompt], layout: Any
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise KeyboardInterrupt(128 + signum)  # the exit code, as a shell reports a signal
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -340,11 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         done = 0 if writer is None else writer.written
         where = f"; {args.out} holds their lines" if args.out is not None and done else ""
         print(f"{PROG}: interrupted after {done} of {len(prompts)} prompts{where}", file=sys.stderr)
-        return 130
+        return err.args[0] if err.args and isinstance(err.args[0], int) else 128 + signal.SIGINT
     finally:
         if writer is not None:
             writer.close()
