@@ -214,9 +214,33 @@ def run_cli(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.
         return int(exit_.code or 0)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
+
+
+def output_folder(spec: str) -> Path:
+    """``--out`` checked before any model work: refused if it, or a folder above it, is a file."""
+    out = Path(spec)
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f"--out {spec}: {path} is a file, not a folder; choose another --out")
+            break
+    return out
+
+
+def _probe_switch_layer(spec: str) -> int:
+    """The ``recommended_switch_layer`` of a probe.json named by ``--probe``, checked up front."""
+    try:
+        data = json.loads(Path(spec).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--probe {spec}: cannot read it as JSON ({err})") from None
+    layer = data.get("recommended_switch_layer") if isinstance(data, dict) else None
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(f"--probe {spec} has no 'recommended_switch_layer' (a layer number): pass a probe.json "
+                         "written by `tmjax probe`")
+    return layer
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
@@ -235,14 +259,13 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     requested, names = _layers(args.switch_layers) if args.switch_layers else None, task_list(args.tasks)
+    out = output_folder(args.out)
+    recommended = _probe_switch_layer(args.probe) if args.probe else None
     params, tokenizer, name = load_model(args.checkpoint, args.dtype)
     num_layers = params.config.num_layers
     layers = requested if requested is not None else list(range(4, num_layers, 4))
-    recommended = None
-    if args.probe:
-        recommended = int(json.loads(Path(args.probe).read_text())["recommended_switch_layer"])
-        if recommended < num_layers:
-            layers = sorted({*layers, recommended})
+    if recommended is not None and recommended < num_layers:
+        layers = sorted({*layers, recommended})
     max_tokens = args.max_tokens or params.config.max_position_embeddings
     started = time.perf_counter()
     samples = tasks.generate_suite(names, samples_per_task=args.samples_per_task, seed=args.seed,
@@ -252,7 +275,6 @@ def _eval(args: argparse.Namespace) -> int:
     report = {"model": name, "dtype": str(params.weights["norm"]["scale"].dtype), "max_tokens": max_tokens,
               "samples_per_task": args.samples_per_task, "seed": args.seed, "recommended_switch_layer": recommended,
               "seconds": round(time.perf_counter() - started, 1), **report}
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(report, indent=2))
     table = markdown(report, recommended)

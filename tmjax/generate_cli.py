@@ -18,12 +18,12 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, TextIO
+
+from tmjax import interrupts
 
 PROG = "tmjax generate"
 
@@ -177,14 +177,15 @@ class LineWriter:
 
     def write(self, record: dict) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"
-        if self._fd is None:
-            self._stream.write(line)
-            self._stream.flush()
-        else:
-            data = line.encode("utf-8")
-            while data:
-                data = data[os.write(self._fd, data):]
-        self.written += 1
+        with interrupts.deferred():  # a signal takes effect once the line is out and counted
+            if self._fd is None:
+                self._stream.write(line)
+                self._stream.flush()
+            else:
+                data = line.encode("utf-8")
+                while data:
+                    data = data[os.write(self._fd, data):]
+            self.written += 1
 
     def close(self) -> None:
         if self._fd is not None:
@@ -302,10 +303,15 @@ def _run_batches(params: Any, tokenizer: Any, prompts: list[Prompt], layout: Any
                 speed = len(kept) / decode_s if decode_s > 0 else None
                 writer.write(_record(prompt, text, len(kept), finish, prefill_s, speed, len(batch), compiled))
             progress.advance(task, len(batch))
+            interrupts.check()  # a signal whose exception jax swallowed (e.g. in a gc callback)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(128 + signum)  # the exit code, as a shell reports a signal
+@dataclasses.dataclass
+class Run:
+    """What a run has got to, for the message when it stops early."""
+
+    prompts: list[Prompt] = dataclasses.field(default_factory=list)
+    writer: LineWriter | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,40 +320,39 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exit_:  # --help or a usage error (argparse has printed it)
         return int(exit_.code or 0)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.getsignal(signal.SIGTERM)
-    if in_main_thread:  # SIGTERM stops like Ctrl-C: finished lines stay, the message says how many
-        signal.signal(signal.SIGTERM, _interrupt)
-    writer = None
-    prompts: list[Prompt] = []
+    run = Run()
     try:
-        from tmjax import checkpoint
-
-        _check_args(args)
-        prompts = _prompts(args)
-        checkpoint.read_meta(args.checkpoint)
-        config = checkpoint.read_config(args.checkpoint)
-        layout = _layout(args, config.num_layers)
-        tokenizer = checkpoint.tokenizer(args.checkpoint)
-        _tokenize(tokenizer, prompts, args.chat)
-        _check_lengths(config, layout, prompts)
-        params = checkpoint.load(args.checkpoint, dtype=args.dtype)
-        writer = None if args.out is None and args.jsonl is None else LineWriter(args.out, sys.stdout)
-        if args.jsonl is None:
-            _stream_one(params, tokenizer, prompts[0], layout, args, writer)
-        else:
-            _run_batches(params, tokenizer, prompts, layout, args, writer)
+        with interrupts.handled():  # SIGINT and SIGTERM stop alike; finished lines stay
+            _generate(args, run)
     except ValueError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
-        done = 0 if writer is None else writer.written
+        done = 0 if run.writer is None else run.writer.written
         where = f"; {args.out} holds their lines" if args.out is not None and done else ""
-        print(f"{PROG}: interrupted after {done} of {len(prompts)} prompts{where}", file=sys.stderr)
-        return err.args[0] if err.args and isinstance(err.args[0], int) else 128 + signal.SIGINT
+        print(f"{PROG}: interrupted after {done} of {len(run.prompts)} prompts{where}", file=sys.stderr)
+        return interrupts.exit_code(err)
     finally:
-        if writer is not None:
-            writer.close()
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        if run.writer is not None:
+            run.writer.close()
     return 0
+
+
+def _generate(args: argparse.Namespace, run: Run) -> None:
+    """Check every input, then load the model and run the prompts."""
+    from tmjax import checkpoint
+
+    _check_args(args)
+    run.prompts = _prompts(args)
+    checkpoint.read_meta(args.checkpoint)
+    config = checkpoint.read_config(args.checkpoint)
+    layout = _layout(args, config.num_layers)
+    tokenizer = checkpoint.tokenizer(args.checkpoint)
+    _tokenize(tokenizer, run.prompts, args.chat)
+    _check_lengths(config, layout, run.prompts)
+    params = checkpoint.load(args.checkpoint, dtype=args.dtype)
+    run.writer = None if args.out is None and args.jsonl is None else LineWriter(args.out, sys.stdout)
+    if args.jsonl is None:
+        _stream_one(params, tokenizer, run.prompts[0], layout, args, run.writer)
+    else:
+        _run_batches(params, tokenizer, run.prompts, layout, args, run.writer)
