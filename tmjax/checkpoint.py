@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from tmjax.models.config import ModelConfig
 from tmjax.models.params import Params, param_shapes
+from tmjax.models.sharding import param_shardings
 
 FORMAT = "tmjax-checkpoint"
 VERSION = 2  # 2: tmjax.json holds the manifest ("files")
@@ -147,8 +148,10 @@ def read_config(path: str | Path) -> ModelConfig:
         raise ValueError(f"{config_path}: {err}") from None
 
 
-def load(path: str | Path, *, dtype: Any = None, verify: bool = True) -> Params:
-    """Restore the weights of a tmjax checkpoint onto the default device.
+def load(path: str | Path, *, dtype: Any = None, verify: bool = True, mesh: jax.sharding.Mesh | None = None
+         ) -> Params:
+    """Restore the weights of a tmjax checkpoint onto the default device, or straight into their
+    shards on ``mesh`` (``tmjax.models.sharding``: no device holds a full copy).
 
     ``dtype`` (e.g. ``"bfloat16"``, ``jnp.float32``) casts on restore; None keeps the stored dtype.
     ``verify`` checks every file against the checksum manifest first (about one read of the
@@ -160,11 +163,11 @@ def load(path: str | Path, *, dtype: Any = None, verify: bool = True) -> Params:
     target = jnp.dtype(meta["dtype"] if dtype is None else dtype)
     if not jnp.issubdtype(target, jnp.floating):
         raise ValueError(f"load dtype must be a floating type, got {target}")
+    shapes = param_shapes(config, target)
+    single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: single, shapes) if mesh is None else param_shardings(config, mesh)
     verify_files(folder, meta, hashes=verify)
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), param_shapes(config, target)
-    )
+    abstract = jax.tree.map(lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), shapes, shardings)
     import orbax.checkpoint as ocp  # deferred: orbax is slow to import and only needed here
 
     checkpointer = ocp.StandardCheckpointer()

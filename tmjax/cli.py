@@ -14,6 +14,7 @@ from tmjax import interrupts
 # subcommand -> (module, entry function, one-line help).
 SUBCOMMANDS = {
     "convert": ("tmjax.convert.cli", "main", "convert a Hugging Face folder or a GGUF file into a tmjax checkpoint"),
+    "generate": ("tmjax.generate_cli", "main", "run your prompts (one, or a JSONL file in batches) through a checkpoint"),
     "demo": ("tmjax.demo", "main", "long-prompt retrieval on SmolLM2-135M-Instruct: dense vs TriangleMix"),
     "probe": ("tmjax.probe", "probe_main", "gradient probe: per-layer section importances and a switch layer"),
     "eval": ("tmjax.evaluate", "eval_main", "long-context accuracy: dense vs TriangleMix at several switch layers"),
