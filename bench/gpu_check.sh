@@ -9,6 +9,8 @@
 #          and bench/ttft.py for SmolLM2 (needs the GGUF: see bench/NOTES.md, "next GPU session")
 #   ttft   bench/ttft.py at Llama-3.1-8B shapes: dense, TriangleMix(16), TriangleMix(16) + vertical-slash,
 #          composed with the vs step's one-layer results when they are in $OUT
+#   multigpu-correct | multigpu-scale | multigpu-scaleout   bench/multigpu.py's steps (issue 12; a
+#          nvidia-h200-x2/-x4/-x8 machine; NVLink multicast stays off)
 #   bash bench/gpu_check.sh tests|bench|vs|ttft [seqs]
 # The device tool allows 10 minutes a call: one mode per call.
 set -uo pipefail
@@ -46,4 +48,7 @@ case "$what" in
     attn=$(ls "$OUT"/vertical-slash-*.json "$OUT"/attention-*.json 2>/dev/null | paste -sd, -)
     python3 bench/ttft.py --lengths 32768,65536,98304,131072 --configs dense,tm,tm+vs --implementation mosaic_gpu \
       ${attn:+--attention-json "$attn"} --out "$OUT" 2>&1 | tail -20 ;;
+  multigpu-*)
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+      python3 bench/multigpu.py --step "${what#multigpu-}" --out "$OUT" 2>&1 | grep -v "^ROW" | tail -30 ;;
 esac
