@@ -4,7 +4,9 @@ Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), bf16, 
 n_init 8 / n_local 512 / n_last 128. Rows: our triangle (mosaic_gpu with a few block settings,
 triton), our causal kernel, cuDNN dense causal via ``jax.nn.dot_product_attention``, and, when the
 peer scripts are found (``--peers DIR``), the cuDNN-composed triangle (``peers.py composed``) and
-PyTorch FlexAttention's triangle (``anchors.py``). Medians; every JAX row is checked against a
+PyTorch FlexAttention's triangle (``anchors.py``), and FlashAttention-3 through ``flash-attn3-jax``
+when it imports (``bench/fa3_peer.py``: dense causal, sliding window, FA3-composed triangle; head_dim
+128 only). ``--heads 9,3,64`` runs SmolLM2's heads instead. Medians; every JAX row is checked against a
 dense float32 reference on a slice of rows first. Writes ``attention-<device>-<date>.json`` and
 ``.md`` to ``--out``.
 
@@ -24,6 +26,8 @@ import time
 import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # fa3_peer beside this file
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -112,13 +116,25 @@ def dump_hlo(out_dir: str, n: int) -> None:
         fh.write(text)
 
 
+def fa3_systems(log) -> list:
+    """The FlashAttention-3 peer's systems, or none (with a row saying why) when it cannot load."""
+    try:
+        import fa3_peer
+
+        return fa3_peer.systems(N_INIT, N_LOCAL, N_LAST)
+    except Exception as ex:  # optional peer: record why it is missing, run the rest
+        log(dict(system="flash-attn3-jax (not loaded)", ms=None, note=repr(ex)[:400]))
+        return []
+
+
 def run_ours(seqs, rows_out, log):
+    extra = fa3_systems(log) if D == 128 else []
     for n in seqs:
         kq, kk, kv = jax.random.split(jax.random.PRNGKey(n), 3)
         q = jax.random.normal(kq, (1, n, HQ, D), jnp.bfloat16)
         k = jax.random.normal(kk, (1, n, HKV, D), jnp.bfloat16)
         v = jax.random.normal(kv, (1, n, HKV, D), jnp.bfloat16)
-        for name, pattern, fn in our_systems():
+        for name, pattern, fn in our_systems() + extra:
             row = dict(system=name, pattern=pattern, n=n)
             try:
                 jfn = jax.jit(fn)
@@ -187,7 +203,7 @@ def summarise(rows, seqs):
         lines.append(f"| {system} | {pattern} | " + " | ".join("-" if t is None else f"{t:.3f}" for t in times) + " | "
                      + " | ".join("-" if s is None else f"{s:.1f}" for s in speed) + " |")
     ours = [s for s, p in systems if s.startswith("tmjax mosaic_gpu bkv") and p == "triangle"]
-    peers = ["torch flex_attention", "jax cudnn composed triangle"]
+    peers = ["torch flex_attention", "jax cudnn composed triangle", "flash-attn3-jax composed triangle"]
     lines += ["", "Best tmjax mosaic_gpu triangle vs peers (same run; < 1 means we are faster):", ""]
     for n in seqs:
         best = min((ms_of(s, n) for s in ours if ms_of(s, n)), default=None)
@@ -206,7 +222,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--peers", default=None, help="folder with peers.py and anchors.py")
     parser.add_argument("--dump-hlo", action="store_true", help="write the optimised HLO at the longest length")
+    parser.add_argument("--heads", default=None, help="query heads, KV heads, head_dim (default 32,8,128)")
     args = parser.parse_args(argv)
+    if args.heads:
+        global HQ, HKV, D
+        HQ, HKV, D = (int(x) for x in args.heads.split(","))
     seqs = [int(s) for s in args.seqs.split(",")]
     os.makedirs(args.out, exist_ok=True)
     log = lambda row: print("ROW", json.dumps(row), flush=True)  # noqa: E731

@@ -1,24 +1,49 @@
 #!/usr/bin/env bash
-# The one script run on the GPU machine: install tmjax (no deps: the machine has jax with CUDA),
-# run the GPU test grid (error figures -> $OUT/attention-gpu-errors.json), then the attention
-# benchmark beside cuDNN and the peers (copied to .carry/peers, which travels ignored by git).
-#   bash bench/gpu_check.sh [tests|bench|all] [seqs]
-# The device tool allows 10 minutes a call: run 'tests' and 'bench' as two calls.
+# The one script run on the GPU machine: install tmjax (no deps: the machine has jax with CUDA) and the
+# wheels carried in .whl (flash-attn3-jax, einops, gguf), then one of:
+#   tests  the GPU test grid (error figures -> $OUT/attention-gpu-errors.json): triangle, causal,
+#          vertical-slash and padding-poison cases for every implementation
+#   bench  bench/attention.py beside cuDNN, FlashAttention-3 (when its wheel loads) and the peers in
+#          .carry/peers; then the same at SmolLM2's heads (9 q / 3 KV, head_dim 64)
+#   vs     bench/smollm2_vs_indices.py (SmolLM2's own picks), bench/vertical_slash.py (local/real/random)
+#          and bench/ttft.py for SmolLM2 (needs the GGUF: see bench/NOTES.md, "next GPU session")
+#   ttft   bench/ttft.py at Llama-3.1-8B shapes: dense, TriangleMix(16), TriangleMix(16) + vertical-slash,
+#          composed with the vs step's one-layer results when they are in $OUT
+#   bash bench/gpu_check.sh tests|bench|vs|ttft [seqs]
+# The device tool allows 10 minutes a call: one mode per call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
-what="${1:-all}"
+what="${1:-tests}"
 seqs="${2:-8192,32768,131072}"
 export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv,noheader
-if [[ "$what" == tests || "$what" == all ]]; then
-  TMJAX_ERRORS_JSON="$OUT/attention-gpu-errors.json" timeout 580 \
-    python3 -m pytest tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log" | tail -40
+if [[ -f .carry/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]]; then
+  export TMJAX_SMOLLM2_GGUF="$PWD/.carry/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" TMJAX_CACHE="$PWD/.carry/cache"
 fi
-if [[ "$what" == bench || "$what" == all ]]; then
-  peers=()
-  [[ -d .carry/peers ]] && peers=(--peers .carry/peers)
-  python3 bench/attention.py --seqs "$seqs" --out "$OUT" "${peers[@]}" 2>&1 | tee "$OUT/bench.log" | grep -v "^ROW" | tail -60
-fi
+case "$what" in
+  tests)
+    TMJAX_ERRORS_JSON="$OUT/attention-gpu-errors.json" timeout 580 \
+      python3 -m pytest tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log" | tail -40 ;;
+  bench)
+    peers=()
+    [[ -d .carry/peers ]] && peers=(--peers .carry/peers)
+    python3 bench/attention.py --seqs "$seqs" --out "$OUT" "${peers[@]}" 2>&1 | tee "$OUT/bench.log" | grep -v "^ROW" | tail -40
+    python3 bench/attention.py --seqs "$seqs" --heads 9,3,64 --out "$OUT" 2>&1 | grep -v "^ROW" | tail -20 ;;
+  vs)
+    python3 bench/smollm2_vs_indices.py --lengths 32768,65536,131072 --out "$OUT" 2>&1 | tail -3
+    python3 bench/vertical_slash.py --seqs 32768,65536,131072 --implementation mosaic_gpu \
+      --real-indices "$OUT/smollm2-vs-indices.npz" --out "$OUT" 2>&1 | grep -v "^ROW" | tail -20
+    python3 bench/ttft.py --model smollm2 --lengths 32768,65536,131072 --switch-layer 22 \
+      --configs dense,tm,vs,tm+vs --implementation mosaic_gpu --out "$OUT/smollm2" 2>&1 | tail -20 ;;
+  ttft)
+    attn=$(ls "$OUT"/vertical-slash-*.json "$OUT"/attention-*.json 2>/dev/null | paste -sd, -)
+    python3 bench/ttft.py --lengths 32768,65536,98304,131072 --configs dense,tm,tm+vs --implementation mosaic_gpu \
+      ${attn:+--attention-json "$attn"} --out "$OUT" 2>&1 | tail -20 ;;
+esac

@@ -76,7 +76,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``. SiLU runs in float32 and is rounded once, like
+    transformers' kernel (``x * sigmoid(x)`` in bf16 would round the sigmoid too)."""
 
     config: ModelConfig
 
@@ -85,7 +86,8 @@ class MLP(nn.Module):
         c = self.config
         gate = nn.Dense(c.intermediate_size, use_bias=c.mlp_bias, name="gate_proj")(x)
         up = nn.Dense(c.intermediate_size, use_bias=c.mlp_bias, name="up_proj")(x)
-        return nn.Dense(c.hidden_size, use_bias=c.mlp_bias, name="down_proj")(nn.silu(gate) * up)
+        act = nn.silu(gate.astype(jnp.float32)).astype(gate.dtype)
+        return nn.Dense(c.hidden_size, use_bias=c.mlp_bias, name="down_proj")(act * up)
 
 
 class DecoderLayer(nn.Module):

@@ -374,9 +374,10 @@ def triangle_attention(
     tuning: Tuning = DEFAULT_TUNING,
 ) -> jax.Array:
     """Triangle attention (see ``tmjax.triangle_attention``) with Mosaic GPU kernels (Hopper only)."""
+    if length is not None:
+        length = _common.row_lengths(length, q.shape[0], q.shape[1])
     _common.check_inputs(q, k, v, "mosaic_gpu")
     if length is not None:  # masked steps read V from shared memory as is: clean the padding first
-        length = _common.row_lengths(length, q.shape[0], q.shape[1])
         v = _common.zero_padding(v, length)
     block_q, block_kv = band_block_sizes(q.shape[2], k.shape[2], tuning=tuning)
     return _common.triangle_two_pass(
@@ -391,9 +392,10 @@ def causal_attention(
 ) -> jax.Array:
     """Dense causal attention through the causal block table; values past ``length`` are zeroed first
     (real rows never see them, but ``0 * NaN`` in a partial block would reach them)."""
+    lengths = None if length is None else _common.row_lengths(length, q.shape[0], q.shape[1])
     _common.check_inputs(q, k, v, "mosaic_gpu")
-    if length is not None:
-        v = _common.zero_padding(v, _common.row_lengths(length, q.shape[0], q.shape[1]))
+    if lengths is not None:
+        v = _common.zero_padding(v, lengths)
     block_q, block_kv = band_block_sizes(q.shape[2], k.shape[2], tuning=tuning)
     return _common.causal_one_pass(
         q, k, v, block_q=block_q, block_kv=block_kv, band_pass=_band_pass(tuning, 0, None)

@@ -44,9 +44,9 @@ def save_tiny_model(path: pathlib.Path, family: str, seed: int = 0, **overrides:
     return path
 
 
-def load_hf(path: pathlib.Path) -> transformers.PreTrainedModel:
-    """A fresh float32 eager copy (fresh matters: dynamic RoPE keeps state between forwards)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+def load_hf(path: pathlib.Path, dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
+    """A fresh eager copy (fresh matters: dynamic RoPE keeps state between forwards)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
     return model.eval()
 
 
@@ -62,10 +62,11 @@ def load_tmjax(path: pathlib.Path) -> Params:
     return Params(config, weights)
 
 
-def hf_logits(path: pathlib.Path, tokens: np.ndarray) -> np.ndarray:
-    """transformers' logits ``[B, T, V]`` for the whole sequence in one forward."""
+def hf_logits(path: pathlib.Path, tokens: np.ndarray, dtype: torch.dtype = torch.float32) -> np.ndarray:
+    """transformers' logits ``[B, T, V]`` for the whole sequence in one forward, as float32 numpy
+    (a ``dtype`` model's logits are in that dtype: bfloat16 ones are bfloat16-rounded)."""
     with torch.no_grad():
-        return load_hf(path)(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+        return load_hf(path, dtype)(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
 
 
 def hf_cached_logits(path: pathlib.Path, tokens: np.ndarray, prompt_len: int) -> np.ndarray:

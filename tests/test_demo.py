@@ -1,9 +1,14 @@
-"""The demo's haystack prompt: the pass key appears once, at the requested depth, near the target length."""
+"""The demo's haystack prompt (the pass key appears once, at the requested depth, near the target length)
+and a whole ``tmjax demo`` run on a tiny model."""
 
+import numpy as np
 import pytest
+from test_evaluate import tiny_checkpoint
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+import tmjax
+from tmjax import checkpoint, default_model, demo
 from tmjax.demo import FILLER, build_prompt
 
 
@@ -37,3 +42,26 @@ def test_seed_picks_the_key(tokenizer):
     keys = {build_prompt(tokenizer, 300, 0.5, seed=s)[1] for s in range(5)}
     assert len(keys) > 1
     assert build_prompt(tokenizer, 300, 0.5, seed=3) == build_prompt(tokenizer, 300, 0.5, seed=3)
+
+
+def test_demo_runs_dense_and_the_requested_trianglemix(tmp_path, monkeypatch, capsys):
+    """``tmjax demo`` on a tiny random model standing in for SmolLM2: its two answers are the greedy
+    continuations that ``tmjax.generate`` gives dense and with the requested TriangleMix layout, which
+    differ here (every layer a triangle with a 32-token window on a ~300-token prompt)."""
+    folder = tiny_checkpoint(tmp_path)
+    monkeypatch.setattr(default_model, "smollm2_checkpoint", lambda dtype="float32": folder)
+    args = ["--prompt-tokens", "300", "--depth", "0.5", "--switch-layer", "0", "--n-init", "4", "--n-local", "32",
+            "--n-last", "16", "--max-new-tokens", "6", "--seed", "3"]
+    assert demo.main(args) == 0
+    out = capsys.readouterr().out
+
+    params, tok = tmjax.load(folder), checkpoint.tokenizer(folder)
+    text, _ = build_prompt(tok, 300, 0.5, seed=3)
+    tokens = np.asarray(tok.encode(text, add_special_tokens=False), np.int32)
+    layout = tmjax.TriangleMix(0, n_init=4, n_local=32, n_last=16)
+    answers = {name: np.asarray(tmjax.generate(params, tokens, 6, lay)).tolist()
+               for name, lay in (("dense", None), ("TriangleMix", layout))}
+    assert answers["dense"] != answers["TriangleMix"]  # the layout changes this model's answer
+    for name, ids in answers.items():
+        assert f"{name:>12}: answer {tok.decode(ids, skip_special_tokens=True).strip()!r}" in out, out
+    assert "TriangleMix answer identical to dense: False" in out

@@ -9,6 +9,8 @@ import pathlib
 import chex
 import numpy as np
 import pytest
+import scipy.special
+import scipy.stats
 import tokenizers
 import transformers
 from hf_fixtures import save_tiny_model
@@ -98,6 +100,45 @@ def test_greedy_matches_generate(tiny):
     assert new == np.asarray(expected).tolist()
     logits, _ = api.prefill(params, prompt, layout)
     chex.assert_trees_all_close(first, np.asarray(logits), atol=1e-5)
+
+
+def test_agreement_and_kl_match_direct_prefill_and_generate(tiny):
+    """``identical_to_dense`` and ``first_token_kl`` (per sample and summarised) against values computed
+    here from ``tmjax.prefill`` logits (KL by scipy) and ``tmjax.generate`` tokens, for configurations
+    that do change the answers of a random model: switch 0 (every layer a triangle; the KL is
+    asymmetric enough to see its direction) and switch 2 (some answers identical, some not)."""
+    _, params, tokenizer = tiny
+    samples = tasks.generate_suite(["niah_single"], samples_per_task=2, seed=0, max_tokens=640,
+                                   count=tasks.token_counter(tokenizer))
+    sizes = dict(n_init=4, n_local=64, n_last=32)
+    report = evaluate.evaluate(params, tokenizer, samples, [0, 2], **sizes)
+    layouts = {"dense": None, **{f"switch={s}": TriangleMix(switch_layer=s, **sizes) for s in (0, 2)}}
+    identical = {name: [] for name in layouts}
+    kl = {name: [] for name in layouts}
+    reverse_kl = {name: [] for name in layouts}
+    for sample, row in zip(samples, report["samples"]):
+        ids = np.asarray(tasks.encode(tokenizer, sample).prompt_ids, np.int32)
+        room = sample.max_new_tokens  # the cache size evaluate uses: its compiled prefill serves here too
+        dense_p = scipy.special.softmax(np.asarray(api.prefill(params, ids, max_new_tokens=room)[0], np.float64))
+        dense_tokens = np.asarray(api.generate(params, ids, sample.max_new_tokens))
+        for name, layout in layouts.items():
+            p = scipy.special.softmax(np.asarray(api.prefill(params, ids, layout, max_new_tokens=room)[0], np.float64))
+            tokens = np.asarray(api.generate(params, ids, sample.max_new_tokens, layout))
+            identical[name].append(bool(np.array_equal(tokens, dense_tokens)))
+            kl[name].append(float(scipy.stats.entropy(dense_p, p)))  # KL(dense || config)
+            reverse_kl[name].append(float(scipy.stats.entropy(p, dense_p)))
+            got = row["configs"][name]
+            assert got["identical_to_dense"] == identical[name][-1], (name, sample.task, sample.seed)
+            assert got["first_token_kl"] == pytest.approx(kl[name][-1], rel=1e-3, abs=1e-7), (name, sample.task)
+    # the configurations really differ from dense, in both measures, and the KL's direction is visible
+    assert identical["switch=2"].count(False) >= 1 and identical["switch=2"].count(True) >= 1
+    assert not any(identical["switch=0"]) and min(kl["switch=0"]) > 1e-3
+    assert max(abs(a - b) / a for a, b in zip(kl["switch=0"], reverse_kl["switch=0"])) > 1e-2
+    for name in layouts:
+        summary = report["results"][name]
+        assert summary["identical_to_dense"] == pytest.approx(np.mean(identical[name]))
+        assert summary["first_token_kl_mean"] == pytest.approx(np.mean(kl[name]), rel=1e-3, abs=1e-7)
+        assert summary["first_token_kl_max"] == pytest.approx(np.max(kl[name]), rel=1e-3, abs=1e-7)
 
 
 def test_eval_cli_end_to_end(tiny, tmp_path):

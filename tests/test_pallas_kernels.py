@@ -123,3 +123,20 @@ def test_mosaic_gpu_kernels_lower_on_cpu(q_heads, kv_heads, head_dim):
     text = jax.jit(tri).trace(q, kv, kv, length=length).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 2  # the band and last-rows kernels
     assert "wgmma.mma_async" in text
+
+
+@pytest.mark.parametrize("q_heads, kv_heads, head_dim, heads_selected", [(8, 2, 128, 2), (7, 1, 64, 1), (4, 1, 64, 4)],
+                         ids=["two_warpgroups", "one_warpgroup", "per_head_selection"])
+def test_mosaic_gpu_vertical_slash_lowers_on_cpu(q_heads, kv_heads, head_dim, heads_selected):
+    """The Mosaic GPU vertical-slash kernel lowers for sm_90 with two compute warpgroups sharing a
+    selection (even group size) and with one (odd group size, per-head selection)."""
+    from tmjax.pallas_kernels import mosaic_gpu
+
+    q = jax.ShapeDtypeStruct((2, 1000, q_heads, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 1000, kv_heads, head_dim), jnp.bfloat16)
+    cols, diags = (jax.ShapeDtypeStruct((2, heads_selected, n), jnp.int32) for n in (100, 50))
+    fn = lambda q, k, v, c, d, l: mosaic_gpu.vertical_slash_attention(q, k, v, columns=c, diagonals=d, length=l)  # noqa: E731
+    text = jax.jit(fn).trace(q, kv, kv, cols, diags, jax.ShapeDtypeStruct((2,), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+    assert "wgmma.mma_async" in text

@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from test_evaluate import TINY_LAYERS, tiny_checkpoint
 
+import hf_fixtures
+
 from tmjax import probe
 from tmjax.models import decoder
 from tmjax.models.config import ModelConfig
@@ -118,6 +120,9 @@ def test_section_sums_match_reference_masks(length):
         ([0.2, 1.0, 0.05, 0.5, 0.01, 0.0], 0.1, 4),  # a late bump pushes the switch layer past it
         ([1.0, 0.9, 0.8], 0.1, 3),  # never drops: all dense
         ([0.0, 0.0], 0.1, 0),
+        # exact ties (binary fractions): a layer at exactly threshold * peak counts as below ("<=")
+        ([2.0, 1.0, 0.25, 0.25], 0.125, 2),
+        ([2.0, 0.25, 1.0, 0.25], 0.125, 3),
     ],
 )
 def test_switch_layer_rule(middle, threshold, expected):
@@ -159,6 +164,21 @@ def test_probe_averages_prompts_and_sees_the_last_layer_structure():
         chex.assert_trees_all_close(getattr(result, name), expected[:, s], rtol=1e-4, atol=1e-9)
     assert result.middle[-1] == 0.0  # first-token loss: no middle row of the last layer matters
     assert result.switch_layer == probe.recommend_switch_layer(result.middle)
+
+
+def test_probe_loss_on_a_sliding_window_model_matches_transformers(tmp_path):
+    """The probe's dense model honours a sliding window exactly (a key is visible iff ``i - j < window``):
+    its per-prompt loss (NLL of the answer's first token) equals transformers' on a Mistral with window 8,
+    prompts of 40 and 25 tokens."""
+    path = hf_fixtures.save_tiny_model(tmp_path, "mistral", sliding_window=8, num_hidden_layers=3)
+    params = hf_fixtures.load_tmjax(path)
+    rng = np.random.default_rng(5)
+    examples = [(rng.integers(0, 256, 40).tolist(), [17]), (rng.integers(0, 256, 25).tolist(), [200, 3])]
+    result = probe.probe(params, examples, n_init=2, n_local=4, n_last=4)
+    for (prompt, answer), loss in zip(examples, result.losses):
+        logits = hf_fixtures.hf_logits(path, np.asarray([prompt]))[0, -1].astype(np.float64)
+        expected = -(logits[answer[0]] - logits.max() - np.log(np.sum(np.exp(logits - logits.max()))))
+        assert loss == pytest.approx(expected, rel=1e-4)
 
 
 def test_probe_cli_end_to_end(tmp_path):
