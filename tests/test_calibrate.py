@@ -275,6 +275,22 @@ def test_calibrate_cli_end_to_end(tiny, tmp_path, capsys):
                                                                            TINY_LAYERS - 1)
     assert report["prompts_measured"] == len(report["dense_seconds"]) + sum(
         m["samples"] for stage in (report["switch"]["measured"], report["shallow"]["measured"]) for m in stage)
+    # The budgets alone at the switch layer found, as a second run would do (compiled programs reused):
+    # the same prompts give the same measurements.
+    probe_file = tmp_path / "probe.json"
+    probe_file.write_text(json.dumps(report["probe"]))
+    again = tmp_path / "again"
+    assert calibrate.calibrate_main([
+        str(tiny), "--identical", "0.3", "--max-kl", "0.05", "--samples", "4", "--max-tokens", "1000",
+        "--tasks", "niah_single,prose_recall", "--n-init", "4", "--n-local", "64", "--n-last", "32",
+        "--shallow", "vertical-slash", "--budgets", "60:200,200:600", "--switch-layer", str(switch),
+        "--probe", str(probe_file), "--out", str(again)]) == 0
+    second = json.loads((again / "calibration.json").read_text())
+    assert second["switch"]["measured"] == [] and second["switch"]["given"] == switch
+    assert second["recommended_layout"] == report["recommended_layout"]
+    drop = ("seconds",)
+    assert [{k: v for k, v in m.items() if k not in drop} for m in second["shallow"]["measured"]] == \
+        [{k: v for k, v in m.items() if k not in drop} for m in report["shallow"]["measured"]]
     # The measured answers of the recommended switch layer, recomputed with the one-program generate.
     params, tokenizer = checkpoint.load(tiny), checkpoint.tokenizer(tiny)
     samples = tasks.generate_mixed(report["tasks"], total=4, seed=report["seed"], max_tokens=1000,
@@ -303,6 +319,7 @@ def test_calibrate_cli_refuses_bad_input_before_loading(tmp_path, capsys):
         (["--budgets", "100:400,50:400", "--shallow", "vertical-slash"], "--budgets must grow"),
         (["--tasks", "niah_single,nonsense"], "['nonsense']"),
         (["--n-local", "0"], "n_local must be >= 1"),
+        (["--switch-layer", "2"], "--switch-layer leaves nothing to calibrate without --shallow vertical-slash"),
         ([], f"checkpoint {missing} is not a folder"),
     ]
     for extra, message in cases:

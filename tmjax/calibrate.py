@@ -255,16 +255,23 @@ def search_layouts(candidates: Sequence[Layout], divergence: Callable[[Layout, i
 
 def calibrate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample], criterion: Criterion, *,
               start_layer: int | None, triangle: dict, budgets: Sequence[VerticalSlash] = (),
-              implementation: str | None = None, progress: object | None = None) -> dict:
+              switch_layer: int | None = None, implementation: str | None = None,
+              progress: object | None = None) -> dict:
     """The switch layer search from ``start_layer`` (the probe's), then, with ``budgets``, the shallow
-    vertical-slash search at the chosen layer. ``triangle``: the TriangleMix sizes. ``progress``: a
-    ``rich.progress.Progress`` to show each configuration's prompts, or None. Returns the report dict."""
+    vertical-slash search at the chosen layer; ``switch_layer`` skips the first search and takes that
+    layer as chosen (e.g. from an earlier calibration). ``triangle``: the TriangleMix sizes.
+    ``progress``: a ``rich.progress.Progress`` showing each configuration's prompts, or None. Returns
+    the report dict."""
     if len(samples) != criterion.samples:
         raise ValueError(f"calibrate needs criterion.samples={criterion.samples} samples, got {len(samples)}")
     num_layers = params.config.num_layers
     divergence = Divergence(params, tokenizer, samples, implementation)
     layers = [TriangleMix(s, **triangle) for s in range(num_layers)]
-    switch, switch_measured = search_layouts(layers, divergence, criterion, start_layer, progress)
+    if switch_layer is None:
+        switch, switch_measured = search_layouts(layers, divergence, criterion, start_layer, progress)
+    else:
+        TriangleMix(switch_layer, **triangle).check_layers(num_layers)
+        switch, switch_measured = switch_layer, []
     chosen: Layout | None = layers[switch] if switch < num_layers else None
     shallow = None
     if budgets:
@@ -286,7 +293,7 @@ def calibrate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample]
         "recommended_layout": None if chosen is None else dataclasses.asdict(chosen),
         "recommended_config": config_name(chosen),
         "recommendation": chosen_summary,
-        "switch": {"start": start_layer, "measured": switch_measured},
+        "switch": {"start": start_layer, "given": switch_layer, "measured": switch_measured},
         "shallow": shallow,
         "prompts_measured": len(divergence.dense) + sum(m["samples"] for m in every),
         "dense_seconds": [divergence.dense_seconds[k] for k in sorted(divergence.dense_seconds)],
@@ -325,6 +332,9 @@ def _probe_here(params: Params, tokenizer: object, names: Sequence[str], args: a
 def recommendation_text(report: dict) -> str:
     """The printed recommendation: the layout and its measured interval and KL against the criterion."""
     criterion, chosen = report["criterion"], report["recommendation"]
+    if chosen is None and report["switch"]["given"] is not None:
+        return (f"no vertical-slash budget passed at the given switch layer {report['switch']['given']}: keep "
+                f"the shallow layers dense ({report['recommended_config']}, not measured in this run)")
     if chosen is None:
         return (f"no switch layer passed on {criterion['samples']} prompts: keep every layer dense "
                 f"(required: Wilson lower bound >= {criterion['identical']:g}, mean first-token KL <= "
@@ -439,6 +449,9 @@ def calibrate_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shallow", choices=["dense", "vertical-slash"], default="dense",
                         help="vertical-slash: also calibrate a vertical-slash budget for the layers below the "
                              "switch layer (default dense)")
+    parser.add_argument("--switch-layer", type=int, default=None,
+                        help="with --shallow vertical-slash: skip the switch-layer search and calibrate the budgets "
+                             "at this layer (e.g. an earlier calibration's)")
     parser.add_argument("--budgets", default=DEFAULT_BUDGETS,
                         help=f"with --shallow vertical-slash: vertical:slash budgets, cheapest first, each "
                              f"keeping at least the previous one's (default {DEFAULT_BUDGETS})")
@@ -461,6 +474,10 @@ def _calibrate_cli(args: argparse.Namespace) -> int:
     triangle = dict(n_init=args.n_init, n_local=args.n_local, n_last=args.n_last)
     TriangleMix(0, **triangle)  # validates the sizes
     budgets = parse_budgets(args.budgets, args) if args.shallow == "vertical-slash" else []
+    if args.switch_layer is not None:
+        if not budgets:
+            raise ValueError("--switch-layer leaves nothing to calibrate without --shallow vertical-slash")
+        TriangleMix(args.switch_layer, **triangle)  # validates it; the model's layer count is checked later
     if args.probe_samples < 1:
         raise ValueError(f"--probe-samples must be >= 1, got {args.probe_samples}")
     out = Path(args.out)
@@ -483,7 +500,8 @@ def _calibrate_cli(args: argparse.Namespace) -> int:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True)) as progress:
         report = calibrate(params, tokenizer, samples, criterion, start_layer=probe_curve["recommended_switch_layer"],
-                           triangle=triangle, budgets=budgets, implementation=args.implementation, progress=progress)
+                           triangle=triangle, budgets=budgets, switch_layer=args.switch_layer,
+                           implementation=args.implementation, progress=progress)
     switch = report["recommended_switch_layer"]
     middle = probe_curve["middle_normalised"]
     probe_curve = {**probe_curve, "threshold_range_for_calibrated": probe_.threshold_ranges(middle)[switch],

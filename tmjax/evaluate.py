@@ -198,7 +198,7 @@ def targets_line(name: str, label: str, results: dict) -> str:
 def markdown(report: dict, recommended: int | None = None) -> str:
     """The results table (one row per configuration), each configuration labelled by ``report["marks"]``
     (name -> label, e.g. ``calibrated``) and ``recommended`` (a switch layer, labelled ``recommended``);
-    the targets are checked at the ``calibrated`` configuration, else at the ``recommended`` one."""
+    the targets are checked at each ``calibrated`` configuration, else at the ``recommended`` one."""
     results = report["results"]
     marks = dict(report.get("marks", {}))
     if recommended is not None:
@@ -215,8 +215,8 @@ def markdown(report: dict, recommended: int | None = None) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     for label in ("calibrated", "recommended"):
         checked = [name for name, mark in marks.items() if mark == label and name in results]
+        lines += [line for name in checked for line in ("", targets_line(name, label, results))]
         if checked:
-            lines += ["", targets_line(checked[0], label, results)]
             break
     return "\n".join(lines) + "\n"
 
@@ -373,9 +373,9 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     add_vertical_slash_arguments(parser)
     parser.add_argument("--probe", default=None,
                         help="a probe.json: its recommended switch layer is added and marked in the report")
-    parser.add_argument("--calibration", default=None,
+    parser.add_argument("--calibration", action="append", default=[],
                         help="a calibration.json (tmjax calibrate): its recommended layout is added, marked "
-                             "calibrated, and checked against the targets")
+                             "calibrated, and checked against the targets (repeat for several)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="compute dtype (default: the checkpoint's)")
     parser.add_argument("--implementation", default=None, help="attention backend (default: the platform's)")
@@ -390,9 +390,8 @@ def _eval(args: argparse.Namespace) -> int:
         configs += parse_configs(args.configs, triangle=triangle, pattern=vertical_slash(args, args.vertical, args.slash))
     if args.switch_layers:
         configs += _layers(args.switch_layers)
-    calibrated = None
-    if args.calibration:
-        calibrated = layout_from_json(json.loads(Path(args.calibration).read_text())["recommended_layout"])
+    calibrated = [layout_from_json(json.loads(Path(path).read_text())["recommended_layout"])
+                  for path in args.calibration]
     params, tokenizer, name = load_model(args.checkpoint, args.dtype)
     num_layers = params.config.num_layers
     if not args.configs and not args.switch_layers:
@@ -404,9 +403,9 @@ def _eval(args: argparse.Namespace) -> int:
         if recommended < num_layers:
             configs.append(recommended)
             marks[config_name(TriangleMix(recommended))] = "recommended"
-    if calibrated is not None:
-        configs.append(calibrated)
-        marks[config_name(calibrated)] = "calibrated"
+    for layout in calibrated:
+        configs.append(layout)
+        marks[config_name(layout)] = "calibrated"
     layouts = [TriangleMix(c, **triangle) if isinstance(c, int) else c for c in configs]
     layouts = sorted(dict.fromkeys(x for x in layouts if x is not None), key=_order)
     max_tokens = args.max_tokens or params.config.max_position_embeddings
