@@ -247,6 +247,9 @@ def search_layouts(candidates: Sequence[Layout], divergence: Callable[[Layout, i
         if progress is not None:
             verdict = "pass" if passed else f"fail ({len(identical)} prompts decided it)"
             progress.update(task, description=f"{label}: {sum(identical)}/{len(identical)} identical, {verdict}")
+            if not progress.console.is_terminal:  # a log file gets one line per configuration
+                progress.console.print(f"{label}: {sum(identical)}/{len(identical)} identical, mean KL "
+                                       f"{np.mean(kls):.2e}, {verdict}")
         measured.append(_summary(label, layout, passed, identical, kls, seconds, criterion))
         return passed
 
