@@ -211,6 +211,8 @@ def label_of(layout: Layout | None) -> str:
 
 def _summary(name: str, layout: Layout, passed: bool, identical: list[bool], kls: list[float],
              seconds: list[float], criterion: Criterion) -> dict:
+    """One configuration's record; ``seconds`` per prompt include the dense answer when this
+    configuration was the first to use the prompt (``dense_seconds`` in the report gives those)."""
     count = sum(identical)
     return {"config": name, "layout": dataclasses.asdict(layout), "passed": passed, "samples": len(identical),
             "stopped_early": len(identical) < criterion.samples, "identical_count": count,
