@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
+import errno
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from tmjax import interrupts
 from tmjax.checkpoint import DTYPES
 from tmjax.convert import writer
 from tmjax.convert.mapping import expected_hf_names, unexpected_hf_names, weights_from_hf
@@ -61,21 +61,28 @@ def check_tensor_names(config: ModelConfig, names: list[str], src: Path) -> None
 
 @contextlib.contextmanager
 def _progress(total: int, enabled: bool) -> Iterator[Callable[[str], None]]:
+    """Called after each tensor: a safe point to stop at, and a progress bar step when ``enabled``."""
     if not enabled:
-        yield lambda name: None
+        yield lambda name: interrupts.check()
         return
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task("converting tensors", total=total)
-        yield lambda name: bar.advance(task)
+
+        def advance(name: str) -> None:
+            interrupts.check()
+            bar.advance(task)
+
+        yield advance
 
 
 def convert(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", force: bool = False,
             progress: bool = True) -> Path:
     """Convert ``src`` into a tmjax checkpoint at ``dst`` (returned, absolute).
 
-    Raises ``ValueError`` for bad input and ``FileExistsError`` for an existing ``dst`` (without
-    ``force``); either way nothing is left at ``dst``.
+    Raises ``ValueError`` for bad input, ``FileExistsError`` for an existing ``dst`` (without
+    ``force``), ``interrupts.Interrupted`` for SIGINT/SIGTERM while inside ``interrupts.handled()``;
+    in each case nothing is left at ``dst`` (and an old checkpoint there is kept).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
@@ -90,6 +97,8 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", force:
             raise ValueError(f"{src}: cannot map its config: {err}") from None
         names = source.names()
         check_tensor_names(config, names, src)
+        writer.check_free_space(dst, config, dtype)
+        interrupts.check()
         with writer.staged_output(dst, force=force) as staging:
             with _progress(len(expected_hf_names(config)), progress) as advance:
                 weights = weights_from_hf(config, source.get_tensor, dtype, on_tensor=advance)
@@ -97,6 +106,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", force:
             del weights
             writer.write_config(staging, source.hf_config)
             source.write_side_files(staging)
+            interrupts.check()
             writer.write_meta(staging, dtype=dtype, source=str(src), source_format=source.FORMAT)
     return dst
 
@@ -115,30 +125,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+def _message(err: Exception) -> str:
+    """One line for the user; a full disk says where and what to do."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return f"no space left on the device of {err.filename} ({err.strerror}): free some space or choose another DST"
+    return str(err)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``tmjax convert``; returns the process exit code."""
+    """Entry point of ``tmjax convert``; returns the process exit code.
+
+    SIGINT and SIGTERM stop the conversion cleanly (see ``tmjax.interrupts``): one line on stderr, exit
+    code 128 + the signal number, no staging folder left and an old checkpoint at DST kept.
+    """
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exit_:  # --help or a usage error (argparse has printed it)
         return int(exit_.code or 0)
-    previous = signal.getsignal(signal.SIGTERM)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    if in_main_thread:  # SIGTERM cleans up like Ctrl-C instead of killing mid-write
-        signal.signal(signal.SIGTERM, _terminate)
-    try:
-        dst = convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=not args.quiet)
-    except (ValueError, FileExistsError, OSError) as err:
-        print(f"tmjax convert: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"tmjax convert: interrupted; nothing was written to {args.dst}", file=sys.stderr)
-        return 130
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+    with interrupts.handled():
+        try:
+            dst = convert(args.src, args.dst, dtype=args.dtype, force=args.force, progress=not args.quiet)
+        except (ValueError, OSError) as err:
+            print(f"tmjax convert: error: {_message(err)}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as err:
+            print(f"tmjax convert: interrupted; {args.dst} was left as it was", file=sys.stderr)
+            return interrupts.exit_code(err)
+        signum = interrupts.received()
+    if signum is not None:  # it came while the finished checkpoint was being moved into place
+        print(f"tmjax convert: interrupted, but the conversion had finished: {dst} is complete", file=sys.stderr)
+        return 128 + signum
     print(f"tmjax convert: wrote {dst} ({args.dtype})", file=sys.stderr)
     return 0

@@ -47,6 +47,8 @@ _NAMES = {
     "blk.{i}.ffn_up.bias": "model.layers.{i}.mlp.up_proj.bias",
     "blk.{i}.ffn_down.bias": "model.layers.{i}.mlp.down_proj.bias",
 }
+# GGML types that hold integers, not (quantized) floats.
+_INTEGER_TYPES = ("I8", "I16", "I32", "I64")
 _PATTERNS = [
     (re.compile("^" + re.escape(g).replace(r"\{i\}", r"(\d+)") + "$"), h) for g, h in _NAMES.items()
 ]
@@ -122,6 +124,9 @@ class GGUFSource(contextlib.AbstractContextManager):
             raise ValueError(f"{self.path}: GGUF RoPE scaling {scaling!r} is not supported")
         vocab = self._field(f"{arch}.vocab_size")
         if vocab is None:
+            if "model.embed_tokens.weight" not in self._tensors:
+                raise ValueError(f"{self.path}: no token_embd.weight tensor (the token embedding) and no "
+                                 f"{arch}.vocab_size metadata; the file is incomplete")
             vocab = self._tensors["model.embed_tokens.weight"].shape[-1]
         config = {
             "architectures": [hf_class],
@@ -155,6 +160,9 @@ class GGUFSource(contextlib.AbstractContextManager):
     def get_tensor(self, name: str) -> np.ndarray:
         """One tensor, dequantized to float32 in HF layout; ``KeyError`` if absent."""
         tensor = self._tensors[name]
+        if tensor.tensor_type.name in _INTEGER_TYPES:
+            raise ValueError(f"{self.path}: tensor {tensor.name!r} holds {tensor.tensor_type.name} integers; "
+                             "weights must be float or quantized float")
         # Read with a plain file read rather than through the reader's memory map, whose pages
         # would stay resident (counted in RSS) after use.
         raw = np.fromfile(self.path, np.uint8, count=int(tensor.n_bytes), offset=int(tensor.data_offset))

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from tmjax.models.config import ModelConfig
 
 Shape = tuple[int, ...]
+# Source dtypes a weight may have: anything else (ints, bools, float8 without its scales) is refused
+# rather than cast, since a cast would silently give a different model.
+FLOAT_DTYPES = tuple(np.dtype(t) for t in (np.float16, ml_dtypes.bfloat16, np.float32, np.float64))
 
 
 def _copy(w: np.ndarray, c: ModelConfig) -> np.ndarray:
@@ -167,6 +170,9 @@ def _fetch(config: ModelConfig, entry: Entry, name: str,
         w = get_tensor(name)
     except KeyError:
         raise ValueError(f"missing tensor {name!r}") from None
+    if w.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"tensor {name!r} has dtype {w.dtype}; weights must be float16, bfloat16, float32 or "
+                         "float64 (fix or re-export the source)")
     want = entry.hf_shape(config)
     if tuple(w.shape) != want:
         raise ValueError(f"tensor {name!r} has shape {tuple(w.shape)}, expected {want}")

@@ -40,6 +40,8 @@ def _read_json(path: Path) -> Any:
         raise ValueError(f"{path} is missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
+    except OSError as err:  # unreadable (permissions, a folder of that name): not "missing"
+        raise ValueError(f"cannot read {path}: {err.strerror or err}") from None
 
 
 class SafetensorsSource(contextlib.AbstractContextManager):
@@ -57,9 +59,14 @@ class SafetensorsSource(contextlib.AbstractContextManager):
     def _shard_files(self) -> list[Path]:
         index = self.folder / INDEX
         if index.is_file():
-            weight_map = _read_json(index).get("weight_map")
+            data = _read_json(index)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
             if not isinstance(weight_map, dict) or not weight_map:
-                raise ValueError(f"{index} has no 'weight_map'")
+                raise ValueError(f"{index} has no 'weight_map' object (tensor name -> shard file name)")
+            for name, shard in weight_map.items():
+                if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                    raise ValueError(f"{index} maps tensor {name!r} to {shard!r}; each entry must be the file "
+                                     f"name of a shard inside {self.folder}")
             self._index = weight_map
             return [self.folder / f for f in sorted(set(weight_map.values()))]
         if (self.folder / SINGLE).is_file():
@@ -84,6 +91,11 @@ class SafetensorsSource(contextlib.AbstractContextManager):
 
     @staticmethod
     def _open(path: Path) -> Any:
+        try:  # safetensors reports every failure to open (permissions included) as "No such file"
+            with open(path, "rb"):
+                pass
+        except OSError as err:
+            raise ValueError(f"cannot read {path}: {err.strerror or err}") from None
         try:
             return safe_open(str(path), framework="numpy")
         except SafetensorError as err:
@@ -110,7 +122,7 @@ class SafetensorsSource(contextlib.AbstractContextManager):
         """Copy the tokenizer, chat template and generation files present in the source folder."""
         for name in SIDE_FILES:
             if (self.folder / name).is_file():
-                shutil.copy2(self.folder / name, folder / name)
+                shutil.copyfile(self.folder / name, folder / name)  # new file: mode from the umask
 
     def __exit__(self, *exc: object) -> None:
         """Nothing to release: shards are only open during a read."""

@@ -5,26 +5,33 @@ The layers run in ``lax.fori_loop`` over runs of consecutive layers that attend 
 layers below the switch layer, Triangle layers at and above it, windowed layers), each iteration
 indexing the stacked ``[L, ...]`` weights by the traced layer index: the run boundaries are static,
 and no slice of the weight stack is copied out. Keys and values go to a ``KVCache`` for decoding.
+
+Every row of a batch has its own true length: prompts are right-padded, and each row's dense last
+rows, RoPE (dynamic RoPE follows the length), cache length and decode position are its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
+import numpy as np
 from jax import lax
+from jax.sharding import Mesh
 
 from tmjax import attention
 from tmjax.layout import Layout, TriangleMix, VerticalSlash
+from tmjax.models import sharding
 from tmjax.models.config import ModelConfig
 from tmjax.models.params import Params
 from tmjax.models.rope import apply_rope, rope_tables
 
-# (layer_index, q, k, v, length) -> out; layer_index and length are traced int32 scalars.
+# (layer_index, q, k, v, length) -> out; layer_index is a traced int32 scalar, length int32 [B].
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 # (q, k, v) -> (out, aux): how a layer attends, and what it hands back to the loop (keys/values).
 Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, object]]
@@ -33,7 +40,7 @@ Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, object]]
 @struct.dataclass
 class KVCache:
     """Keys and values (after RoPE) of every layer, ``[L, B, S_max, Hkv, D]``, and how many positions
-    are filled. The head axis is explicit so the cache can be sharded over heads."""
+    of each row are filled, int32 ``[B]``. The head axis is explicit so the cache can be sharded over heads."""
 
     k: jax.Array
     v: jax.Array
@@ -121,9 +128,9 @@ def layer_plan(config: ModelConfig, layout: Layout | None, seq_len: int
                ) -> list[tuple[int, int, LayerAttention]]:
     """Runs ``(start, stop, how)`` of consecutive layers that attend alike, for a padded length ``seq_len``.
 
-    A window of at least ``seq_len`` hides nothing and counts as causal. A Triangle or
-    vertical-slash layer whose sliding window is shorter raises ``ValueError``: the intersection of
-    the two masks is neither pattern, and dropping either would change the model.
+    A window of at least ``seq_len`` hides nothing and counts as causal. A Triangle or vertical-slash
+    layer ignores its sliding window: ``check_windows`` has made sure, on the true prompt lengths,
+    that the window hides nothing there (the plan is static per bucket and cannot see those lengths).
     """
     if layout is not None:
         layout.check_layers(config.num_layers)
@@ -133,12 +140,6 @@ def layer_plan(config: ModelConfig, layout: Layout | None, seq_len: int
         if window is not None and window >= seq_len:
             window = None
         sparse = None if layout is None else layout.attention_at(layer)
-        if sparse is not None and window is not None:
-            name = "Triangle" if isinstance(sparse, TriangleMix) else "vertical-slash"
-            raise ValueError(
-                f"layer {layer} has a sliding window of {window} < the padded prompt length {seq_len} and is a "
-                f"{name} layer; sparse layouts on windowed layers are not supported"
-            )
         if isinstance(sparse, TriangleMix):
             kinds.append(LayerAttention("triangle", n_init=sparse.n_init, n_local=sparse.n_local, n_last=sparse.n_last))
         elif isinstance(sparse, VerticalSlash):
@@ -156,6 +157,27 @@ def layer_plan(config: ModelConfig, layout: Layout | None, seq_len: int
     return runs
 
 
+def check_windows(config: ModelConfig, layout: Layout | None, longest: int) -> None:
+    """Raise ``ValueError`` if a sparse-layout layer (Triangle or vertical-slash) has a sliding
+    window shorter than the longest true prompt length ``longest``.
+
+    The intersection of a window with those patterns is neither of them, and dropping either would
+    change the model. A window of at least the prompt length hides nothing in prefill (a real row
+    ``i < length <= window`` sees every earlier key), so the pattern alone is exact there; padding
+    rows do not count.
+    """
+    if layout is None:
+        return
+    for layer in range(config.num_layers):
+        window, sparse = config.layer_window(layer), layout.attention_at(layer)
+        if window is not None and window < longest and sparse is not None:
+            name = "Triangle" if isinstance(sparse, TriangleMix) else "vertical-slash"
+            raise ValueError(
+                f"layer {layer} has a sliding window of {window} < the prompt length {longest} and is a {name} "
+                f"layer; sparse layouts on a windowed layer take prompts of at most {window} tokens"
+            )
+
+
 def _prefill_attention(how: LayerAttention, q: jax.Array, k: jax.Array, v: jax.Array, length: jax.Array,
                        implementation: str | None) -> jax.Array:
     if how.kind == "triangle":
@@ -167,6 +189,16 @@ def _prefill_attention(how: LayerAttention, q: jax.Array, k: jax.Array, v: jax.A
         return attention.triangle_attention(q, k, v, n_init=0, n_local=how.window, n_last=0,
                                             length=length, implementation=implementation)
     return attention.causal_attention(q, k, v, length=length, implementation=implementation)
+
+
+def _rope(config: ModelConfig, positions: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin for ``positions`` (``[T]``, shared by every row, or ``[B, T]``): ``[T, D]`` or
+    ``[B, T, D]``. Dynamic RoPE's frequencies follow each row's length ``lengths [B]``, so its tables
+    are per row; every other kind is shared and costs no copy per row."""
+    if config.rope.kind != "dynamic":
+        return rope_tables(config, positions)
+    positions = jnp.broadcast_to(positions, lengths.shape + positions.shape[-1:])
+    return jax.vmap(lambda p, n: rope_tables(config, p, seq_len=n))(positions, lengths)
 
 
 def _layer(weights: dict, index: jax.Array) -> dict:
@@ -195,33 +227,45 @@ def prefill_hidden(
     cache_size: int | None = None,
     implementation: str | None = None,
     attention_fn: AttentionFn | None = None,
+    mesh: Mesh | None = None,
 ) -> tuple[jax.Array, KVCache]:
-    """Run the prompt ``tokens [B, T]`` (right-padded; ``length`` real positions) through every layer.
+    """Run the prompt ``tokens [B, T]`` (right-padded) through every layer; ``length`` (an int, or
+    int32 ``[B]``: one per row) counts each row's real positions.
 
     Returns the final hidden states ``[B, T, H]`` (before the final norm) and a cache of
     ``cache_size`` (default T) positions holding the prompt's keys and values. ``attention_fn``
-    replaces the attention of every layer (tests, probes).
+    replaces the attention of every layer (tests, probes). With ``mesh`` (the weights' mesh), the
+    cache is sharded by the rules and the attention runs per shard.
     """
     c, w = params.config, params.weights
     batch, seq_len = tokens.shape
     cache_size = seq_len if cache_size is None else cache_size
     if cache_size < seq_len:
         raise ValueError(f"the prompt ({seq_len} positions) is longer than the cache ({cache_size})")
-    length = jnp.asarray(length, jnp.int32)
+    if not isinstance(length, jax.core.Tracer):  # under jit the caller checks (tmjax.api does)
+        check_windows(c, layout, int(np.max(length)))
+    length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), (batch,))
     x = _embed(params, tokens)
-    cos, sin = rope_tables(c, jnp.arange(seq_len), seq_len=length)
+    cos, sin = _rope(c, jnp.arange(seq_len), length)
     shape = (c.num_layers, batch, cache_size, c.num_kv_heads, c.head_dim)
-    carry = (x, jnp.zeros(shape, x.dtype), jnp.zeros(shape, x.dtype))
+    cache = [jnp.zeros(shape, x.dtype), jnp.zeros(shape, x.dtype)]
+    if mesh is not None:
+        cache = [jax.lax.with_sharding_constraint(a, sharding.named(sharding.CACHE_AXES, mesh)) for a in cache]
+    carry = (x, *cache)
     layer = DecoderLayer(c)
 
     for start, stop, how in layer_plan(c, layout, seq_len):
-        def body(i: jax.Array, carry: tuple, how: LayerAttention = how) -> tuple:
+        op = functools.partial(_prefill_attention, how, implementation=implementation)
+        if mesh is not None:
+            op = sharding.shard_attention(op, mesh)
+
+        def body(i: jax.Array, carry: tuple, op: sharding.AttentionOp = op) -> tuple:
             x, cache_k, cache_v = carry
 
             def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple]:
                 if attention_fn is not None:
                     return attention_fn(i, q, k, v, length), (k, v)
-                return _prefill_attention(how, q, k, v, length, implementation), (k, v)
+                return op(q, k, v, length), (k, v)
 
             x, (k, v) = layer.apply({"params": _layer(w["layers"], i)}, x, cos, sin, attend)
             cache_k = lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (i, 0, 0, 0, 0))
@@ -250,33 +294,35 @@ def full_logits(
 
 def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, position: jax.Array,
                       window: jax.Array | None) -> jax.Array:
-    """One query per sequence, ``q [B, 1, Hq, D]``, against ``k/v [B, S, Hkv, D]``: keys at
-    ``<= position`` (and ``> position - window`` where the window is > 0) are visible."""
+    """One query per sequence, ``q [B, 1, Hq, D]``, against ``k/v [B, S, Hkv, D]``: row ``b`` sees the
+    keys at ``<= position[b]`` (and ``> position[b] - window`` where the window is > 0)."""
     batch, _, num_heads, dim = q.shape
     num_kv = k.shape[2]
     qg = q.reshape(batch, num_kv, num_heads // num_kv, dim)
     scores = jnp.einsum("bhgd,bshd->bhgs", qg, k, preferred_element_type=jnp.float32) * (dim ** -0.5)
-    keys = jnp.arange(k.shape[1])
-    visible = keys <= position
+    keys = jnp.arange(k.shape[1])[None, :]
+    visible = keys <= position[:, None]  # [B, S]
     if window is not None:
-        visible &= (window == 0) | (keys > position - window)
-    scores = jnp.where(visible, scores, -jnp.inf)
+        visible &= (window == 0) | (keys > position[:, None] - window)
+    scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhgs,bshd->bhgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(batch, 1, num_heads, dim).astype(q.dtype)
 
 
 def decode(params: Params, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """One step: ``tokens [B]`` at position ``cache.length``; dense attention over the cache.
+    """One step: ``tokens [B]``, row ``b`` at its own position ``cache.length[b]``; dense attention
+    over the cache.
 
     Returns float32 logits ``[B, V]`` and the cache with the step's keys/values written. With
-    dynamic RoPE the frequencies follow the length so far, as transformers' cached decoding does.
-    The caller ensures ``cache.length < cache.max_length``.
+    dynamic RoPE the frequencies follow each row's length so far, as transformers' cached decoding
+    does. The caller ensures ``cache.length < cache.max_length``.
     """
     c, w = params.config, params.weights
     position = cache.length
+    rows = jnp.arange(position.shape[0])
     x = _embed(params, tokens)[:, None]
-    cos, sin = rope_tables(c, position[None], seq_len=position + 1)
+    cos, sin = _rope(c, position[:, None], position + 1)
     windows = None
     if c.sliding_window is not None:
         windows = jnp.asarray([c.layer_window(i) or 0 for i in range(c.num_layers)], jnp.int32)
@@ -286,8 +332,8 @@ def decode(params: Params, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array
         x, cache_k, cache_v = carry
 
         def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple]:
-            new_k = lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (i, 0, position, 0, 0))
-            new_v = lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (i, 0, position, 0, 0))
+            new_k = cache_k.at[i, rows, position].set(k[:, 0].astype(cache_k.dtype))
+            new_v = cache_v.at[i, rows, position].set(v[:, 0].astype(cache_v.dtype))
             out = _decode_attention(q, lax.dynamic_index_in_dim(new_k, i, keepdims=False),
                                     lax.dynamic_index_in_dim(new_v, i, keepdims=False), position,
                                     None if windows is None else windows[i])

@@ -96,9 +96,10 @@ def rope_tables(config: ModelConfig, positions: jax.Array, seq_len: int | jax.Ar
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate ``x [B, T, H, D]`` by tables ``[T, D]`` (cast to x's dtype first, as transformers does)."""
-    cos = cos.astype(x.dtype)[None, :, None, :]
-    sin = sin.astype(x.dtype)[None, :, None, :]
+    """Rotate ``x [B, T, H, D]`` by tables ``[T, D]`` or ``[B, T, D]`` (per row), cast to x's dtype
+    first, as transformers does."""
+    cos = cos.astype(x.dtype)[..., None, :]
+    sin = sin.astype(x.dtype)[..., None, :]
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin

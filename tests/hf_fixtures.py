@@ -6,8 +6,10 @@ match, so every parameter is re-drawn large: norm weights N(1, 0.3), everything 
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
+from collections.abc import Callable
 
 import chex
 import numpy as np
@@ -42,6 +44,20 @@ def save_tiny_model(path: pathlib.Path, family: str, seed: int = 0, **overrides:
                 param.normal_(0.0, 0.15)
     model.save_pretrained(path)
     return path
+
+
+def tiny_models(tmp_path_factory: object, specs: dict[str, tuple[str, dict]]
+                ) -> Callable[[str], tuple[pathlib.Path, Params]]:
+    """A cached builder for a test module's fixture: ``name -> (saved folder, our Params)`` of the tiny
+    model ``specs[name] = (family, overrides)``, saved once under pytest's ``tmp_path_factory``."""
+
+    @functools.cache
+    def build(name: str) -> tuple[pathlib.Path, Params]:
+        family, overrides = specs[name]
+        path = save_tiny_model(tmp_path_factory.mktemp(name), family, **overrides)
+        return path, load_tmjax(path)
+
+    return build
 
 
 def load_hf(path: pathlib.Path, dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:

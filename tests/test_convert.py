@@ -166,7 +166,7 @@ def test_force_never_deletes_a_folder_that_is_not_a_checkpoint(models, tmp_path,
     dst.mkdir()
     (dst / "notes.txt").write_text("keep me")
     assert run(models["qwen2"][1], dst, "--force") == 1
-    assert "not a tmjax checkpoint" in capsys.readouterr().err
+    assert "refusing to replace" in capsys.readouterr().err
     assert (dst / "notes.txt").read_text() == "keep me"
 
 
@@ -318,7 +318,7 @@ def test_sigterm_mid_conversion_leaves_nothing_loadable(tmp_path):
     if proc.returncode == 0:  # it finished before the signal landed: then it must be complete
         ckpt.load(dst)
     else:
-        assert proc.returncode == 130, err
+        assert proc.returncode == 128 + signal.SIGTERM, err
         assert not dst.exists()
     assert leftovers(tmp_path) == []
 
@@ -355,10 +355,15 @@ def test_load_refuses_incomplete_checkpoints(models, tmp_path):
     for i, (message, edit) in enumerate(cases.items()):
         with pytest.raises(ValueError, match=message):
             ckpt.load(broken(f"b{i}", edit))
-    mismatched = broken("shape", lambda f: (f / "config.json").write_text(
-        json.dumps({**json.loads((good / "config.json").read_text()), "intermediate_size": 40})))
-    with pytest.raises(ValueError, match="cannot restore"):
-        ckpt.load(mismatched)
+    def mismatch(f):  # a config edited consistently with the manifest: the stored shapes disagree
+        (f / "config.json").write_text(
+            json.dumps({**json.loads((good / "config.json").read_text()), "intermediate_size": 40}))
+        meta = json.loads((f / "tmjax.json").read_text())
+        (f / "tmjax.json").write_text(json.dumps({**meta, "files": ckpt.build_manifest(f)}))
+
+    expected = r"cannot restore .*'layers/mlp/down_proj/kernel' has shape \(2, 48, 32\) but config.json implies \(2, 40, 32\)"
+    with pytest.raises(ValueError, match=expected):
+        ckpt.load(broken("shape", mismatch))
 
 
 def test_tokenizer_helper_reads_the_copied_files(tmp_path):
@@ -387,7 +392,10 @@ def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(model: torch.nn.Module, path: Path, arch: str = "llama") -> None:
+def write_tiny_gguf(model: torch.nn.Module, path: Path, arch: str = "llama", edit=None,
+                    vocab_size: bool = True) -> None:
+    """``edit(gguf_name, array)`` may replace a tensor before it is written, or drop it (None);
+    ``vocab_size=False`` leaves out that metadata key (llama.cpp often does)."""
     c = model.config
     out = gguf.GGUFWriter(str(path), arch)
     out.add_block_count(c.num_hidden_layers)
@@ -398,7 +406,8 @@ def write_tiny_gguf(model: torch.nn.Module, path: Path, arch: str = "llama") -> 
     out.add_head_count_kv(c.num_key_value_heads)
     out.add_rope_freq_base(50000.0)
     out.add_layer_norm_rms_eps(c.rms_norm_eps)
-    out.add_vocab_size(c.vocab_size)
+    if vocab_size:
+        out.add_vocab_size(c.vocab_size)
     for name, tensor in model.state_dict().items():
         w = tensor.float().numpy()
         parts = name.removeprefix("model.").split(".")
@@ -410,7 +419,11 @@ def write_tiny_gguf(model: torch.nn.Module, path: Path, arch: str = "llama") -> 
             w = _llama_cpp_permute(w, c.num_attention_heads)
         if "k_proj" in name:
             w = _llama_cpp_permute(w, c.num_key_value_heads)
-        out.add_tensor(gname, w.astype(np.float16) if "mlp" in name else w)
+        w = w.astype(np.float16) if "mlp" in name else w
+        if edit is not None:
+            w = edit(gname, w)
+        if w is not None:
+            out.add_tensor(gname, w)
     out.write_header_to_file()
     out.write_kv_data_to_file()
     out.write_tensors_to_file()

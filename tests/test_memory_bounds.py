@@ -34,8 +34,8 @@ def prefill_temp_bytes(batch: int, layout: TriangleMix | None, vocab: int = VOCA
     config = dataclasses.replace(CONFIG, vocab_size=vocab)
     params = Params(config, param_shapes(config, jnp.float32))
     tokens = jax.ShapeDtypeStruct((batch, T), jnp.int32)
-    length = jax.ShapeDtypeStruct((), jnp.int32)
-    compiled = api._prefill.lower(params, tokens, length, layout, None, T + 128).compile()
+    length = jax.ShapeDtypeStruct((batch,), jnp.int32)  # one length per row
+    compiled = api._prefill.lower(params, tokens, length, layout, None, T + 128, None).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 

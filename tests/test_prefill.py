@@ -3,7 +3,6 @@ padding and bucketing invariance, decoding after a Triangle prefill, generation,
 
 from __future__ import annotations
 
-import functools
 
 import chex
 import jax
@@ -22,25 +21,23 @@ from tmjax.pallas_kernels.reference import causal_mask, masked_attention, triang
 # Small enough that the triangle hides keys at T = 28: sinks 2, window 4, last 3 rows dense.
 LAYOUT = TriangleMix(switch_layer=1, n_init=2, n_local=4, n_last=3)
 T = 28
+# name -> (family, overrides) of the tiny models (large random weights); test_batch_lengths uses them too
+MODELS = {
+    "llama": ("llama", dict(num_hidden_layers=3)),
+    "qwen3": ("qwen3", dict(head_dim=32, num_hidden_layers=3)),
+    "mistral-window": ("mistral", dict(sliding_window=8)),
+    "mistral-window100": ("mistral", dict(sliding_window=100)),
+    # the base grows with the true length: 28 > 16 positions
+    "dynamic": ("llama", dict(max_position_embeddings=16,
+                              rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0))),
+}
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """name -> our Params of a saved tiny model with large random weights."""
-    specs = {
-        "llama": ("llama", dict(num_hidden_layers=3)),
-        "qwen3": ("qwen3", dict(head_dim=32, num_hidden_layers=3)),
-        "mistral-window": ("mistral", dict(sliding_window=8)),
-        "dynamic": ("llama", dict(max_position_embeddings=16,
-                                  rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0))),
-    }
-
-    @functools.cache
-    def build(name: str):
-        family, overrides = specs[name]
-        return hf_fixtures.load_tmjax(hf_fixtures.save_tiny_model(tmp_path_factory.mktemp(name), family, **overrides))
-
-    return build
+    """name -> our Params of ``MODELS[name]``."""
+    build = hf_fixtures.tiny_models(tmp_path_factory, MODELS)
+    return lambda name: build(name)[1]
 
 
 def _tokens(seed: int, length: int, batch: int = 2) -> np.ndarray:
@@ -84,7 +81,7 @@ def test_padding_changes_nothing(models, name, layout):
     tokens = _tokens(1, T)
     logits, cache = api.prefill(params, tokens, layout)
     hidden, exact = jax.jit(decoder.prefill_hidden, static_argnames=("layout",))(params, tokens, T, layout=layout)
-    assert cache.max_length >= 128 + 256 and int(cache.length) == T
+    assert cache.max_length >= 128 + 256 and cache.length.tolist() == [T, T]
     chex.assert_trees_all_close(logits, decoder.logits(params, hidden[:, -1]), atol=1e-5, rtol=1e-5)
     chex.assert_trees_all_close((cache.k[:, :, :T], cache.v[:, :, :T]), (exact.k, exact.v), atol=1e-5, rtol=1e-5)
 
@@ -101,6 +98,11 @@ def test_prompt_lengths_in_one_bucket_compile_once(monkeypatch):
     assert traces == [(1, 128)]
     api.prefill(params, _tokens(2, 129, batch=1) % 97)
     assert traces == [(1, 128), (1, 256)]
+    # a batch of different lengths compiles once per bucket of its longest row
+    for lengths in ((5, 77), (128, 3), (40, 40)):
+        api.prefill(params, [np.ones(n, np.int32) for n in lengths])
+    api.prefill(params, [np.ones(n, np.int32) for n in (129, 4)])
+    assert traces == [(1, 128), (1, 256), (2, 128), (2, 256)]
 
 
 @pytest.mark.parametrize("bucket_input, expected", [(1, 128), (128, 128), (129, 256), (1024, 1024), (1025, 1152),
@@ -158,7 +160,8 @@ def test_generate_stops_at_eos_and_pads_with_it(models):
             row[hits[0]:] = eos
     assert not np.array_equal(expected, free)
     np.testing.assert_array_equal(api.generate(params, tokens, 8, eos_token_id=eos), expected)
-    np.testing.assert_array_equal(api.generate(params, tokens, 8, eos_token_id=[300, eos]), expected)
+    unused = next(i for i in range(params.config.vocab_size) if i not in free)  # an id that never comes up
+    np.testing.assert_array_equal(api.generate(params, tokens, 8, eos_token_id=[unused, eos]), expected)
     # an unbatched prompt whose row finishes stops decoding early and still returns a full row
     np.testing.assert_array_equal(api.generate(params, tokens[0], 8, eos_token_id=eos), expected[0])
     # unbatched prefill / decode_step: [V] logits, and they continue the greedy sequence
@@ -196,8 +199,7 @@ def test_init_params_follows_param_shapes():
 @pytest.mark.parametrize(
     "tokens, needle",
     [
-        (np.zeros((1, 8), np.float32), "integers"),
-        (np.zeros((1, 2, 8), np.int32), "rank"),
+        (np.zeros((1, 2, 8), np.int32), "shape"),
         (np.full((1, 8), 256, np.int32), "token ids"),
         (np.full((1, 8), -1, np.int32), "token ids"),
         (np.zeros((1, 0), np.int32), "empty"),
@@ -205,6 +207,8 @@ def test_init_params_follows_param_shapes():
 )
 def test_bad_tokens_raise(models, tokens, needle):
     params = models("llama")
+    with pytest.raises(TypeError, match="integers"):
+        api.prefill(params, tokens.astype(np.float32))
     with pytest.raises(ValueError, match=needle):
         api.prefill(params, tokens)
     with pytest.raises(ValueError, match=needle):
@@ -240,6 +244,21 @@ def test_triangle_on_a_windowed_layer_raises(models):
     params = models("mistral-window")
     with pytest.raises(ValueError, match="sliding window of 8"):
         api.prefill(params, _tokens(8, T), LAYOUT)
+
+
+def test_triangle_on_a_windowed_layer_follows_the_true_prompt_length(models):
+    """A window of 100 hides nothing from a 28-token prompt, even though the bucket is 128 long: the
+    triangle alone is exact there. A 150-token prompt is refused, naming both numbers."""
+    params = models("mistral-window100")
+    tokens = _tokens(10, T)
+    masks = {"triangle": triangle_mask(T, LAYOUT.n_init, LAYOUT.n_local, LAYOUT.n_last), "dense": causal_mask(T)}
+    reference = _full_logits(params, tokens, attention_fn=_reference_attention(LAYOUT.switch_layer, masks))
+    logits, _ = api.prefill(params, tokens, LAYOUT)
+    hf_fixtures.assert_close_to_scale(logits, reference[:, -1], tol=1e-5)
+    with pytest.raises(ValueError, match="window of 100 < the prompt length 150"):
+        api.prefill(params, _tokens(10, 150), LAYOUT)
+    with pytest.raises(ValueError, match="window of 100 < the prompt length 150"):
+        api.generate(params, [tokens[0], _tokens(11, 150)[0]], 2, LAYOUT)
 
 
 def test_bfloat16_weights_run_in_bfloat16(models):

@@ -251,7 +251,7 @@ def _contract_masks(columns: np.ndarray, diagonals: np.ndarray, length: np.ndarr
     for i in range(b):
         for h in range(heads):
             masks[i, h * q_heads // heads : (h + 1) * q_heads // heads] = reference.vertical_slash_mask(
-                seq_len, int(length), columns[i, h], diagonals[i, h])
+                seq_len, int(length[i]), columns[i, h], diagonals[i, h])
     return masks
 
 

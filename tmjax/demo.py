@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 
 import jax
@@ -71,6 +72,26 @@ def _run(params, tokens: np.ndarray, layout, max_new_tokens: int, eos_id: int | 
     )
 
 
+def _check_args(args: argparse.Namespace) -> None:
+    """Every option checked before the model is converted or loaded (``ValueError`` naming it)."""
+    limits = (("--depth", args.depth, 0.0 <= args.depth <= 1.0, "within 0..1"),
+              ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 2, "at least 2"),
+              ("--prompt-tokens", args.prompt_tokens, args.prompt_tokens >= 200, "at least 200"),
+              ("--n-init", args.n_init, args.n_init >= 0, ">= 0"),
+              ("--n-local", args.n_local, args.n_local >= 1, ">= 1 (the diagonal)"),
+              ("--n-last", args.n_last, args.n_last >= 0, ">= 0"))
+    for flag, value, ok, rule in limits:
+        if not ok:
+            raise ValueError(f"{flag} must be {rule}, got {value}")
+    if args.switch_layer is not None:
+        from tmjax.default_model import num_layers
+
+        layers = num_layers(args.dtype)
+        if not 0 <= args.switch_layer <= layers:
+            raise ValueError(f"--switch-layer must be in 0..{layers} (the model has {layers} layers; {layers} "
+                             f"means all dense), got {args.switch_layer}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tmjax demo", description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-tokens", type=int, default=4000, help="approximate prompt length (default 4000)")
@@ -83,14 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if not 0.0 <= args.depth <= 1.0:
-        parser.error(f"--depth must be within 0..1, got {args.depth}")
-    if args.max_new_tokens < 2:
-        parser.error(f"--max-new-tokens must be at least 2, got {args.max_new_tokens}")
-    if args.prompt_tokens < 200:
-        parser.error(f"--prompt-tokens must be at least 200, got {args.prompt_tokens}")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help or a usage error (argparse has printed it)
+        return int(exit_.code or 0)
+    try:
+        _check_args(args)
+        return _demo(args)
+    except (ValueError, OSError) as err:
+        print(f"tmjax demo: error: {err}", file=sys.stderr)
+        return 1
 
+
+def _demo(args: argparse.Namespace) -> int:
     import tmjax
     from tmjax.checkpoint import tokenizer as load_tokenizer
     from tmjax.default_model import smollm2_checkpoint

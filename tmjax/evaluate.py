@@ -350,9 +350,43 @@ def run_cli(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.
         return int(exit_.code or 0)
     try:
         return run(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
+
+
+def output_folder(spec: str) -> Path:
+    """``--out`` checked before any model work: refused if it, or a folder above it, is a file."""
+    out = Path(spec)
+    for path in (out, *out.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise ValueError(f"--out {spec}: {path} is a file, not a folder; choose another --out")
+            break
+    return out
+
+
+def _probe_switch_layer(spec: str) -> int:
+    """The ``recommended_switch_layer`` of a probe.json named by ``--probe``, checked up front."""
+    try:
+        data = json.loads(Path(spec).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--probe {spec}: cannot read it as JSON ({err})") from None
+    layer = data.get("recommended_switch_layer") if isinstance(data, dict) else None
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(f"--probe {spec} has no 'recommended_switch_layer' (a layer number): pass a probe.json "
+                         "written by `tmjax probe`")
+    return layer
+
+
+def _calibrated_layout(spec: str) -> Layout | None:
+    """The ``recommended_layout`` of a calibration.json named by ``--calibration``, checked up front."""
+    try:
+        data = json.loads(Path(spec).read_text())
+        return layout_from_json(data["recommended_layout"])
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"--calibration {spec}: not a calibration.json written by `tmjax calibrate` "
+                         f"({type(err).__name__}: {err})") from None
 
 
 def eval_main(argv: Sequence[str] | None = None) -> int:
@@ -384,25 +418,23 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     names = task_list(args.tasks)
+    out = output_folder(args.out)
     triangle = dict(n_init=args.n_init, n_local=args.n_local, n_last=args.n_last)
     configs: list[int | Layout | None] = []
     if args.configs:
         configs += parse_configs(args.configs, triangle=triangle, pattern=vertical_slash(args, args.vertical, args.slash))
     if args.switch_layers:
         configs += _layers(args.switch_layers)
-    calibrated = [layout_from_json(json.loads(Path(path).read_text())["recommended_layout"])
-                  for path in args.calibration]
+    recommended = _probe_switch_layer(args.probe) if args.probe else None
+    calibrated = [_calibrated_layout(path) for path in args.calibration]
     params, tokenizer, name = load_model(args.checkpoint, args.dtype)
     num_layers = params.config.num_layers
     if not args.configs and not args.switch_layers:
         configs = list(range(4, num_layers, 4))
     marks: dict[str, str] = {}
-    recommended = None
-    if args.probe:
-        recommended = int(json.loads(Path(args.probe).read_text())["recommended_switch_layer"])
-        if recommended < num_layers:
-            configs.append(recommended)
-            marks[config_name(TriangleMix(recommended))] = "recommended"
+    if recommended is not None and recommended < num_layers:
+        configs.append(recommended)
+        marks[config_name(TriangleMix(recommended))] = "recommended"
     for layout in calibrated:
         configs.append(layout)
         marks[config_name(layout)] = "calibrated"
@@ -416,7 +448,6 @@ def _eval(args: argparse.Namespace) -> int:
     report = {"model": name, "dtype": str(params.weights["norm"]["scale"].dtype), "max_tokens": max_tokens,
               "samples_per_task": args.samples_per_task, "seed": args.seed, "recommended_switch_layer": recommended,
               "marks": marks, "seconds": round(time.perf_counter() - started, 1), **report}
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)

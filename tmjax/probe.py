@@ -45,7 +45,7 @@ from jax import lax
 
 from tmjax import tasks
 from tmjax.api import bucket_length
-from tmjax.evaluate import add_task_arguments, load_model, run_cli, task_list
+from tmjax.evaluate import add_task_arguments, load_model, output_folder, run_cli, task_list
 from tmjax.layout import TriangleMix
 from tmjax.models import decoder
 from tmjax.models.params import Params
@@ -306,6 +306,9 @@ def probe_main(argv: Sequence[str] | None = None) -> int:
 
 def _probe_cli(args: argparse.Namespace) -> int:
     names = task_list(args.tasks)
+    out = output_folder(args.out)
+    if not 0 < args.threshold < 1:
+        raise ValueError(f"--threshold must be in (0, 1), got {args.threshold}")
     sizes = dict(n_init=args.n_init, n_local=args.n_local, n_last=args.n_last)
     params, tokenizer, name = load_model(args.checkpoint)
     max_tokens = args.max_tokens or params.config.max_position_embeddings
@@ -315,7 +318,6 @@ def _probe_cli(args: argparse.Namespace) -> int:
     examples = [tasks.encode(tokenizer, s) for s in samples]
     result = probe(params, [(e.prompt_ids, e.answer_ids) for e in examples], **sizes,
                    all_answer_tokens=args.all_answer_tokens, threshold=args.threshold)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {
         "model": name,
