@@ -311,12 +311,13 @@ def _read_probe(path: str) -> dict:
     """A probe.json's curve and recommendation, checked before any model work."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"--probe {path}: cannot read it as JSON ({err})") from None
-    missing = [key for key in ("recommended_switch_layer", "middle_normalised", "threshold") if key not in data]
+    keys = ("recommended_switch_layer", "middle_normalised", "threshold")
+    missing = [key for key in keys if key not in data] if isinstance(data, dict) else list(keys)
     if missing:
         raise ValueError(f"--probe {path} lacks {missing}: give a probe.json written by tmjax probe")
-    return {"source": path, **{key: data[key] for key in ("recommended_switch_layer", "middle_normalised", "threshold")}}
+    return {"source": path, **{key: data[key] for key in keys}}
 
 
 def _probe_here(params: Params, tokenizer: object, names: Sequence[str], args: argparse.Namespace,
