@@ -20,7 +20,7 @@ import tmjax
 from tmjax import cli, default_model
 from tmjax.convert import cli as convert_cli
 
-COMMANDS = ("convert", "generate", "demo", "probe", "eval")  # the subcommands the README documents
+COMMANDS = ("convert", "generate", "demo", "probe", "eval", "calibrate")  # the subcommands the README documents
 
 
 def test_console_script_help_lists_every_command():

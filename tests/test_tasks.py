@@ -17,7 +17,7 @@ def words(sample: tasks.Sample) -> int:
     return len(sample.prompt.split()) + len(sample.answer_prefix.split())
 
 
-@pytest.mark.parametrize("task", tasks.TASKS)
+@pytest.mark.parametrize("task", tasks.ALL_TASKS)
 def test_same_seed_same_sample_other_seed_other_sample(task):
     a = tasks.generate(task, seed=7, max_tokens=400, count=words)
     b = tasks.generate(task, seed=7, max_tokens=400, count=words)
@@ -26,7 +26,7 @@ def test_same_seed_same_sample_other_seed_other_sample(task):
     assert a.prompt != c.prompt and a.answers != c.answers
 
 
-@pytest.mark.parametrize("task", tasks.TASKS)
+@pytest.mark.parametrize("task", tasks.ALL_TASKS)
 @pytest.mark.parametrize("max_tokens", [250, 900])
 def test_fills_but_does_not_exceed_the_budget(task, max_tokens):
     sample = tasks.generate(task, seed=1, max_tokens=max_tokens, count=words)
@@ -60,15 +60,61 @@ def _answers_from_prompt(sample: tasks.Sample) -> list[str]:
     if sample.task == "common_words":
         counts = collections.Counter(re.findall(r"^\d+\. (\w+)$", text, flags=re.MULTILINE))
         return [w for w, _ in counts.most_common(10)]
+    if sample.task == "prose_recall":
+        person, fact = _prose_question(text)
+        return re.findall(rf"(?:(?<=\. )|^){person} {fact}", text, flags=re.MULTILINE)
     raise AssertionError(sample.task)
 
 
-@pytest.mark.parametrize("task", tasks.TASKS)
+# prose_recall's question -> the fact sentence that answers it, as a regex with one group and {person}.
+_PROSE_FACTS = {
+    r"What is the name of (\w+)'s boat\?": r"keeps a small boat called the (\w+) down at the harbour\.",
+    r"What is the name of (\w+)'s dog\?": r"walks a grey dog named (\w+) along the beach every morning\.",
+    r"Which locker number does (\w+) use at the railway station\?": r"uses locker number (\d+) at the railway station\.",
+    r"On which street does (\w+) rent a room\?": r"rents a room on (\w+) Street, above the bakery\.",
+}
+
+
+def _prose_question(text: str) -> tuple[str, str]:
+    """(person asked about, regex of the answering fact without its subject)."""
+    found = [(m.group(1), fact) for q, fact in _PROSE_FACTS.items() if (m := re.search(q, text))]
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.mark.parametrize("task", tasks.ALL_TASKS)
 @pytest.mark.parametrize("seed", [0, 5])
 def test_answers_are_recoverable_from_the_prompt(task, seed):
     sample = tasks.generate(task, seed=seed, max_tokens=600, count=words)
     assert sorted(_answers_from_prompt(sample)) == sorted(sample.answers)
     assert sample.max_new_tokens > 0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_prose_recall_has_distractors(seed):
+    """Besides the answer, the story states the same fact about >= 3 other people and the asked
+    person's cousin, and the asked person's other facts, all with other values."""
+    sample = tasks.generate("prose_recall", seed=seed, max_tokens=700, count=words)
+    person, fact = _prose_question(sample.prompt)
+    same_fact = re.findall(rf"(?:(?<=\. )|^)([A-Z]\w+(?:'s cousin)?) {fact}", sample.prompt, flags=re.MULTILINE)
+    holders = [who for who, _ in same_fact]
+    assert holders.count(person) == 1 and f"{person}'s cousin" in holders and len(set(holders)) >= 5
+    assert len({value for _, value in same_fact}) == len(same_fact)  # every value differs from the answer
+    about_person = re.findall(rf"(?:(?<=\. )|^){person} (?:keeps|walks|uses|rents) ", sample.prompt, flags=re.MULTILINE)
+    assert len(about_person) == 4
+    assert sample.answer_prefix.startswith(person) and sample.task not in tasks.TASKS
+
+
+def test_mixed_suite_takes_tasks_in_turn():
+    suite = tasks.generate_mixed(["niah_single", "prose_recall", "kv_retrieval"], total=7, seed=20,
+                                 max_tokens=300, count=words)
+    assert [(s.task, s.seed) for s in suite] == [
+        ("niah_single", 20), ("prose_recall", 20), ("kv_retrieval", 20),
+        ("niah_single", 21), ("prose_recall", 21), ("kv_retrieval", 21), ("niah_single", 22),
+    ]
+    assert suite[3] == tasks.generate("niah_single", seed=21, max_tokens=300, count=words)
+    with pytest.raises(ValueError, match="total >= 1"):
+        tasks.generate_mixed(["niah_single"], total=0, seed=0, max_tokens=300, count=words)
 
 
 def test_needle_depths_vary_with_the_seed():

@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "demo": ("tmjax.demo", "main", "long-prompt retrieval on SmolLM2-135M-Instruct: dense vs TriangleMix"),
     "probe": ("tmjax.probe", "probe_main", "gradient probe: per-layer section importances and a switch layer"),
     "eval": ("tmjax.evaluate", "eval_main", "long-context accuracy: dense vs TriangleMix at several switch layers"),
+    "calibrate": ("tmjax.calibrate", "calibrate_main", "the earliest switch layer whose measured divergence from dense meets a target"),
 }
 
 

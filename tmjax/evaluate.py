@@ -1,9 +1,11 @@
-"""The accuracy harness: long-context tasks under dense attention and TriangleMix at several switch layers.
+"""The accuracy harness: long-context tasks under dense attention and other layouts side by side.
 
-Every sample (``tmjax.tasks``) is prefilled once per configuration and answered greedily. Reported per
-configuration: per-task accuracy (mean ``tasks.score`` x 100), the fraction of greedy answers whose
-tokens are identical to the dense answer's, and the KL divergence ``KL(p_dense || p_config)`` of the
-first generated token's distribution (nats), which sees changes too small to flip a greedy token.
+Every sample (``tmjax.tasks``) is prefilled once per configuration (a layout: ``TriangleMix`` at a
+switch layer, with or without ``shallow=VerticalSlash``, or ``VerticalSlash`` alone) and answered
+greedily. Reported per configuration: per-task accuracy (mean ``tasks.score`` x 100), the fraction of
+greedy answers whose tokens are identical to the dense answer's with its Wilson 95% interval, and the
+KL divergence ``KL(p_dense || p_config)`` of the first generated token's distribution (nats), which
+sees changes too small to flip a greedy token.
 """
 
 from __future__ import annotations
@@ -11,23 +13,61 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 
 from tmjax import api, tasks
-from tmjax.layout import TriangleMix
+from tmjax.layout import SELECTIONS, Layout, TriangleMix, VerticalSlash, check_layout
 from tmjax.models.params import Params
 
 DENSE = "dense"
+CONFIDENCE = 0.95
+Z_SCORE = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)  # 1.95996...
+# What the accuracy report checks at a marked configuration (issue 13's targets).
+TARGETS = {"accuracy_gap": 1.0, "identical": 0.95, "identical_lower": 0.90, "first_token_kl": 1e-3}
 
 
-def config_name(switch_layer: int | None) -> str:
-    """``"dense"`` or ``"switch=<layer>"``: the key of a configuration in the report."""
-    return DENSE if switch_layer is None else f"switch={switch_layer}"
+def config_name(layout: Layout | None) -> str:
+    """The key of a configuration in reports: ``dense``, ``switch=<s>``, ``vertical-slash`` or
+    ``switch=<s>+vertical-slash`` (the budgets are in the report's ``configs``)."""
+    if layout is None:
+        return DENSE
+    if isinstance(layout, VerticalSlash):
+        return "vertical-slash"
+    return f"switch={layout.switch_layer}" + ("" if layout.shallow is None else "+vertical-slash")
+
+
+def layout_from_json(data: dict | None) -> Layout | None:
+    """The layout of a report's ``configs`` entry (``dataclasses.asdict`` of it), or None for dense."""
+    if data is None:
+        return None
+    if "switch_layer" in data:
+        shallow = data.get("shallow")
+        return TriangleMix(**{**data, "shallow": None if shallow is None else VerticalSlash(**shallow)})
+    return VerticalSlash(**data)
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_SCORE) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``successes / n`` (95% for the default ``z``).
+
+    The bounds are the two roots ``p`` of ``(successes/n - p)**2 = z**2 p (1 - p) / n``; unlike the
+    normal approximation they stay in [0, 1] and do not collapse to a point at 0 or n successes.
+    """
+    for name, value in (("successes", successes), ("n", n)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise ValueError(f"{name} must be an int, got {value!r}")
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"need n >= 1 and 0 <= successes <= n, got successes={successes}, n={n}")
+    p, z2 = successes / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return (0.0 if successes == 0 else centre - half), (1.0 if successes == n else centre + half)
 
 
 def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
@@ -41,13 +81,15 @@ def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
     return float(max(np.sum(np.exp(log_p) * (log_p - log_q)), 0.0))
 
 
-def greedy(params: Params, prompt_ids: Sequence[int], layout: TriangleMix | None, *, max_new_tokens: int,
-           stop_ids: Sequence[int], cache_room: int, implementation: str | None = None
-           ) -> tuple[np.ndarray, list[int]]:
+def greedy(params: Params, prompt_ids: Sequence[int], layout: Layout | None, *, max_new_tokens: int,
+           stop_ids: Sequence[int], cache_room: int, implementation: str | None = None,
+           follow: Sequence[int] | None = None) -> tuple[np.ndarray, list[int]]:
     """Prefill with ``layout`` then greedy decoding (dense attention over the cache) until a stop
     token or ``max_new_tokens``. Returns the first token's float32 logits ``[V]`` and the new tokens
     (the stop token excluded). ``cache_room`` >= ``max_new_tokens`` fixes the cache size, so that one
-    compiled prefill serves samples with different answer budgets."""
+    compiled prefill serves samples with different answer budgets. With ``follow`` (a reference
+    answer) decoding also stops at the first token that departs from it: the answer can no longer
+    be identical, and the rest would only cost time."""
     logits, cache = api.prefill(params, np.asarray(prompt_ids, np.int32), layout, implementation=implementation,
                                 max_new_tokens=cache_room)
     first = np.asarray(logits, np.float32)
@@ -57,22 +99,32 @@ def greedy(params: Params, prompt_ids: Sequence[int], layout: TriangleMix | None
         out.append(token)
         if len(out) == max_new_tokens:
             break
+        if follow is not None and (len(out) > len(follow) or token != follow[len(out) - 1]):
+            break
         logits, cache = api.decode_step(params, np.int32(token), cache)
         token = int(np.argmax(np.asarray(logits)))
     return first, out
 
 
-def evaluate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample], switch_layers: Sequence[int], *,
-             n_init: int = 8, n_local: int = 512, n_last: int = 128, implementation: str | None = None) -> dict:
-    """Run ``samples`` dense and with TriangleMix at each of ``switch_layers``; returns the report dict
-    (``results`` per configuration, ``samples`` with every answer)."""
+def evaluate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample], configs: Sequence[int | Layout | None],
+             *, n_init: int = 8, n_local: int = 512, n_last: int = 128, implementation: str | None = None) -> dict:
+    """Run ``samples`` dense and with each of ``configs``: layouts, or switch layers ``s`` standing for
+    ``TriangleMix(s, n_init, n_local, n_last)``. Returns the report dict (``results`` per
+    configuration, ``samples`` with every answer)."""
     if not samples:
         raise ValueError("evaluate needs at least one sample, got none")
-    layouts: dict[str, TriangleMix | None] = {DENSE: None}
-    for layer in switch_layers:
-        layout = TriangleMix(switch_layer=layer, n_init=n_init, n_local=n_local, n_last=n_last)
-        layout.check_layers(params.config.num_layers)
-        layouts[config_name(layer)] = layout
+    layouts: dict[str, Layout | None] = {DENSE: None}
+    for config in configs:
+        layout = TriangleMix(switch_layer=config, n_init=n_init, n_local=n_local, n_last=n_last) \
+            if isinstance(config, int) and not isinstance(config, bool) else config
+        check_layout(layout)
+        if layout is not None:
+            layout.check_layers(params.config.num_layers)
+        name = config_name(layout)
+        if layouts.get(name, layout) != layout:
+            raise ValueError(f"two configurations are both named {name!r} ({layouts[name]} and {layout}); "
+                             "compare one vertical-slash budget per run")
+        layouts[name] = layout
     stop_ids = [i for i in (tokenizer.eos_token_id,) if i is not None]
     cache_room = max(s.max_new_tokens for s in samples)
     rows = []
@@ -98,62 +150,97 @@ def evaluate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample],
 
 def summarise(rows: Sequence[dict], names: Sequence[str]) -> dict:
     """Per configuration: accuracy per task and averaged over tasks (percent), fraction of answers
-    identical to dense, and the mean and max first-token KL over samples."""
+    identical to dense (and the count, the number of samples and its Wilson 95% interval), and the
+    mean and max first-token KL over samples."""
     task_names = list(dict.fromkeys(row["task"] for row in rows))
     results = {}
     for name in names:
         accuracy = {t: 100.0 * float(np.mean([r["configs"][name]["score"] for r in rows if r["task"] == t]))
                     for t in task_names}
         kls = [r["configs"][name]["first_token_kl"] for r in rows]
+        identical = sum(bool(r["configs"][name]["identical_to_dense"]) for r in rows)
         results[name] = {
             "accuracy": accuracy,
             "average": float(np.mean(list(accuracy.values()))),
-            "identical_to_dense": float(np.mean([r["configs"][name]["identical_to_dense"] for r in rows])),
+            "identical_to_dense": identical / len(rows),
+            "identical_count": identical,
+            "samples": len(rows),
+            "identical_to_dense_interval": list(wilson_interval(identical, len(rows))),
             "first_token_kl_mean": float(np.mean(kls)),
             "first_token_kl_max": float(np.max(kls)),
         }
     return results
 
 
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.0f}%"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def targets_line(name: str, label: str, results: dict) -> str:
+    """One sentence checking ``TARGETS`` at configuration ``name`` against dense."""
+    r, dense = results[name], results[DENSE]
+    gap = dense["average"] - r["average"]
+    low, high = r["identical_to_dense_interval"]
+    return (f"At {name} ({label}): average accuracy {r['average']:.1f} vs dense {dense['average']:.1f} "
+            f"(gap {gap:+.1f} points; target <= {TARGETS['accuracy_gap']:g}: {_met(gap <= TARGETS['accuracy_gap'])}); "
+            f"{r['identical_count']}/{r['samples']} = {_percent(r['identical_to_dense'])} of greedy answers identical "
+            f"to dense, Wilson 95% interval {_percent(low)}-{_percent(high)} (targets: point >= "
+            f"{_percent(TARGETS['identical'])}: {_met(r['identical_to_dense'] >= TARGETS['identical'])}, lower bound >= "
+            f"{_percent(TARGETS['identical_lower'])}: {_met(low >= TARGETS['identical_lower'])}); mean first-token KL "
+            f"{r['first_token_kl_mean']:.1e} (target <= {TARGETS['first_token_kl']:g}: "
+            f"{_met(r['first_token_kl_mean'] <= TARGETS['first_token_kl'])}).")
+
+
 def markdown(report: dict, recommended: int | None = None) -> str:
-    """The results table (one row per configuration), with the targets checked at ``recommended``."""
+    """The results table (one row per configuration), each configuration labelled by ``report["marks"]``
+    (name -> label, e.g. ``calibrated``) and ``recommended`` (a switch layer, labelled ``recommended``);
+    the targets are checked at each ``calibrated`` configuration, else at the ``recommended`` one."""
     results = report["results"]
+    marks = dict(report.get("marks", {}))
+    if recommended is not None:
+        marks.setdefault(config_name(TriangleMix(recommended)), "recommended")
     task_names = list(results[DENSE]["accuracy"])
-    head = ["config", *task_names, "average", "identical to dense", "KL mean", "KL max"]
+    head = ["config", *task_names, "average", "identical to dense", "95% interval", "KL mean", "KL max"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
-        mark = " (recommended)" if recommended is not None and name == config_name(recommended) else ""
+        mark = f" ({marks[name]})" if name in marks else ""
+        low, high = r["identical_to_dense_interval"]
         cells = [name + mark, *(f"{r['accuracy'][t]:.1f}" for t in task_names), f"{r['average']:.1f}",
-                 f"{100 * r['identical_to_dense']:.0f}%", f"{r['first_token_kl_mean']:.2e}",
-                 f"{r['first_token_kl_max']:.2e}"]
+                 _percent(r["identical_to_dense"]), f"{_percent(low)}-{_percent(high)}",
+                 f"{r['first_token_kl_mean']:.2e}", f"{r['first_token_kl_max']:.2e}"]
         lines.append("| " + " | ".join(cells) + " |")
-    if recommended is not None and config_name(recommended) in results:
-        r, dense = results[config_name(recommended)], results[DENSE]
-        gap = dense["average"] - r["average"]
-        lines += ["", f"At the recommended switch layer {recommended}: average accuracy {r['average']:.1f} vs dense "
-                  f"{dense['average']:.1f} (gap {gap:+.1f} points; target <= 1: {'met' if gap <= 1 else 'NOT met'}); "
-                  f"{100 * r['identical_to_dense']:.0f}% of greedy answers identical to dense "
-                  f"(target >= 95%: {'met' if r['identical_to_dense'] >= 0.95 else 'NOT met'})."]
+    for label in ("calibrated", "recommended"):
+        checked = [name for name, mark in marks.items() if mark == label and name in results]
+        lines += [line for name in checked for line in ("", targets_line(name, label, results))]
+        if checked:
+            break
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: Path, title: str, recommended: int | None = None) -> None:
-    """Average accuracy and identical-answer fraction against the switch layer, dense as a line."""
+def plot(report: dict, path: Path, title: str) -> None:
+    """Per configuration: the identical-answer rate with its Wilson 95% interval and the average
+    accuracy, dense's accuracy as a line; configurations in report order, labelled with their marks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = sorted(c["switch_layer"] for c in report["configs"].values() if c is not None)
-    results = report["results"]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(layers, [results[config_name(s)]["average"] for s in layers], "-o", label="TriangleMix average accuracy")
-    ax.plot(layers, [100 * results[config_name(s)]["identical_to_dense"] for s in layers], "-s",
-            label="% answers identical to dense")
+    results, marks = report["results"], report.get("marks", {})
+    names = list(results)
+    x = np.arange(len(names))
+    rate = np.array([100 * results[n]["identical_to_dense"] for n in names])
+    low, high = (np.array([100 * results[n]["identical_to_dense_interval"][i] for n in names]) for i in (0, 1))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(names) + 2), 4.5))
+    ax.errorbar(x, rate, yerr=[rate - low, high - rate], fmt="s", capsize=4,
+                label="% greedy answers identical to dense (Wilson 95%)")
+    ax.plot(x, [results[n]["average"] for n in names], "o", label="average task accuracy")
     ax.axhline(results[DENSE]["average"], color="black", linestyle=":", label="dense average accuracy")
-    if recommended is not None:
-        ax.axvline(recommended, color="grey", linestyle="--", label=f"recommended switch layer {recommended}")
-    ax.set_xlabel("switch layer (first Triangle layer)")
+    ax.set_xticks(x, [n + (f"\n({marks[n]})" if n in marks else "") for n in names], rotation=30, ha="right",
+                  fontsize=8)
     ax.set_ylabel("percent")
     ax.set_ylim(-2, 102)
     ax.set_title(title)
@@ -171,12 +258,61 @@ def _layers(spec: str) -> list[int]:
     return sorted(set(layers))
 
 
-def add_task_arguments(parser: argparse.ArgumentParser, *, samples_per_task: int) -> None:
+def _order(layout: Layout | None) -> tuple[int, int]:
+    """Report order: dense, TriangleMix by switch layer, vertical-slash, TriangleMix + vertical-slash."""
+    if layout is None:
+        return -1, 0
+    if isinstance(layout, VerticalSlash):
+        return 1, 0
+    return (0 if layout.shallow is None else 2), layout.switch_layer
+
+
+def parse_configs(spec: str, *, triangle: dict, pattern: VerticalSlash) -> list[Layout | None]:
+    """``--configs``: comma-separated ``dense``, ``tm:<layer>`` (TriangleMix with the ``triangle`` sizes),
+    ``vs`` (``pattern`` in every layer) and ``tm:<layer>+vs`` (TriangleMix, ``pattern`` below it)."""
+    layouts: list[Layout | None] = []
+    for item in (part.strip() for part in spec.split(",")):
+        head, plus, tail = item.partition("+")
+        kind, colon, layer = head.partition(":")
+        if item == DENSE:
+            layouts.append(None)
+        elif item == "vs":
+            layouts.append(pattern)
+        elif kind == "tm" and colon and layer.isdigit() and (not plus or tail == "vs"):
+            layouts.append(TriangleMix(int(layer), **triangle, shallow=pattern if plus else None))
+        else:
+            raise ValueError(f"--configs: cannot read {item!r}; use dense, tm:<layer>, vs or tm:<layer>+vs "
+                             "(e.g. --configs dense,tm:22,vs,tm:22+vs)")
+    return layouts
+
+
+def add_vertical_slash_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``VerticalSlash`` options other than its budgets (``tmjax eval`` and ``tmjax calibrate``)."""
+    default = VerticalSlash()
+    parser.add_argument("--last-q", type=int, default=default.last_q,
+                        help=f"vertical-slash: queries that estimate the pattern (default {default.last_q})")
+    parser.add_argument("--force-vertical", type=int, default=default.force_vertical,
+                        help=f"vertical-slash: first columns always kept (default {default.force_vertical})")
+    parser.add_argument("--force-slash", type=int, default=default.force_slash,
+                        help=f"vertical-slash: first diagonals always kept (default {default.force_slash})")
+    parser.add_argument("--selection", choices=SELECTIONS, default=default.selection,
+                        help=f"vertical-slash: one selection per KV group or per head (default {default.selection})")
+
+
+def vertical_slash(args: argparse.Namespace, vertical: int, slash: int) -> VerticalSlash:
+    """A ``VerticalSlash`` with these budgets and the options of ``add_vertical_slash_arguments``."""
+    return VerticalSlash(vertical=vertical, slash=slash, last_q=args.last_q, force_vertical=args.force_vertical,
+                         force_slash=args.force_slash, selection=args.selection)
+
+
+def add_task_arguments(parser: argparse.ArgumentParser, *, samples_per_task: int,
+                       default_tasks: Sequence[str] = tasks.ALL_TASKS) -> None:
     """Options shared by ``tmjax probe`` and ``tmjax eval``: model, tasks, lengths, triangle sizes."""
     parser.add_argument("--checkpoint", default=None,
                         help="tmjax checkpoint folder (default: SmolLM2-135M-Instruct, converted on first use)")
-    parser.add_argument("--tasks", default=",".join(tasks.TASKS),
-                        help=f"comma-separated task names (default: all of {','.join(tasks.TASKS)})")
+    parser.add_argument("--tasks", default=",".join(default_tasks),
+                        help=f"comma-separated task names, from {','.join(tasks.ALL_TASKS)} "
+                             f"(default: {','.join(default_tasks)})")
     parser.add_argument("--samples-per-task", type=int, default=samples_per_task)
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="prompt + answer budget in tokens (default: the model's max_position_embeddings)")
@@ -199,9 +335,9 @@ def load_model(checkpoint: str | None, dtype: str | None = None) -> tuple[Params
 def task_list(spec: str) -> list[str]:
     """``--tasks`` parsed and checked."""
     names = [name.strip() for name in spec.split(",") if name.strip()]
-    unknown = [name for name in names if name not in tasks.TASKS]
+    unknown = [name for name in names if name not in tasks.ALL_TASKS]
     if unknown or not names:
-        raise ValueError(f"unknown or missing task names {unknown or spec!r}; choose from {tasks.TASKS}")
+        raise ValueError(f"unknown or missing task names {unknown or spec!r}; choose from {tasks.ALL_TASKS}")
     return names
 
 
@@ -243,14 +379,37 @@ def _probe_switch_layer(spec: str) -> int:
     return layer
 
 
+def _calibrated_layout(spec: str) -> Layout | None:
+    """The ``recommended_layout`` of a calibration.json named by ``--calibration``, checked up front."""
+    try:
+        data = json.loads(Path(spec).read_text())
+        return layout_from_json(data["recommended_layout"])
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"--calibration {spec}: not a calibration.json written by `tmjax calibrate` "
+                         f"({type(err).__name__}: {err})") from None
+
+
 def eval_main(argv: Sequence[str] | None = None) -> int:
     """``tmjax eval``: writes ``accuracy.json``, ``accuracy.md`` and ``accuracy.png`` to ``--out``."""
     parser = argparse.ArgumentParser(prog="tmjax eval", description=__doc__.splitlines()[0])
     add_task_arguments(parser, samples_per_task=5)
     parser.add_argument("--switch-layers", default=None,
-                        help="comma-separated switch layers to compare with dense (default: every 4th layer)")
+                        help="comma-separated switch layers to compare with dense (default: every 4th layer, "
+                             "unless --configs is given)")
+    parser.add_argument("--configs", default=None,
+                        help="comma-separated configurations: dense, tm:<layer> (TriangleMix), vs (vertical-slash "
+                             "in every layer), tm:<layer>+vs (TriangleMix, vertical-slash below the switch layer); "
+                             "e.g. dense,tm:22,vs,tm:22+vs")
+    parser.add_argument("--vertical", type=int, default=VerticalSlash().vertical,
+                        help=f"vertical-slash: kept columns (default {VerticalSlash().vertical})")
+    parser.add_argument("--slash", type=int, default=VerticalSlash().slash,
+                        help=f"vertical-slash: kept diagonals (default {VerticalSlash().slash})")
+    add_vertical_slash_arguments(parser)
     parser.add_argument("--probe", default=None,
                         help="a probe.json: its recommended switch layer is added and marked in the report")
+    parser.add_argument("--calibration", action="append", default=[],
+                        help="a calibration.json (tmjax calibrate): its recommended layout is added, marked "
+                             "calibrated, and checked against the targets (repeat for several)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="compute dtype (default: the checkpoint's)")
     parser.add_argument("--implementation", default=None, help="attention backend (default: the platform's)")
@@ -258,28 +417,42 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    requested, names = _layers(args.switch_layers) if args.switch_layers else None, task_list(args.tasks)
+    names = task_list(args.tasks)
     out = output_folder(args.out)
+    triangle = dict(n_init=args.n_init, n_local=args.n_local, n_last=args.n_last)
+    configs: list[int | Layout | None] = []
+    if args.configs:
+        configs += parse_configs(args.configs, triangle=triangle, pattern=vertical_slash(args, args.vertical, args.slash))
+    if args.switch_layers:
+        configs += _layers(args.switch_layers)
     recommended = _probe_switch_layer(args.probe) if args.probe else None
+    calibrated = [_calibrated_layout(path) for path in args.calibration]
     params, tokenizer, name = load_model(args.checkpoint, args.dtype)
     num_layers = params.config.num_layers
-    layers = requested if requested is not None else list(range(4, num_layers, 4))
+    if not args.configs and not args.switch_layers:
+        configs = list(range(4, num_layers, 4))
+    marks: dict[str, str] = {}
     if recommended is not None and recommended < num_layers:
-        layers = sorted({*layers, recommended})
+        configs.append(recommended)
+        marks[config_name(TriangleMix(recommended))] = "recommended"
+    for layout in calibrated:
+        configs.append(layout)
+        marks[config_name(layout)] = "calibrated"
+    layouts = [TriangleMix(c, **triangle) if isinstance(c, int) else c for c in configs]
+    layouts = sorted(dict.fromkeys(x for x in layouts if x is not None), key=_order)
     max_tokens = args.max_tokens or params.config.max_position_embeddings
     started = time.perf_counter()
     samples = tasks.generate_suite(names, samples_per_task=args.samples_per_task, seed=args.seed,
                                    max_tokens=max_tokens, count=tasks.token_counter(tokenizer))
-    report = evaluate(params, tokenizer, samples, layers, n_init=args.n_init, n_local=args.n_local,
-                      n_last=args.n_last, implementation=args.implementation)
+    report = evaluate(params, tokenizer, samples, layouts, implementation=args.implementation)
     report = {"model": name, "dtype": str(params.weights["norm"]["scale"].dtype), "max_tokens": max_tokens,
               "samples_per_task": args.samples_per_task, "seed": args.seed, "recommended_switch_layer": recommended,
-              "seconds": round(time.perf_counter() - started, 1), **report}
+              "marks": marks, "seconds": round(time.perf_counter() - started, 1), **report}
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(report, indent=2))
-    table = markdown(report, recommended)
-    (out / "accuracy.md").write_text(f"# {name}: accuracy, dense vs TriangleMix ({max_tokens} tokens, "
+    table = markdown(report)
+    (out / "accuracy.md").write_text(f"# {name}: accuracy, dense vs sparse layouts ({max_tokens} tokens, "
                                      f"{len(samples)} samples)\n\n{table}")
-    plot(report, out / "accuracy.png", f"{name}, {max_tokens} tokens", recommended)
+    plot(report, out / "accuracy.png", f"{name}, {max_tokens} tokens")
     print(table)
     return 0

@@ -21,7 +21,11 @@ against finite differences through an explicitly materialised ``P``.
 Switch-layer rule (``RULE`` below, also written into the JSON): normalise the middle curve by its
 maximum over layers; the recommended switch layer is the smallest ``s`` such that every layer
 ``l >= s`` has a normalised middle importance at most ``threshold``. ``s == num_layers`` (all dense)
-when the last layer is above the threshold.
+when the last layer is above the threshold. The JSON also gives the whole curve read other ways, for
+comparing the rule with a calibrated layer (``tmjax calibrate``): for each layer, the range of
+thresholds that would pick it (``threshold_ranges``; none for a layer the rule can never pick), and
+the share of the summed middle importance in layers ``>= s`` (``middle_share_from``), which is what
+switching at ``s`` drops if each layer's importance counted once.
 """
 
 from __future__ import annotations
@@ -175,6 +179,8 @@ class ProbeResult:
         return {
             "sections": {name: getattr(self, name).tolist() for name in SECTIONS},
             "middle_normalised": (self.middle / max(float(np.max(self.middle)), 1e-30)).tolist(),
+            "threshold_ranges": threshold_ranges(self.middle),
+            "middle_share_from": middle_share_from(self.middle).tolist(),
             "recommended_switch_layer": self.switch_layer,
             "rule": RULE,
             "threshold": self.threshold,
@@ -196,6 +202,28 @@ def recommend_switch_layer(middle: Sequence[float], threshold: float = DEFAULT_T
     while switch > 0 and below[switch - 1]:
         switch -= 1
     return switch
+
+
+def threshold_ranges(middle: Sequence[float]) -> list[list[float] | None]:
+    """For each switch layer ``s`` in ``0..L`` (``L`` = all dense): ``[low, high]`` such that
+    ``recommend_switch_layer(middle, t) == s`` exactly for ``low <= t < high`` (``t`` in (0, 1)), or
+    None when no threshold picks ``s``. The bounds are suffix maxima of the normalised curve: ``s`` is
+    picked when every layer from ``s`` on is at most ``t`` and layer ``s - 1`` is above it."""
+    curve = np.asarray(middle, np.float64)
+    peak = float(curve.max())
+    if peak == 0:  # every threshold picks layer 0
+        return [[0.0, 1.0]] + [None] * curve.size
+    suffix_max = [float(curve[s:].max()) / peak for s in range(curve.size)] + [0.0]
+    # s is picked for suffix_max[s] <= t < suffix_max[s - 1]; nothing picks 0 since t < 1 = suffix_max[0]
+    return [None] + [[suffix_max[s], suffix_max[s - 1]] if suffix_max[s] < suffix_max[s - 1] else None
+                     for s in range(1, curve.size + 1)]
+
+
+def middle_share_from(middle: Sequence[float]) -> np.ndarray:
+    """``[L + 1]``: the share of ``sum(middle)`` in layers ``>= s`` (1 at ``s = 0``, 0 at ``s = L``)."""
+    curve = np.asarray(middle, np.float64)
+    tail = np.concatenate([np.cumsum(curve[::-1])[::-1], [0.0]])
+    return tail / tail[0] if tail[0] > 0 else tail
 
 
 def probe(params: Params, examples: Sequence[tuple[Sequence[int], Sequence[int]]], *, n_init: int = 8,
@@ -268,7 +296,7 @@ def plot(result: ProbeResult, path: Path, title: str) -> None:
 def probe_main(argv: Sequence[str] | None = None) -> int:
     """``tmjax probe``: writes ``probe.json`` and ``probe.png`` to ``--out``; prints the switch layer."""
     parser = argparse.ArgumentParser(prog="tmjax probe", description=__doc__.splitlines()[0])
-    add_task_arguments(parser, samples_per_task=2)
+    add_task_arguments(parser, samples_per_task=2, default_tasks=tasks.TASKS)
     parser.add_argument("--all-answer-tokens", action="store_true",
                         help="loss over every answer token (default: the answer's first token only)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,

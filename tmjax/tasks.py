@@ -7,6 +7,10 @@ with its chat template), so the same seed gives the same sample for the same tok
 Each prompt ends with an answer prefix, so that the model's first generated token is the answer's
 first token: that is what the gradient probe and the first-token KL measure. ``encode`` turns a
 sample into prompt and answer token ids for a transformers tokenizer (chat template included).
+
+``TASKS`` are the synthetic haystacks that ``tmjax probe`` uses by default; ``HELD_OUT_TASKS`` are
+prompt styles it does not see (``prose_recall``: a story with facts about people to recall among
+distractors), so that a switch layer chosen with the probe is judged on text unlike its own.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ TASKS = (
     "variable_tracking",
     "common_words",
 )
+HELD_OUT_TASKS = ("prose_recall",)
+ALL_TASKS = TASKS + HELD_OUT_TASKS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +85,49 @@ _KEYS = (
     "spider", "spoon", "statue", "tablet", "teapot", "temple", "thunder", "ticket", "tiger", "tunnel",
     "turtle", "velvet", "violin", "walnut", "wagon", "window", "wizard", "yogurt", "zebra", "zipper",
 )
+
+# prose_recall: a story about a harbour town (no names, no facts) and people with recallable facts.
+_STORY = (
+    "Summer arrived late that year, and the harbour stayed grey until the middle of June.",
+    "In the evenings the ferry brought day visitors back from the islands, sunburnt and quiet.",
+    "The town council argued for a month about repainting the fish market, then painted it blue.",
+    "Someone left a bicycle chained to the lamp post outside the post office for the whole season.",
+    "On market days the square smelled of smoked mackerel, strawberries and warm tar.",
+    "A storm in July tore the awning off the hotel and scattered deck chairs along the promenade.",
+    "The old lighthouse was opened to visitors on Sundays, and the queue reached the chapel.",
+    "Gulls learned to wait on the railings of the cafe terrace for the last crumbs of the afternoon.",
+    "Every Thursday a brass band practised in the school hall with the windows wide open.",
+    "The tide went out so far in August that children walked to the sandbank and back.",
+    "Nobody could agree on who had first hung paper lanterns along the quay, but everyone liked them.",
+    "The bookshop put a table of second-hand novels outside and trusted people to pay.",
+    "Fog rolled in most mornings and burned off by ten, leaving the slate roofs shining.",
+    "A travelling circus camped in the meadow behind the church for one loud week.",
+    "The fishermen complained about the price of diesel and then went out before dawn anyway.",
+    "At the end of the pier an old man sold bait and weather forecasts, both unreliable.",
+    "The regatta was postponed twice for wind and finally sailed in a flat calm.",
+    "Late at night the only sound was the rigging of the moored yachts tapping against the masts.",
+    "The bakery ran out of cinnamon buns by nine, so people queued outside before it opened.",
+    "When the festival ended, volunteers swept the streets and stacked the benches in the town hall.",
+)
+_PEOPLE = (
+    "Marta", "Oskar", "Ingrid", "Helena", "Viktor", "Elena", "Ruben", "Sofia", "Anton", "Greta",
+    "Milan", "Nadia", "Pavel", "Lotte", "Emil", "Irene", "Klara", "Felix", "Hugo", "Vera",
+)
+# attribute -> (fact with {who} and {value}, question about {person}, answer prefix, kind of value)
+_ATTRIBUTES = {
+    "boat": ("{who} keeps a small boat called the {value} down at the harbour.",
+             "What is the name of {person}'s boat? Answer with the name only.",
+             "{person}'s boat is called the", "word"),
+    "dog": ("{who} walks a grey dog named {value} along the beach every morning.",
+            "What is the name of {person}'s dog? Answer with the name only.",
+            "{person}'s dog is named", "word"),
+    "locker": ("{who} uses locker number {value} at the railway station.",
+               "Which locker number does {person} use at the railway station? Answer with the number only.",
+               "{person} uses locker number", "number"),
+    "street": ("{who} rents a room on {value} Street, above the bakery.",
+               "On which street does {person} rent a room? Answer with the street name only.",
+               "{person} rents a room on", "word"),
+}
 
 _SYLLABLE_ONSETS = "bdfgklmnprstvz"
 _SYLLABLE_VOWELS = "aeiou"
@@ -213,6 +262,32 @@ def _common_words(seed: int, n: int, num_common: int = 10) -> Sample:
     return Sample("common_words", seed, prompt, prefix, tuple(common), 6 * num_common)
 
 
+def _prose_recall(seed: int, n: int, num_people: int = 4) -> Sample:
+    """A story with one person's facts to recall; distractors: that person's other facts, the same fact
+    about other people, and about the person's cousin (a near-miss phrasing)."""
+    rng = _rng("prose_recall", seed, "facts")
+    people = rng.sample(_PEOPLE, num_people)
+    person, asked = people[0], rng.choice(sorted(_ATTRIBUTES))
+    holders = [(person, attribute) for attribute in _ATTRIBUTES]
+    holders += [(who, asked) for who in [*people[1:], f"{person}'s cousin"]]
+    words = iter(w.capitalize() for w in _pseudo_words(rng, len(holders)))
+    numbers = iter(str(x) for x in rng.sample(range(1000, 10_000), len(holders)))
+    facts, answer = [], ""
+    for who, attribute in holders:
+        template, _, _, kind = _ATTRIBUTES[attribute]
+        value = next(words if kind == "word" else numbers)
+        facts.append(template.format(who=who, value=value))
+        if (who, attribute) == (person, asked):
+            answer = value
+    depths = [rng.random() for _ in facts]
+    story = _rng("prose_recall", seed, "filler")
+    body = " ".join(_insert([story.choice(_STORY) for _ in range(n)], facts, depths))
+    _, question, prefix, _ = _ATTRIBUTES[asked]
+    prompt = (f"Read this account of a summer in a harbour town; a question about it follows.\n\n{body}\n\n"
+              f"{question.format(person=person)}")
+    return Sample("prose_recall", seed, prompt, prefix.format(person=person), (answer,), 12)
+
+
 _BUILDERS: dict[str, Callable[[int, int], Sample]] = {
     "niah_single": _niah_single,
     "niah_multikey": _niah_multikey,
@@ -220,6 +295,7 @@ _BUILDERS: dict[str, Callable[[int, int], Sample]] = {
     "kv_retrieval": _kv_retrieval,
     "variable_tracking": _variable_tracking,
     "common_words": _common_words,
+    "prose_recall": _prose_recall,
 }
 
 
@@ -230,7 +306,7 @@ def generate(task: str, *, seed: int, max_tokens: int, count: Counter) -> Sample
     Raises ``ValueError`` for an unknown task, or when even the smallest haystack does not fit.
     """
     if task not in _BUILDERS:
-        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+        raise ValueError(f"unknown task {task!r}; choose from {ALL_TASKS}")
     build = _BUILDERS[task]
     if count(build(seed, 1)) > max_tokens:
         raise ValueError(f"max_tokens={max_tokens} is too small for task {task!r}: the smallest prompt "
@@ -254,6 +330,16 @@ def generate_suite(tasks: Sequence[str], *, samples_per_task: int, seed: int, ma
         raise ValueError(f"samples_per_task must be >= 1, got {samples_per_task}")
     return [generate(t, seed=seed + k, max_tokens=max_tokens, count=count)
             for t in tasks for k in range(samples_per_task)]
+
+
+def generate_mixed(tasks: Sequence[str], *, total: int, seed: int, max_tokens: int, count: Counter) -> list[Sample]:
+    """``total`` samples taking ``tasks`` in turn: sample ``k`` is ``tasks[k % len(tasks)]`` with seed
+    ``seed + k // len(tasks)``. Any prefix covers the tasks evenly, which matters to a calibration that
+    stops measuring a configuration after its first few samples."""
+    if total < 1 or not tasks:
+        raise ValueError(f"generate_mixed needs total >= 1 and at least one task, got {total} and {list(tasks)}")
+    return [generate(tasks[k % len(tasks)], seed=seed + k // len(tasks), max_tokens=max_tokens, count=count)
+            for k in range(total)]
 
 
 def _found(answer: str, output: str) -> bool:

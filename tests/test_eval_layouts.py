@@ -1,0 +1,87 @@
+"""``tmjax eval`` over layouts: ``--configs`` parsing, report names, the Wilson interval on identical
+answers, and a run of dense, TriangleMix, vertical-slash and both on a tiny random model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from test_evaluate import tiny_checkpoint
+
+from tmjax import evaluate
+from tmjax.layout import TriangleMix, VerticalSlash
+
+Z = 1.959963984540054
+
+
+def wilson_lower_upper(k: int, n: int) -> tuple[float, float]:
+    """Wilson bounds written out from the score-test inversion (centre +- half width)."""
+    phat = k / n
+    centre = (k + Z * Z / 2) / (n + Z * Z)
+    half = Z * np.sqrt(n * phat * (1 - phat) + Z * Z / 4) / (n + Z * Z)
+    return centre - half, centre + half
+
+
+def test_parse_configs_and_names():
+    pattern = VerticalSlash(vertical=60, slash=200, force_vertical=8, force_slash=16)
+    triangle = dict(n_init=4, n_local=64, n_last=32)
+    layouts = evaluate.parse_configs("dense, tm:22,vs,tm:3+vs", triangle=triangle, pattern=pattern)
+    assert layouts == [None, TriangleMix(22, **triangle), pattern, TriangleMix(3, **triangle, shallow=pattern)]
+    assert [evaluate.config_name(x) for x in layouts] == ["dense", "switch=22", "vertical-slash",
+                                                          "switch=3+vertical-slash"]
+    for bad in ("tm", "tm:x", "tm:3+tm", "vs:3", "triangle:3", ""):
+        with pytest.raises(ValueError, match="--configs: cannot read"):
+            evaluate.parse_configs(bad, triangle=triangle, pattern=pattern)
+    for layout in layouts[1:]:
+        assert evaluate.layout_from_json(json.loads(json.dumps(dataclasses.asdict(layout)))) == layout
+
+
+def test_summary_intervals_and_targets_line():
+    def row(same, kl, score):
+        return {"task": "a", "configs": {"dense": {"score": 1.0, "identical_to_dense": True, "first_token_kl": 0.0},
+                                         "switch=5": {"score": score, "identical_to_dense": same,
+                                                      "first_token_kl": kl}}}
+
+    rows = [row(True, 1e-4, 1.0)] * 29 + [row(False, 2e-3, 0.0)] * 7  # the issue's 29 of 36
+    results = evaluate.summarise(rows, ["dense", "switch=5"])
+    r = results["switch=5"]
+    assert (r["identical_count"], r["samples"]) == (29, 36)
+    assert r["identical_to_dense_interval"] == pytest.approx(wilson_lower_upper(29, 36), abs=1e-12)
+    assert results["dense"]["identical_to_dense_interval"] == pytest.approx((wilson_lower_upper(36, 36)[0], 1.0))
+    table = evaluate.markdown({"results": results, "marks": {"switch=5": "calibrated"}})
+    assert "| switch=5 (calibrated) | 80.6 | 80.6 | 81% | 65%-90% |" in table
+    assert "29/36 = 81% of greedy answers identical to dense, Wilson 95% interval 65%-90%" in table
+    assert "point >= 95%: NOT met, lower bound >= 90%: NOT met" in table
+    assert "mean first-token KL 4.7e-04 (target <= 0.001: met)" in table
+    assert "gap +19.4 points; target <= 1: NOT met" in table
+
+
+def test_eval_cli_runs_layouts_side_by_side(tmp_path):
+    folder = tiny_checkpoint(tmp_path / "model")
+    calibration = tmp_path / "calibration.json"
+    calibrated = TriangleMix(3, n_init=4, n_local=64, n_last=32)
+    calibration.write_text(json.dumps({"recommended_layout": dataclasses.asdict(calibrated)}))
+    out = tmp_path / "out"
+    code = evaluate.eval_main([
+        "--checkpoint", str(folder), "--tasks", "niah_single,prose_recall", "--samples-per-task", "1",
+        "--max-tokens", "1000", "--configs", "vs,tm:2+vs,tm:2", "--vertical", "60", "--slash", "200",
+        "--force-vertical", "8", "--force-slash", "16", "--calibration", str(calibration),
+        "--n-init", "4", "--n-local", "64", "--n-last", "32", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "accuracy.json").read_text())
+    assert list(report["results"]) == ["dense", "switch=2", "switch=3", "vertical-slash", "switch=2+vertical-slash"]
+    assert report["configs"]["vertical-slash"]["vertical"] == 60
+    assert report["configs"]["switch=2+vertical-slash"]["shallow"]["slash"] == 200
+    assert report["marks"] == {"switch=3": "calibrated"}
+    assert "| switch=3 (calibrated) |" in (out / "accuracy.md").read_text()
+    assert "At switch=3 (calibrated): " in (out / "accuracy.md").read_text()
+    assert (out / "accuracy.png").stat().st_size > 0
+    for name, r in report["results"].items():
+        same = [s["configs"][name]["identical_to_dense"] for s in report["samples"]]
+        assert (r["identical_count"], r["samples"]) == (sum(same), len(same))
+        assert r["identical_to_dense_interval"] == pytest.approx(wilson_lower_upper(sum(same), len(same)), abs=1e-9)
+    # vertical-slash in every layer with 60 columns and 200 diagonals of ~950-token prompts drops much
+    # of the middle: the first token's distribution must move
+    assert report["results"]["vertical-slash"]["first_token_kl_mean"] > 1e-6
