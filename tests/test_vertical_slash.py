@@ -315,3 +315,18 @@ def test_values_a_row_cannot_see_never_reach_it(backend):
         sees = np.stack([masks[b][h][:, key] for b in range(2)])
         heads = slice(2 * h, 2 * h + 2)
         assert_only_seeing_rows_change(clean[:, :, heads], out[:, :, heads], sees, lengths)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_last_partial_query_block_through_every_backend(backend):
+    """The last-block rule of ``test_last_partial_query_block_keeps_only_blocks_its_real_rows_reach``
+    through each kernel (the xla backend rebuilds the last block's offset list from the table)."""
+    t, lengths = 256, (200, 193)
+    backend.require(t, 64)
+    q, k, v = random_qkv(12, 2, t, 4, 2, 64, backend.dtype)
+    diags = jnp.asarray(np.broadcast_to([0, 71, 72, 135, 136, t], (2, 2, 6)), jnp.int32)
+    cols = jnp.asarray(np.broadcast_to([0, 5, t, t], (2, 2, 4)), jnp.int32)
+    out = _attend(q, k, v, cols, diags, jnp.asarray(lengths), implementation=backend.name)
+    ref = _reference(q, k, v, np.asarray(cols), np.asarray(diags), lengths)
+    for b, length in enumerate(lengths):
+        assert_matches(out[b, :length], ref[b, :length], backend.dtype, f"row {b}")
