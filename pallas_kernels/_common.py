@@ -75,11 +75,24 @@ def guard_masked_step(qk: jax.Array, visible: jax.Array, v: jax.Array) -> tuple[
     return qk, jnp.where(finite, v, jnp.zeros_like(v))
 
 
-def zero_padding(x: jax.Array, lengths: jax.Array) -> jax.Array:
-    """``x [B, T, ...]`` with the positions at or past each row's length zeroed: for kernels whose
-    masked steps cannot clean values themselves (``0 * NaN`` in the padding would reach real rows)."""
-    real = jnp.arange(x.shape[1])[None, :] < lengths[:, None]
-    return jnp.where(real.reshape(real.shape + (1,) * (x.ndim - 2)), x, jnp.zeros((), x.dtype))
+def guard_values(k: jax.Array, v: jax.Array, lengths: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """K and V for kernels whose steps use V as it is (mosaic_gpu, cuDNN): the same guarantee as
+    ``guard_masked_step``, prepared in one pass before the kernel.
+
+    V's non-finite entries and its padding (positions at or past each row's length) become 0, so
+    ``0 * NaN`` never reaches a row that cannot see the position; a real key whose value held a
+    non-finite entry gets a NaN key instead, so a row that sees it gets a NaN score and turns
+    non-finite, while a row that cannot see it masks that score away. K's own non-finite entries need
+    nothing: a masked score is replaced, never multiplied.
+    """
+    finite = jnp.isfinite(v)
+    bad = ~finite.all(axis=-1, keepdims=True)  # [B, T, H, 1]
+    keep = finite
+    if lengths is not None:
+        real = (jnp.arange(v.shape[1])[None, :] < lengths[:, None])[:, :, None, None]
+        keep &= real
+        bad &= real
+    return jnp.where(bad, jnp.asarray(jnp.nan, k.dtype), k), jnp.where(keep, v, jnp.zeros((), v.dtype))
 
 
 def round_up(x: int, multiple: int) -> int:

@@ -377,8 +377,7 @@ def triangle_attention(
     if length is not None:
         length = _common.row_lengths(length, q.shape[0], q.shape[1])
     _common.check_inputs(q, k, v, "mosaic_gpu")
-    if length is not None:  # masked steps read V from shared memory as is: clean the padding first
-        v = _common.zero_padding(v, length)
+    k, v = _common.guard_values(k, v, length)  # masked steps read V from shared memory as is
     block_q, block_kv = band_block_sizes(q.shape[2], k.shape[2], tuning=tuning)
     return _common.triangle_two_pass(
         q, k, v, n_init=n_init, n_local=n_local, n_last=n_last, length=length,
@@ -390,12 +389,11 @@ def triangle_attention(
 def causal_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, *, length: int | jax.Array | None, tuning: Tuning = DEFAULT_TUNING
 ) -> jax.Array:
-    """Dense causal attention through the causal block table; values past ``length`` are zeroed first
-    (real rows never see them, but ``0 * NaN`` in a partial block would reach them)."""
+    """Dense causal attention through the causal block table; K and V pass ``_common.guard_values``
+    first (``0 * NaN`` in a partial block would otherwise reach rows that cannot see the value)."""
     lengths = None if length is None else _common.row_lengths(length, q.shape[0], q.shape[1])
     _common.check_inputs(q, k, v, "mosaic_gpu")
-    if lengths is not None:
-        v = _common.zero_padding(v, lengths)
+    k, v = _common.guard_values(k, v, lengths)
     block_q, block_kv = band_block_sizes(q.shape[2], k.shape[2], tuning=tuning)
     return _common.causal_one_pass(
         q, k, v, block_q=block_q, block_kv=block_kv, band_pass=_band_pass(tuning, 0, None)
@@ -423,7 +421,7 @@ def vertical_slash_attention(
     b, t, hq, d = q.shape
     lengths = _common.row_lengths(length, b, t)
     _common.check_inputs(q, k, v, "mosaic_gpu")
-    v = _common.zero_padding(v, lengths)  # masked steps read V from shared memory as is
+    k, v = _common.guard_values(k, v, lengths)  # masked steps read V from shared memory as is
     hkv, hsel = k.shape[2], columns.shape[1]
     group = hq // hsel  # query heads per selection head
     bq = dynamic_tables.BLOCK

@@ -133,15 +133,15 @@ def causal_attention(
     ``implementation=None`` on a GPU with bf16/fp16 inputs uses cuDNN
     (``jax.nn.dot_product_attention(implementation="cudnn")``); our causal-table kernels stay
     available by name. Right padding needs no mask there (a query before ``length`` never sees a
-    key after it); values past ``length`` are zeroed first, so that non-finite padding cannot reach
-    real rows through ``0 * NaN``.
+    key after it); K and V pass ``guard_values`` first, so that a non-finite value reaches exactly the
+    rows that see it (``0 * NaN`` inside cuDNN's tiles would reach the others).
     """
     _check_shapes(q, k, v)
     if implementation is None and _cudnn_takes(q):
         from tmjax.pallas_kernels import _common
 
-        if length is not None:  # real rows never see the padding, but 0 * NaN inside cuDNN's tiles would reach them
-            v = _common.zero_padding(v, _common.row_lengths(length, q.shape[0], q.shape[1]))
+        # cuDNN multiplies V as it is: 0 * NaN inside its tiles would reach rows that cannot see the value
+        k, v = _common.guard_values(k, v, None if length is None else _common.row_lengths(length, q.shape[0], q.shape[1]))
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     return _backend(_resolve(implementation, q)).causal_attention(q, k, v, length=length)
 
