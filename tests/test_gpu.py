@@ -169,20 +169,23 @@ def test_vertical_slash(impl, shape):
 
 
 @pytest.mark.parametrize("impl", IMPLS + ["cudnn"])
-def test_nan_in_the_padding_never_reaches_real_rows(impl):
-    """NaN in K and V at positions >= length: real rows equal the clean run (every GPU path; the
-    Mosaic GPU kernels and cuDNN get a zeroed copy of the padding, the others mask per step)."""
-    t, lengths = 1000, (1000, 777)
+def test_values_a_row_cannot_see_never_reach_it(impl):
+    """NaN in K and V at positions >= length and at one real key (seen by rows 300..811 of the
+    triangle and by every later row of causal attention): the rows that cannot see it equal the clean
+    run bit for bit, the rows that see it turn non-finite (every GPU path: xla and triton mask per
+    step, mosaic_gpu and cuDNN get K and V through ``_common.guard_values``)."""
+    from test_attention import assert_only_seeing_rows_change, poison
+
+    t, lengths, key = 1000, (1000, 777), 300
     q, k, v = random_qkv(6, 2, t, 8, 2, 128, jnp.bfloat16)
-    pad = jnp.asarray(np.arange(t)[None, :] >= np.asarray(lengths)[:, None])[:, :, None, None]
-    bad = [jnp.where(pad, jnp.nan, x) for x in (k, v)]
+    at_key = (np.arange(t)[None, :] >= np.asarray(lengths)[:, None]) | (np.arange(t) == key)[None, :]
+    bad = [poison(x, at_key, np.nan) for x in (k, v)]
     name = None if impl == "cudnn" else impl
     traced = jnp.asarray(lengths, jnp.int32)
     causal = jax.jit(lambda *a: tmjax.causal_attention(*a[:3], length=a[3], implementation=name))
-    clean, out = causal(q, k, v, traced), causal(q, *bad, traced)
-    for b, length in enumerate(lengths):
-        np.testing.assert_array_equal(np.asarray(out[b, :length], np.float32), np.asarray(clean[b, :length], np.float32))
+    sees = np.broadcast_to(np.arange(t) >= key, (2, t))
+    assert_only_seeing_rows_change(causal(q, k, v, traced), causal(q, *bad, traced), sees, lengths)
     if impl != "cudnn":
-        clean, out = (_triangle(q, kk, vv, traced, impl=impl, **SIZES) for kk, vv in ((k, v), bad))
-        for b, length in enumerate(lengths):
-            np.testing.assert_array_equal(np.asarray(out[b, :length], np.float32), np.asarray(clean[b, :length], np.float32))
+        sees = np.stack([np.pad(reference.triangle_mask(L, **SIZES)[:, key], (0, t - L)) for L in lengths])
+        assert_only_seeing_rows_change(_triangle(q, k, v, traced, impl=impl, **SIZES),
+                                       _triangle(q, *bad, traced, impl=impl, **SIZES), sees, lengths)
