@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import io
 import json
 import logging
 import os
@@ -25,8 +26,10 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from typing import TextIO
 from pathlib import Path
 
 import jax
@@ -210,6 +213,24 @@ class _Shared(np.ndarray):
         return self
 
 
+class _MainThreadOnly(io.TextIOBase):
+    """A text stream that passes on what the main thread writes and drops the rest."""
+
+    def __init__(self, stream: TextIO):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if threading.current_thread() is threading.main_thread():
+            return self._stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+
 def save_weights(folder: Path, weights: dict) -> None:
     """Save the weight tree (numpy arrays) with orbax into ``folder/weights``, restorable by
     ``ocp.StandardCheckpointer``.
@@ -221,6 +242,8 @@ def save_weights(folder: Path, weights: dict) -> None:
 
     A failed write (a full disk) is raised as ``OSError`` with its errno; orbax's per-thread error logs
     (a traceback for each writer thread) are silenced meanwhile, since the same error is raised here.
+    After a failure, tensorstore's callbacks for the writes orbax abandoned print "Event loop is closed"
+    tracebacks from their own threads, mixed into the one-line error: other threads' stderr stays muted.
     """
     import orbax.checkpoint as ocp  # deferred: slow to import
 
@@ -229,9 +252,12 @@ def save_weights(folder: Path, weights: dict) -> None:
     orbax_log = logging.getLogger("absl")
     level = orbax_log.level
     orbax_log.setLevel(logging.CRITICAL)
+    stderr = sys.stderr
+    sys.stderr = _MainThreadOnly(stderr)
     try:
         with interrupts.deferred():  # orbax's writer threads must finish before anything is removed
             checkpointer.save(Path(folder).absolute() / WEIGHTS_DIR, args=ocp.args.PyTreeSave(shared))
+        sys.stderr = stderr
     except ValueError as err:  # tensorstore reports an I/O failure as ValueError with the OS error code
         code = re.search(r"os_error_code='(\d+)'", str(err))
         if code is None:
