@@ -43,6 +43,10 @@ LLAMA_31_8B = {
 }
 
 
+# Decoder layers of each --model (for --rows-json, which builds no model).
+LAYERS = {"llama8b": 32, "smollm2": 30}
+
+
 def peak_gib() -> float | None:
     stats = jax.devices()[0].memory_stats() or {}
     peak = stats.get("peak_bytes_in_use")
@@ -103,19 +107,28 @@ def model(args):
 
 
 def composed(rows: list[dict], attention_json: str, num_layers: int, switch_layer: int) -> list[str]:
-    """Markdown lines: TTFT composed from the dense run's non-attention time and one-layer times."""
-    layer = {}
+    """Markdown lines: TTFT composed from the dense run's non-attention time and one-layer times.
+
+    Dense attention per layer is our own causal kernel's time when the attention JSON has it (the dense
+    TTFT ran that kernel), else cuDNN's; the triangle is the fastest tmjax mosaic_gpu triangle row."""
+    layer: dict[tuple[int, str], float] = {}
     for path in attention_json.split(","):
         for r in json.loads(Path(path).read_text())["rows"]:
             if r.get("ms") is not None:
-                layer[(r["n"], r["system"])] = r["ms"] / 1e3
+                key = (r["n"], f"{r['system']} [{r['pattern']}]" if r.get("pattern") else r["system"])
+                layer[key] = r["ms"] / 1e3
+
+    def pick(n: int, *needles: str) -> float | None:
+        hits = [v for (m, name), v in layer.items() if m == n and all(x in name for x in needles)]
+        return min(hits) if hits else None
+
     lines = ["", "Composed TTFT (s): dense TTFT - layers x dense attention + per-layer one-layer times", "",
              "| tokens | non-attention | dense attention / layer | triangle / layer | vertical-slash (real) / layer "
              "| TriangleMix + vertical-slash, composed | vs dense |", "|---|---|---|---|---|---|---|"]
     for n in sorted({r["n"] for r in rows}):
         dense = next((r["median_s"] for r in rows if r["n"] == n and r["system"] == "tmjax dense"), None)
-        dense_layer = next((v for (m, name), v in layer.items() if m == n and name.startswith(("cuDNN dense", "dense causal"))), None)
-        triangle = next((v for (m, name), v in layer.items() if m == n and "triangle" in name and "mosaic" in name), None)
+        dense_layer = pick(n, "tmjax mosaic_gpu causal table") or pick(n, "dense causal (cuDNN)")
+        triangle = pick(n, "tmjax mosaic_gpu", "[triangle]")
         vs = layer.get((n, "vertical-slash (real)"))
         if None in (dense, dense_layer, triangle, vs):
             continue
@@ -123,6 +136,19 @@ def composed(rows: list[dict], attention_json: str, num_layers: int, switch_laye
         total = rest + switch_layer * vs + (num_layers - switch_layer) * triangle
         lines.append(f"| {n} | {rest:.2f} | {dense_layer * 1e3:.1f} ms | {triangle * 1e3:.2f} ms | {vs * 1e3:.1f} ms | "
                      f"{total:.2f} | {total / dense:.2f}x |")
+    return lines
+
+
+def render(meta: dict, rows: list[dict]) -> list[str]:
+    """The markdown table of a run's rows."""
+    lines = [f"TTFT, {meta['model']}, {meta['device']}, {meta['date']}, jax {meta['jax']}",
+             f"command: `{meta['command']}`", "", "| system | tokens | median s | vs dense | peak GiB |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        med = "failed" if r["median_s"] is None else f"{r['median_s']:.3f}"
+        ratio = f"{r['ratio_vs_dense']:.2f}x" if "ratio_vs_dense" in r else ""
+        peak = "" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
+        lines.append(f"| {r['system']} | {r['n']} | {med} | {ratio} | {peak} |")
     return lines
 
 
@@ -139,7 +165,18 @@ def main() -> None:
     parser.add_argument("--implementation", default=None, help="attention backend (default: platform's)")
     parser.add_argument("--attention-json", default=None, help="one-layer result JSONs (comma-separated) to compose")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    parser.add_argument("--rows-json", default=None,
+                        help="a finished run's ttft.json: redo only its markdown (and the composition) under --out")
     args = parser.parse_args()
+    if args.rows_json:
+        saved = json.loads(Path(args.rows_json).read_text())
+        lines = render(saved["meta"], saved["rows"])
+        if args.attention_json:
+            lines += composed(saved["rows"], args.attention_json, LAYERS[args.model], args.switch_layer)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "ttft.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
 
     params, make_tokens, description = model(args)
     jax.block_until_ready(params)
@@ -168,14 +205,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ttft.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = [f"TTFT, {meta['model']}, {meta['device']}, {stamp}, jax {meta['jax']}",
-             f"command: `{meta['command']}`", "", "| system | tokens | median s | vs dense | peak GiB |",
-             "|---|---|---|---|---|"]
-    for r in rows:
-        med = "failed" if r["median_s"] is None else f"{r['median_s']:.3f}"
-        ratio = f"{r['ratio_vs_dense']:.2f}x" if "ratio_vs_dense" in r else ""
-        peak = "" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
-        lines.append(f"| {r['system']} | {r['n']} | {med} | {ratio} | {peak} |")
+    lines = render(meta, rows)
     if args.attention_json:
         lines += composed(rows, args.attention_json, params.config.num_layers, args.switch_layer)
     (out / "ttft.md").write_text("\n".join(lines) + "\n")
