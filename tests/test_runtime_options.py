@@ -24,7 +24,7 @@ def _spy_on_backends(monkeypatch) -> list[tuple[str, str]]:
     calls = []
     for name in ("xla", "triton"):
         module = importlib.import_module(f"tmjax.pallas_kernels.{name}")
-        for function in ("triangle_attention", "causal_attention"):
+        for function in ("triangle_attention", "causal_attention", "vertical_slash_attention"):
             real = getattr(module, function)
 
             def spy(*args, _real=real, _name=name, _function=function, **kwargs):
@@ -60,6 +60,29 @@ def test_platform_default_falls_back_to_xla_for_inputs_the_kernels_do_not_take(m
     want = reference.masked_attention(q, k, v, reference.causal_mask(t))
     chex.assert_trees_all_close(out.astype(jnp.float32), want.astype(jnp.float32), atol=tolerance)
     assert calls == [(expected, "triangle_attention"), (expected, "causal_attention")]
+
+
+@pytest.mark.parametrize("platform_default, expected", [("triton", "triton"), ("tpu", "xla")])
+def test_vertical_slash_default_runs_the_kernels_validated_on_hardware(monkeypatch, platform_default, expected):
+    """``implementation=None`` runs vertical-slash through the platform's kernel where it has passed the
+    GPU grid (triton, mosaic_gpu) and through xla on a TPU, whose kernel has only been interpreted;
+    either way the result is the dense reference under the recomputed vertical-slash mask."""
+    monkeypatch.setattr(attention, "default_implementation", lambda: platform_default)
+    calls = _spy_on_backends(monkeypatch)
+    t = 128
+    keys = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(keys[0], (1, t, 4, 64)).astype(jnp.bfloat16)
+    k, v = (jax.random.normal(key, (1, t, 2, 64)).astype(jnp.bfloat16) for key in keys[1:])
+    pattern = tmjax.VerticalSlash(vertical=8, slash=16, last_q=16, force_vertical=2, force_slash=4)
+    out = attention.vertical_slash(q, k, v, pattern)
+    columns, diagonals = tmjax.vertical_slash_indices(q, k, vertical=8, slash=16, last_q=16, force_vertical=2,
+                                                      force_slash=4)
+    columns, diagonals = np.asarray(columns), np.asarray(diagonals)
+    per_head = [reference.vertical_slash_mask(t, t, columns[0, h], diagonals[0, h]) for h in range(columns.shape[1])]
+    mask = np.repeat(np.stack(per_head), 4 // columns.shape[1], axis=0)[None]
+    want = reference.masked_attention(q, k, v, mask)
+    chex.assert_trees_all_close(out.astype(jnp.float32), want.astype(jnp.float32), atol=2e-2)
+    assert calls == [(expected, "vertical_slash_attention")]
 
 
 @pytest.mark.parametrize("backend", ["triton", "tpu"])
