@@ -149,4 +149,5 @@ def test_ctrl_c_swallowed_by_a_gc_callback_still_stops_a_gguf_conversion(tmp_pat
                           env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 128 + signal.SIGINT, proc.stderr
     assert "interrupted" in proc.stderr.strip().splitlines()[-1]
+    assert "Exception ignored" not in proc.stderr and "Traceback" not in proc.stderr  # one line, no report
     assert os.listdir(out) == []

@@ -5,13 +5,15 @@ Python runs a signal handler in the main thread between two bytecodes, wherever 
 dropped, so Ctrl-C would be swallowed) or while orbax's threads are writing (the staging folder would
 be removed under them, and they would print tracebacks at shutdown). So the handler records the signal
 and raises ``Interrupted`` only outside ``deferred()`` sections; ``check()`` re-raises a recorded
-signal at safe points, which also catches one whose exception was swallowed.
+signal at safe points, which also catches one whose exception was swallowed. The swallowed one's
+"Exception ignored in ..." report is muted (``sys.unraisablehook``): the signal is not lost, only late.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -47,7 +49,14 @@ def handled() -> Iterator[None]:
         yield
         return
     previous = {s: signal.getsignal(s) for s in SIGNALS}
+    previous_hook = sys.unraisablehook
+
+    def quiet_hook(unraisable) -> None:
+        if not isinstance(unraisable.exc_value, Interrupted):  # ours is recorded: check() raises it
+            previous_hook(unraisable)
+
     _received, _installed = None, True
+    sys.unraisablehook = quiet_hook
     for s in SIGNALS:
         signal.signal(s, _handler)
     try:
@@ -55,6 +64,7 @@ def handled() -> Iterator[None]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        sys.unraisablehook = previous_hook
         _installed = False
 
 
