@@ -24,8 +24,10 @@ from tmjax.pallas_kernels._common import pad_seq, put_rows, round_up, row_length
 # tensor under _BAND_CHUNK_SCORES entries per batch row and head (16 blocks for the default layout).
 _BAND_BLOCK = 64
 _BAND_CHUNK_SCORES = 1 << 20
-# Query and key rows per step of the online-softmax passes (causal and the dense last rows).
-_CHUNK = 256
+# Query and key rows per step of the online-softmax passes (causal and the dense last rows). Not a
+# power of two: with 256 a step's K/V slices alias in the CPU caches; 192 is 15-25% faster on XLA CPU
+# (causal, 9 q / 3 KV heads, head_dim 64, T = 3858 / 4096 / 8192: 151 / 180 / 790 ms vs 203 / 216 / 922).
+_CHUNK = 192
 # Finite "minus infinity": masked scores never produce inf - inf = nan.
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
 _HIGHEST = lax.Precision.HIGHEST
