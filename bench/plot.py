@@ -22,8 +22,10 @@ ATTENTION_SERIES = [  # (label, system, pattern)
     ("tmjax triangle (triton)", "tmjax triton", "triangle"),
     ("FlexAttention triangle", "torch flex_attention", "triangle"),
     ("cuDNN-composed triangle", "jax cudnn composed triangle", "triangle"),
+    ("FA3-composed triangle", "flash-attn3-jax composed triangle", "triangle"),
     ("tmjax dense (causal table)", "tmjax mosaic_gpu causal table", "dense-causal"),
     ("cuDNN dense", "jax cudnn", "dense-causal"),
+    ("FA3 dense", "flash-attn3-jax dense causal", "dense-causal"),
 ]
 
 
