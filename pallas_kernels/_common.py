@@ -75,9 +75,9 @@ def guard_masked_step(qk: jax.Array, visible: jax.Array, v: jax.Array) -> tuple[
     return qk, jnp.where(finite, v, jnp.zeros_like(v))
 
 
-def guard_values(k: jax.Array, v: jax.Array, lengths: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """K and V for kernels whose steps use V as it is (mosaic_gpu, cuDNN): the same guarantee as
-    ``guard_masked_step``, prepared in one pass before the kernel.
+def guard_values(k: jax.Array, v: jax.Array, length: int | jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """K and V for kernels whose steps use V as it is (mosaic_gpu, cuDNN, xla): the same guarantee as
+    ``guard_masked_step``, prepared in one pass before the kernel. ``length`` as in ``row_lengths``.
 
     V's non-finite entries and its padding (positions at or past each row's length) become 0, so
     ``0 * NaN`` never reaches a row that cannot see the position; a real key whose value held a
@@ -88,7 +88,8 @@ def guard_values(k: jax.Array, v: jax.Array, lengths: jax.Array | None) -> tuple
     finite = jnp.isfinite(v)
     bad = ~finite.all(axis=-1, keepdims=True)  # [B, T, H, 1]
     keep = finite
-    if lengths is not None:
+    if length is not None:
+        lengths = row_lengths(length, v.shape[0], v.shape[1])
         real = (jnp.arange(v.shape[1])[None, :] < lengths[:, None])[:, :, None, None]
         keep &= real
         bad &= real

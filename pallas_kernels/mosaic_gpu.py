@@ -391,9 +391,10 @@ def causal_attention(
 ) -> jax.Array:
     """Dense causal attention through the causal block table; K and V pass ``_common.guard_values``
     first (``0 * NaN`` in a partial block would otherwise reach rows that cannot see the value)."""
-    lengths = None if length is None else _common.row_lengths(length, q.shape[0], q.shape[1])
+    if length is not None:
+        length = _common.row_lengths(length, q.shape[0], q.shape[1])
     _common.check_inputs(q, k, v, "mosaic_gpu")
-    k, v = _common.guard_values(k, v, lengths)
+    k, v = _common.guard_values(k, v, length)
     block_q, block_kv = band_block_sizes(q.shape[2], k.shape[2], tuning=tuning)
     return _common.causal_one_pass(
         q, k, v, block_q=block_q, block_kv=block_kv, band_pass=_band_pass(tuning, 0, None)

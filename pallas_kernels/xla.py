@@ -7,6 +7,8 @@ online softmax over key chunks and written over the band result. Dense causal at
 chunks up to the diagonal with the same online softmax; a triangle whose sizes leave every row dense
 is sent there. GQA stays native: q is viewed as ``[B, T, Hkv, G, D]`` and K/V are never repeated.
 Scores, softmax and accumulation are float32; loops stop at ``length``, so padding costs no work.
+K and V pass ``_common.guard_values`` once, so a value a row cannot see (padding, a non-finite value
+at a masked key) never reaches it, while steps only mask scores.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 from jax import lax
 
 from tmjax.pallas_kernels import dynamic_tables
-from tmjax.pallas_kernels._common import pad_seq, put_rows, round_up, row_lengths, static_length, take_rows
+from tmjax.pallas_kernels._common import guard_values, pad_seq, put_rows, round_up, row_lengths, static_length, take_rows
 
 # Query rows per band block; a band chunk (one loop step) holds as many blocks as keep its score
 # tensor under _BAND_CHUNK_SCORES entries per batch row and head (16 blocks for the default layout).
@@ -42,46 +44,20 @@ def _scores(q: jax.Array, k: jax.Array, subscripts: str) -> jax.Array:
     return jnp.einsum(subscripts, q, k, precision=_HIGHEST, preferred_element_type=jnp.float32) * scale
 
 
-def _finite_values(v: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``v`` as float32 with non-finite entries zeroed, and which keys held one (``v``'s shape
-    without D). With the zeroed values, ``0 * NaN`` never brings an invisible key's value into a row;
-    scoring the bad keys NaN (``_guarded``) still makes every row that sees one non-finite."""
-    finite = jnp.isfinite(v)
-    return jnp.where(finite, v, 0).astype(jnp.float32), ~finite.all(axis=-1)
-
-
-def _guarded(s: jax.Array, visible: jax.Array, bad: jax.Array) -> jax.Array:
-    """Scores with invisible entries masked and visible keys whose value is not finite set to NaN."""
-    return jnp.where(visible, jnp.where(bad, jnp.nan, s), _MASKED)
-
-
 def _online_update(carry: tuple, s: jax.Array, visible: jax.Array | None, v: jax.Array, subscripts: str) -> tuple:
     """One online-softmax step: raw scores ``s`` (float32), ``visible`` broadcastable to ``s`` (None:
-    every row sees every key, so no mask and no guard), values ``v`` contracted by ``subscripts``
-    (``p, v -> acc``). ``v``'s key and head axes must line up with ``s``'s key axis as ``subscripts``
-    says (see ``_finite_values``)."""
+    every row sees every key, so no mask), values ``v`` (through ``_common.guard_values``) contracted
+    by ``subscripts`` (``p, v -> acc``)."""
     peak, total, acc = carry
-    if visible is None:
-        clean = v.astype(jnp.float32)
-    else:
-        clean, bad = _finite_values(v)
-        s = _guarded(s, visible, _key_flags(bad, subscripts))
+    if visible is not None:
+        s = jnp.where(visible, s, _MASKED)
     new_peak = jnp.maximum(peak, s.max(axis=-1))
     p = jnp.exp(s - new_peak[..., None])
     if visible is not None:
         p = jnp.where(visible, p, 0.0)
     rescale = jnp.exp(peak - new_peak)
-    acc = acc * rescale[..., None] + jnp.einsum(subscripts, p, clean, precision=_HIGHEST)
+    acc = acc * rescale[..., None] + jnp.einsum(subscripts, p, v.astype(jnp.float32), precision=_HIGHEST)
     return new_peak, total * rescale + p.sum(axis=-1), acc
-
-
-def _key_flags(bad: jax.Array, subscripts: str) -> jax.Array:
-    """Per-key flags laid out like ``v`` without D (``subscripts``' second operand), moved into the
-    scores' layout (its first operand, keys last) with size-1 axes where ``v`` has none."""
-    p_axes, v_axes = subscripts.split("->")[0].split(",")
-    names = v_axes[:-1]
-    moved = jnp.transpose(bad, [names.index(a) for a in p_axes if a in names])
-    return moved.reshape([bad.shape[names.index(a)] if a in names else 1 for a in p_axes])
 
 
 def _online_rows(
@@ -151,12 +127,10 @@ def _band(q: jax.Array, k: jax.Array, v: jax.Array, n_init: int, n_local: int, l
         kc, vc = (jnp.take(x, index, axis=1) for x in (kp, vp))  # [B, C, K, Hkv, D]
         qc = lax.dynamic_slice_in_dim(qp, row0, rows, axis=1).reshape(b, blocks_per_chunk, bq, hkv, g, d)
         mask = visible[None, :, None, None]  # [1, C, 1, 1, bq, K]
-        clean, bad = _finite_values(vc)
-        subscripts = "bchgqk,bckhd->bchgqd"
-        s = _guarded(_scores(qc, kc, "bcqhgd,bckhd->bchgqk"), mask, _key_flags(bad, subscripts))
+        s = jnp.where(mask, _scores(qc, kc, "bcqhgd,bckhd->bchgqk"), _MASKED)
         p = jnp.where(mask, jnp.exp(s - s.max(axis=-1, keepdims=True)), 0.0)
         total = p.sum(axis=-1)
-        o = jnp.einsum(subscripts, p, clean, precision=_HIGHEST)
+        o = jnp.einsum("bchgqk,bckhd->bchgqd", p, vc.astype(jnp.float32), precision=_HIGHEST)
         o = o / jnp.where(total == 0, 1.0, total)[..., None]
         o = o.transpose(0, 1, 4, 2, 3, 5).reshape(b, rows, hkv, g, d)
         return lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), row0, axis=1)
@@ -182,6 +156,7 @@ def triangle_attention(
     static = static_length(length, t)
     if n_local >= t or n_init >= t or (static is not None and n_last >= static):
         return causal_attention(q, k, v, length=length)  # every visible row is dense
+    k, v = guard_values(k, v, lengths)
     qg = q.reshape(b, t, hkv, hq // hkv, d)
     out = _band(qg, k, v, n_init=n_init, n_local=n_local, length=jnp.max(lengths))
     n_dense = min(n_last, t)
@@ -204,7 +179,9 @@ def causal_attention(
     chunks past the longest row's length are skipped."""
     b, t, hq, d = q.shape
     hkv = k.shape[2]
-    live = jnp.max(row_lengths(length, b, t))
+    lengths = row_lengths(length, b, t)
+    live = jnp.max(lengths)
+    k, v = guard_values(k, v, lengths)
     chunk = min(_CHUNK, round_up(t, 8))
     padded = round_up(t, chunk)
     qp = pad_seq(q.reshape(b, t, hkv, hq // hkv, d), padded)
@@ -239,6 +216,7 @@ def vertical_slash_attention(
     hkv, hsel = k.shape[2], columns.shape[1]
     group = hq // hsel
     lengths = row_lengths(length, b, t)
+    k, v = guard_values(k, v, lengths)
     tp = round_up(t, dynamic_tables.BLOCK)
     bq, nq = dynamic_tables.BLOCK, tp // dynamic_tables.BLOCK
     table = dynamic_tables.build(columns, diagonals, lengths, tp)

@@ -141,13 +141,9 @@ def causal_attention(
         from tmjax.pallas_kernels import _common
 
         # cuDNN multiplies V as it is: 0 * NaN inside its tiles would reach rows that cannot see the value
-        k, v = _common.guard_values(k, v, None if length is None else _common.row_lengths(length, q.shape[0], q.shape[1]))
+        k, v = _common.guard_values(k, v, length)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     return _backend(_resolve(implementation, q)).causal_attention(q, k, v, length=length)
-
-
-def _check_qk(q: jax.Array, k: jax.Array) -> None:
-    _check_shapes(q, k, k)
 
 
 def vertical_slash_indices(
@@ -172,7 +168,7 @@ def vertical_slash_indices(
     ``triangle_attention`` (one per sequence allowed).
     """
     pattern = VerticalSlash(vertical, slash, last_q, force_vertical, force_slash, selection)  # validates
-    _check_qk(q, k)
+    _check_shapes(q, k, k)  # no v here: k stands in for it
     return _select(q, k, pattern, length)
 
 
