@@ -128,20 +128,31 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
 
             qk = pl.run_scoped(qk_product, plgpu.ACC((ROWS, block_kv), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
-            if masked == "columns":
-                qk = jnp.where(column_mask(w, s), qk, _common.MASK_VALUE)
-            elif masked:
-                rows = w.row + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=plgpu.Layout.WGMMA)
-                cols = w.kv_block(s) * block_kv + plgpu.broadcasted_iota(
-                    jnp.int32, (ROWS, block_kv), 1, layout=plgpu.Layout.WGMMA
-                )
-                visible = cols <= rows
-                if n_local is not None:
-                    visible = visible & ((cols < n_init) | (rows - cols < n_local))
-                qk = jnp.where(visible, qk, _common.MASK_VALUE)
-            m_new = jnp.maximum(m_i, qk.max(axis=1) * c)
-            alpha = jnp.exp2(m_i - m_new)
-            p = jnp.exp2(qk * c - lax.broadcast_in_dim(m_new, qk.shape, [0]))
+            if masked:
+                if masked == "columns":
+                    visible = column_mask(w, s)
+                else:
+                    rows = w.row + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=plgpu.Layout.WGMMA)
+                    cols = w.kv_block(s) * block_kv + plgpu.broadcasted_iota(
+                        jnp.int32, (ROWS, block_kv), 1, layout=plgpu.Layout.WGMMA
+                    )
+                    visible = cols <= rows
+                    if n_local is not None:
+                        visible = visible & ((cols < n_init) | (rows - cols < n_local))
+                # Scale, then mask with -inf: a finite mask value M scaled inside exp2(M * c - m) is
+                # contracted into an FMA whose unrounded product differs from the rounded maximum m by
+                # up to ~1e21, so a row that sees nothing yet got p = exp2(+1e21) = inf and later NaN
+                # (issue 17: head_dim 64 without sinks). A row with no visible key so far keeps
+                # m = -inf and takes 0 as its reference, so its p and alpha are exactly 0.
+                scaled = jnp.where(visible, qk * c, -jnp.inf)
+                m_new = jnp.maximum(m_i, scaled.max(axis=1))
+                m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                alpha = jnp.exp2(m_i - m_ref)
+                p = jnp.exp2(scaled - lax.broadcast_in_dim(m_ref, qk.shape, [0]))
+            else:  # every row sees every key: m_new is finite
+                m_new = jnp.maximum(m_i, qk.max(axis=1) * c)
+                alpha = jnp.exp2(m_i - m_new)
+                p = jnp.exp2(qk * c - lax.broadcast_in_dim(m_new, qk.shape, [0]))
             acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
             l_i = l_i * alpha + p.sum(axis=1)
             p16 = p.astype(dtype)
