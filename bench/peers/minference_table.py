@@ -71,11 +71,10 @@ def compare(ours: list[dict], theirs: list[dict]) -> list[dict]:
                    "ours_s": a and a.get("median_s"), "theirs_s": b and b.get("median_s"),
                    "ours_error": a and a.get("error"), "theirs_error": b and b.get("error")}
             row["ours_over_theirs"] = row["ours_s"] / row["theirs_s"] if row["ours_s"] and row["theirs_s"] else None
-            for side, rows_by_key, key in (("ours", mine, "dense"), ("theirs", their, "dense")):
-                dense = rows_by_key.get((n, key))
-                mine_s = row[f"{side}_s"]
-                row[f"{side}_vs_own_dense"] = (mine_s / dense["median_s"] if mine_s and dense and dense.get("median_s")
-                                               else None)
+            for side, rows_by_key in (("ours", mine), ("theirs", their)):
+                dense, own = rows_by_key.get((n, "dense")), row[f"{side}_s"]
+                row[f"{side}_vs_own_dense"] = (own / dense["median_s"] if ours_key != "dense" and own and dense
+                                               and dense.get("median_s") else None)
             table.append(row)
     return table
 
