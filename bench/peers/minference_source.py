@@ -22,6 +22,7 @@ from typing import Callable
 ORIGIN = "https://github.com/microsoft/MInference"
 PATCHES: list[str] = []
 
+
 def check_folder(folder: str | Path) -> Path:
     """The source folder as a Path; a one-line error naming what is missing."""
     path = Path(folder)
@@ -54,12 +55,16 @@ def build_extension(folder: Path, build_dir: str | None = None) -> types.ModuleT
 
 
 def _stub(name: str, reason: str, **attrs) -> None:
-    """Register an empty module ``name`` (with attributes) when the real one cannot be imported."""
+    """Register an empty module ``name`` (attributes ``attrs``; a module among them is registered as
+    its submodule) when the real one cannot be imported."""
     if importlib.util.find_spec(name) is not None:
         return
     module = types.ModuleType(name)
     module.__dict__.update(attrs)
     sys.modules[name] = module
+    for attr, value in attrs.items():
+        if isinstance(value, types.ModuleType):
+            sys.modules[f"{name}.{attr}"] = value
     PATCHES.append(f"{name}: not installed; an empty stub module stands in ({reason})")
 
 
@@ -109,8 +114,6 @@ def load(folder: Path, extension: types.ModuleType | None, extension_error: str 
         return sys.modules["minference"]
     _stub("tilelang", "imported at top level by modules/leank.py and ops/leank_flash_decoding.py; LeanK is "
                       "not on the tri_mix path", language=types.ModuleType("tilelang.language"))
-    if "tilelang" in sys.modules and not hasattr(sys.modules["tilelang"], "__file__"):
-        sys.modules["tilelang.language"] = sys.modules["tilelang"].language
     _stub("einops", "imported at top level by modules/flexprefill.py; FlexPrefill is not run here",
           rearrange=_unavailable("einops.rearrange", "einops is not installed"))
     if extension is None:
@@ -124,8 +127,6 @@ def load(folder: Path, extension: types.ModuleType | None, extension_error: str 
         PATCHES.append("minference.cuda: csrc/kernels.cpp + csrc/vertical_slash_index.cu built by "
                        "torch.utils.cpp_extension.load (-O3) for the visible GPU instead of setup.py build_ext")
     sys.modules["minference.cuda"] = extension
-    sys.path.insert(0, str(folder))
-    t0 = time.perf_counter()
     try:
         with _bool_package_check():
             package = _import_package(folder)
@@ -134,9 +135,6 @@ def load(folder: Path, extension: types.ModuleType | None, extension_error: str 
             if name != "minference.cuda":
                 del sys.modules[name]
         raise RuntimeError(f"importing minference from {folder} failed: {type(ex).__name__}: {ex}".splitlines()[0]) from ex
-    finally:
-        sys.path.remove(str(folder))
-    package._tmjax_import_s = time.perf_counter() - t0
     _patch_decoder_layer(package)
     return package
 
