@@ -109,6 +109,8 @@ def render(table: list[dict], ours_meta: dict, theirs_meta: dict, agree: dict | 
                   f"(tolerance {agree['tolerance']}).", ""]
     else:
         lines += ["One-layer check: no result (did not run or failed; see its log).", ""]
+    if theirs_meta.get("error"):
+        lines += [f"Their code did not get to timing: {theirs_meta['error']}", ""]
     lines += ["| tokens | configuration | ours s | theirs s | ours / theirs | ours vs own dense | theirs vs own dense |",
               "|---|---|---|---|---|---|---|"]
     for r in table:
@@ -132,12 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
 
-    def first(paths):
-        for path in paths:
-            meta, rows = read_rows(path)
-            if rows:
-                return meta, rows
-        return {}, []
+    def first(paths):  # the first file's meta that has one, the first file's rows that has some
+        metas, rows = zip(*[read_rows(p) for p in paths]) if paths else ((), ())
+        return next((m for m in metas if m), {}), next((r for r in rows if r), [])
 
     ours_meta, ours = first(args.ours)
     theirs_meta, theirs = first(args.theirs)

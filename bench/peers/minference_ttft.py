@@ -184,8 +184,13 @@ def main(argv: list[str] | None = None) -> None:
     if extension_error:
         print("EXTENSION BUILD FAILED:", extension_error, flush=True)
     meta["extension"] = {"built": extension is not None, "seconds": time.perf_counter() - t0, "error": extension_error}
-    package = minference_source.load(args.source, extension, extension_error)
-    backend, probe = probe_sdpa(args.sdpa)
+    try:
+        package = minference_source.load(args.source, extension, extension_error)
+        backend, probe = probe_sdpa(args.sdpa)
+    except RuntimeError as ex:  # nothing to time: leave the reason in the record
+        meta.update(error=str(ex), patches=minference_source.PATCHES)
+        write_json(out, {"meta": meta, "rows": []})
+        raise SystemExit(f"minference_ttft: {ex}")
     minference_source.install_dense_kernel(package, backend)
     import transformers
     import triton

@@ -211,3 +211,12 @@ def test_table_pairs_rows_and_divides_ours_by_theirs(tmp_path):
     assert f"| 32768 | TriangleMix | 0.900 | 1.100 | {0.9 / 1.1:.2f}x |" in md
     assert "| 131072 | TriangleMix + vertical-slash | failed | - |" in md and "- 131072 TriangleMix + vertical-slash (ours): boom" in md
     assert "One-layer check: no result" in md
+
+
+def test_table_reports_their_failure_before_timing(tmp_path):
+    (tmp_path / "theirs.json").write_text(json.dumps({"meta": {"error": "importing minference failed: X"}, "rows": []}))
+    (tmp_path / "theirs.log").write_text("Traceback ...\n")
+    minference_table.main(["--theirs", str(tmp_path / "theirs.json"), str(tmp_path / "theirs.log"),
+                           "--out", str(tmp_path)])
+    md = (tmp_path / "minference-vs-tmjax.md").read_text()
+    assert "Their code did not get to timing: importing minference failed: X" in md
