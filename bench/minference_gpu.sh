@@ -46,14 +46,21 @@ step() {  # step NAME CAP RESERVE COMMAND...: run with a timeout, log to $OUT/NA
   echo "== $name: exit $rc$( ((rc == 124 || rc == 137)) && echo ' (TIMED OUT)') after ${SECONDS} s"
 }
 
-[[ -f "$SOURCE/minference/modules/tri_mix.py" ]] || { echo "no MInference source in $SOURCE: carry .carry/minference"; exit 2; }
+if [[ ! -f "$SOURCE/minference/modules/tri_mix.py" ]]; then
+  echo "no MInference source in $SOURCE: carry .carry/minference"
+  exit 2
+fi
 echo "MInference commit: $(cat "$SOURCE/COMMIT" 2>/dev/null || echo unknown)"
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1; then
+  tail -20 "$OUT/pip.log"
+  exit 1
+fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv,noheader
 timeout 240 python3 bench/peers/minference_source.py "$SOURCE" "$EXT_DIR" >"$OUT/extension.log" 2>&1 &
 ext_pid=$!
 
-step check 100 330 python3 bench/peers/minference_agree.py "$SOURCE" --length 32768 --implementation mosaic_gpu --out "$OUT"
+step check 100 330 python3 bench/peers/minference_agree.py "$SOURCE" --length 32768 --implementation mosaic_gpu \
+  --out "$OUT"
 step ours 270 170 python3 bench/ttft.py --lengths "$LENGTHS" --configs dense,tm,tm+vs --switch-layer 16 \
   --vertical 512 --slash 2048 --selection head --implementation mosaic_gpu --repeats 3 --out "$OUT/ours"
 wait "$ext_pid"

@@ -29,7 +29,8 @@ def check_folder(folder: str | Path) -> Path:
     for part in ("minference/__init__.py", "minference/modules/tri_mix.py", "csrc/kernels.cpp",
                  "csrc/vertical_slash_index.cu"):
         if not (path / part).is_file():
-            raise SystemExit(f"source folder {path}: no {part} (export microsoft/MInference at commit 37e9073 or later)")
+            raise SystemExit(f"source folder {path}: no {part} "
+                             "(export microsoft/MInference at commit 37e9073 or later)")
     return path
 
 
@@ -134,7 +135,8 @@ def load(folder: Path, extension: types.ModuleType | None, extension_error: str 
         for name in [n for n in sys.modules if n == "minference" or n.startswith("minference.")]:
             if name != "minference.cuda":
                 del sys.modules[name]
-        raise RuntimeError(f"importing minference from {folder} failed: {type(ex).__name__}: {ex}".splitlines()[0]) from ex
+        message = f"importing minference from {folder} failed: {type(ex).__name__}: {ex}"
+        raise RuntimeError(message.splitlines()[0]) from ex
     _patch_decoder_layer(package)
     return package
 

@@ -111,7 +111,8 @@ def render(table: list[dict], ours_meta: dict, theirs_meta: dict, agree: dict | 
         lines += ["One-layer check: no result (did not run or failed; see its log).", ""]
     if theirs_meta.get("error"):
         lines += [f"Their code did not get to timing: {theirs_meta['error']}", ""]
-    lines += ["| tokens | configuration | ours s | theirs s | ours / theirs | ours vs own dense | theirs vs own dense |",
+    lines += ["| tokens | configuration | ours s | theirs s | ours / theirs | ours vs own dense "
+              "| theirs vs own dense |",
               "|---|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| {r['n']} | {r['config']} | {_s(r['ours_s'], r['ours_error'])} | "

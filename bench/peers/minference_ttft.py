@@ -1,5 +1,7 @@
-"""TTFT of the authors' TriangleMix: microsoft/MInference's ``tri_mix``, ``tri_mix_minference`` and their
-``dense`` baseline, patching a Hugging Face LlamaForCausalLM with Llama-3.1-8B's shapes and random weights.
+"""TTFT of the authors' TriangleMix (MInference tri_mix, tri_mix_minference, dense) on a Llama-3.1-8B-shaped model.
+
+microsoft/MInference's three attention types patch a Hugging Face LlamaForCausalLM with Llama-3.1-8B's
+shapes and random weights (bf16, built on the GPU).
 
 The MInference source is an export kept outside this repository (first argument; its ``COMMIT`` file
 names the commit, recorded with every run). What runs is their own code path, as their
