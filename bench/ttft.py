@@ -72,15 +72,16 @@ def time_prefill(params, tokens: np.ndarray, layout, repeats: int, implementatio
 
 def layouts(args) -> dict:
     """Configuration name -> layout, for the names in ``--configs``."""
-    shallow = tmjax.VerticalSlash(vertical=args.vertical, slash=args.slash)
+    shallow = tmjax.VerticalSlash(vertical=args.vertical, slash=args.slash, selection=args.selection)
     every = {
         "dense": None,
         "tm": tmjax.TriangleMix(args.switch_layer),
         "vs": shallow,
         "tm+vs": tmjax.TriangleMix(args.switch_layer, shallow=shallow),
     }
-    names = {"dense": "dense", "tm": f"TriangleMix({args.switch_layer})", "vs": "vertical-slash",
-             "tm+vs": f"TriangleMix({args.switch_layer}) + vertical-slash"}
+    vs = "vertical-slash" if args.selection == "group" else f"vertical-slash ({args.selection} selection)"
+    names = {"dense": "dense", "tm": f"TriangleMix({args.switch_layer})", "vs": vs,
+             "tm+vs": f"TriangleMix({args.switch_layer}) + {vs}"}
     return {names[c]: every[c] for c in args.configs.split(",")}
 
 
@@ -161,6 +162,8 @@ def main() -> None:
     parser.add_argument("--configs", default="dense,tm")
     parser.add_argument("--vertical", type=int, default=1000)
     parser.add_argument("--slash", type=int, default=6096)
+    parser.add_argument("--selection", choices=("group", "head"), default="group",
+                        help="vertical-slash selection: per KV group (ours) or per query head (MInference's)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--implementation", default=None, help="attention backend (default: platform's)")
     parser.add_argument("--attention-json", default=None, help="one-layer result JSONs (comma-separated) to compose")
