@@ -312,9 +312,9 @@ def _static(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, tuning: Tuni
     def body(refs, smem, barriers):
         index_ref, first_ref, num_full_ref, num_steps_ref, q_ref, k_ref, v_ref, o_ref = refs
         qb, batch = lax.axis_index("blocks"), lax.axis_index("batch")
-        first = first_ref[qb]
 
         def work_of(wg):
+            first = first_ref[qb]
             if heads_per_cta == 2:
                 head, row = 2 * lax.axis_index("heads") + wg, qb * ROWS
             else:

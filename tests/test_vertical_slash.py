@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import tmjax
-from tmjax.pallas_kernels import dynamic_tables, reference, tables
-from attention_fixtures import BACKENDS, assert_matches, backend_dtype_params, random_qkv
+from tmjax.pallas_kernels import dynamic_tables, reference
+from attention_fixtures import BACKENDS, assert_matches, backend_dtype_params, random_qkv, table_mask
 
 
 def numpy_scores(q: np.ndarray, k: np.ndarray, length: int, last_q: int, selection: str) -> tuple[np.ndarray, np.ndarray]:
@@ -104,31 +104,6 @@ def sparse_indices(seed: int, heads: int, seq_len: int, lengths, n_cols: int, n_
             d = np.unique(np.concatenate([np.arange(min(2, length)), rng.integers(0, length, n_diags)]))[:n_diags]
             cols[b, h, : len(c)], diags[b, h, : len(d)] = c, d
     return jnp.asarray(cols), jnp.asarray(diags)
-
-
-def table_mask(table: tables.Table, b: int, h: int, length: int) -> np.ndarray:
-    """The element mask a kernel following ``table`` computes for sequence b, head h (rows < length):
-    listed blocks ``[0, num_full)`` whole, the others causal, then the counted columns."""
-    bq, bkv = table.block_q, table.block_kv
-    nq = table.num_q_blocks
-    mask = np.zeros((nq * bq, nq * bq), bool)
-    full, steps = (np.asarray(x)[b, h] for x in (table.num_full, table.num_steps))
-    chunks = np.asarray(table.n_chunks)[b, h] if table.columns is not None else np.zeros(nq, int)
-    listed = tables.listed_blocks(table, b, h)
-    for qb in range(nq):
-        rows = np.arange(qb * bq, (qb + 1) * bq)
-        for s, kb in enumerate(listed[qb]):
-            keys = kb * bkv + np.arange(bkv)
-            assert not mask[rows[-1], keys].any(), "a key block listed twice"
-            mask[rows[:, None], keys[None, :]] = True if s < full[qb] else keys[None, :] <= rows[:, None]
-        assert steps[qb] == 0 or listed[qb][-1] == qb, "the diagonal block is not last"
-        for c in range(chunks[qb]):
-            counted = np.asarray(tables.chunk_mask(table.column_bits, jnp.int32(c)))[b, h, qb]
-            keys = columns[c * bq : (c + 1) * bq][counted]
-            assert not mask[rows[-1], keys].any(), "a column counted twice"
-            mask[rows[:, None], keys[None, :]] = True
-    mask[length:] = False
-    return mask
 
 
 @pytest.mark.parametrize("t, lengths, n_cols, n_diags", [(700, (700, 380), 12, 6), (333, (200, 64), 9, 5), (130, (130,), 200, 300)])
@@ -265,7 +240,7 @@ def test_model_with_shallow_vertical_slash_equals_injected_masks(tmp_path):
     mask from layer 2 on, injected through the decoder's attention hook."""
     import hf_fixtures
     from tmjax import api
-    from tmjax.models import decoder
+    from tmjax import plan
 
     params = hf_fixtures.load_tmjax(hf_fixtures.save_tiny_model(tmp_path, "llama", num_hidden_layers=4))
     c = params.config
@@ -284,7 +259,7 @@ def test_model_with_shallow_vertical_slash_equals_injected_masks(tmp_path):
         return jnp.where(layer >= switch_layer, reference.masked_attention(q, k, v, tri),
                          reference.masked_attention(q, k, v, masks))
 
-    full = jax.jit(decoder.full_logits, static_argnames=("layout", "attention_fn"))
+    full = jax.jit(plan.full_logits, static_argnames=("layout", "attention_fn"))
     expected = full(params, tokens, attention_fn=hook)
     ours = full(params, tokens, layout=layout)
     hf_fixtures.assert_close_to_scale(ours, expected, tol=1e-5)
