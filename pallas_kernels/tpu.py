@@ -155,8 +155,18 @@ def _seq_major(x: jax.Array) -> jax.Array:
     return x.transpose(0, 3, 1, 2, 4).reshape(b, t, hkv * g, d)
 
 
-def _params(interpret: bool, semantics: tuple[str, ...]):
-    return None if interpret else pltpu.CompilerParams(dimension_semantics=semantics)
+def _call(kernel, *, prefetch: int, grid: tuple, in_specs: list, out_spec, scratch_rows: int, out_shape, name: str,
+          tuning: Tuning):
+    """``pallas_call`` of a kernel whose grid's last axis walks steps (``arbitrary``), the first
+    ``prefetch`` inputs scalar-prefetched, with the online-softmax scratch for ``scratch_rows`` rows."""
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=prefetch, grid=grid, in_specs=in_specs, out_specs=out_spec,
+        scratch_shapes=_scratch(scratch_rows, out_shape.shape[-1]),
+    )
+    semantics = ("parallel",) * (len(grid) - 1) + ("arbitrary",)
+    params = None if tuning.interpret else pltpu.CompilerParams(dimension_semantics=semantics)
+    return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, compiler_params=params,
+                          interpret=tuning.interpret, name=name)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, length: jax.Array, tuning: Tuning) -> jax.Array:
@@ -202,20 +212,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, length: jax.A
         words=table.column_bits.shape[-1] if columns else 0, grid_steps=grid_steps, block_q=bq, block_kv=bkv,
         relative=table.relative, rule=table.rule, scale=d ** -0.5,
     )
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=len(prefetch),
-        grid=(b, heads, nq, grid_steps),
-        in_specs=in_specs,
-        out_specs=q_spec,
-        scratch_shapes=_scratch(g * bq, d),
-    )
-    out = pl.pallas_call(
-        kernel,
-        grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((b, heads, g, t, d), q.dtype),
-        compiler_params=_params(tuning.interpret, ("parallel", "parallel", "parallel", "arbitrary")),
-        interpret=tuning.interpret,
-        name="tmjax_table_attention_tpu",
+    out = _call(
+        kernel, prefetch=len(prefetch), grid=(b, heads, nq, grid_steps), in_specs=in_specs, out_spec=q_spec,
+        scratch_rows=g * bq, out_shape=jax.ShapeDtypeStruct((b, heads, g, t, d), q.dtype),
+        name="tmjax_table_attention_tpu", tuning=tuning,
     )(*prefetch, *inputs)
     return _seq_major(out)
 
@@ -234,19 +234,9 @@ def last_rows(q_rows: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, t
 
     q_spec = pl.BlockSpec((None, None, g, r, d), lambda b_, h, s, start_ref: (b_, h, 0, 0, 0))
     kv_spec = pl.BlockSpec((None, None, bkv, d), kv_index)
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=1,
-        grid=(b, hkv, num_blocks),
-        in_specs=[q_spec, kv_spec, kv_spec],
-        out_specs=q_spec,
-        scratch_shapes=_scratch(g * r, d),
-    )
-    out = pl.pallas_call(
-        kernel,
-        grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((b, hkv, g, r, d), q_rows.dtype),
-        compiler_params=_params(tuning.interpret, ("parallel", "parallel", "arbitrary")),
-        interpret=tuning.interpret,
-        name="tmjax_last_rows_attention_tpu",
+    out = _call(
+        kernel, prefetch=1, grid=(b, hkv, num_blocks), in_specs=[q_spec, kv_spec, kv_spec], out_spec=q_spec,
+        scratch_rows=g * r, out_shape=jax.ShapeDtypeStruct((b, hkv, g, r, d), q_rows.dtype),
+        name="tmjax_last_rows_attention_tpu", tuning=tuning,
     )(start, _head_major(q_rows, hkv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
     return _seq_major(out)
