@@ -1,23 +1,32 @@
 """One-layer attention timings on a GPU: our kernels beside cuDNN and the peers, in one run.
 
 Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head_dim 128), bf16, batch 1, triangle
-n_init 8 / n_local 512 / n_last 128. Rows: our triangle (mosaic_gpu with a few block settings,
-triton), our causal kernel, cuDNN dense causal via ``jax.nn.dot_product_attention``, and, when the
+n_init 8 / n_local 512 / n_last 128. Rows: our triangle (mosaic_gpu with the tuning table's entry and
+another block setting, triton), our causal kernel, cuDNN dense causal via
+``jax.nn.dot_product_attention``, and, when the
 peer scripts are found (``--peers DIR``), the cuDNN-composed triangle (``peers.py composed``) and
 PyTorch FlexAttention's triangle (``anchors.py``), and FlashAttention-3 through ``flash-attn3-jax``
 when it imports (``bench/fa3_peer.py``: dense causal, sliding window, FA3-composed triangle; head_dim
 128 only). ``--heads 9,3,64`` runs SmolLM2's heads instead. Medians; every JAX row is checked against a
-dense float32 reference on a slice of rows first. Writes ``attention-<device>-<date>.json`` and
-``.md`` to ``--out``.
+dense float32 reference on a slice of rows first. Each of our rows records the backend and the
+tuning it ran (``implementation``, ``tuning``; ``tuning_source``: ``table`` when read from
+``tmjax/pallas_kernels/tuning_tables``). ``--sweep`` times mosaic_gpu over a grid of tunings
+(triangle and causal); ``--write-tuning FILE`` then writes the packaged table with the fastest
+tuning of each pattern at this run's device, head_dim and group (entries for other keys kept), to
+be copied over ``tmjax/pallas_kernels/tuning_tables/mosaic_gpu.json`` after review. Writes
+``attention-<device>-<date>.json`` and ``.md`` to ``--out``.
 
     python bench/attention.py --out bench/results --peers .carry/peers
+    python bench/attention.py --seqs 32768,131072 --sweep --write-tuning /tmp/out/mosaic_gpu.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import importlib
+import itertools
 import json
 import os
 import platform
@@ -84,33 +93,98 @@ def causal_rows_mask(rows, n):
     return np.arange(n)[None, :] <= rows[:, None]
 
 
-def our_systems():
-    from tmjax.pallas_kernels import mosaic_gpu, triton
+TRI = dict(n_init=N_INIT, n_local=N_LOCAL, n_last=N_LAST)
+# Patterns of the rows -> the tuning table's pattern key.
+TABLE_PATTERN = {"triangle": "triangle", "band": "triangle", "dense-causal": "causal"}
 
-    tri = dict(n_init=N_INIT, n_local=N_LOCAL, n_last=N_LAST, length=None)
-    systems = []
-    for tuning in (mosaic_gpu.Tuning(64, 3, 4096), mosaic_gpu.Tuning(64, 4, 2048)):
-        name = f"tmjax mosaic_gpu bkv{tuning.block_kv} st{tuning.stages} chunk{tuning.kv_chunk}"
-        fn = lambda q, k, v, t=tuning: mosaic_gpu.triangle_attention(q, k, v, tuning=t, **tri)  # noqa: E731
-        systems.append((name, "triangle", fn))
-    band_only = dict(tri, n_last=0)
-    systems.append(("tmjax mosaic_gpu bkv64 st3 band only (n_last=0)", "band", lambda q, k, v: mosaic_gpu.triangle_attention(
-        q, k, v, tuning=mosaic_gpu.Tuning(64, 3, 4096), **band_only)))
-    systems.append(("tmjax triton", "triangle", lambda q, k, v: triton.triangle_attention(q, k, v, **tri)))
-    systems.append(("tmjax mosaic_gpu causal table", "dense-causal",
-                    lambda q, k, v: mosaic_gpu.causal_attention(q, k, v, length=None)))
+
+def _ours(implementation: str, pattern: str, tuning=None):
+    """Our attention on ``implementation`` with ``tuning`` (None: the packaged table's entry)."""
+    import tmjax
+
+    if pattern == "dense-causal":
+        return lambda q, k, v: tmjax.causal_attention(q, k, v, implementation=implementation, tuning=tuning)
+    sizes = dict(TRI, n_last=0) if pattern == "band" else TRI
+    return lambda q, k, v: tmjax.triangle_attention(q, k, v, **sizes, implementation=implementation, tuning=tuning)
+
+
+def _label(tuning) -> str:
+    return f"bkv{tuning.block_kv} st{tuning.stages} chunk{tuning.kv_chunk}"
+
+
+def our_systems(sweep: bool):
+    """``(name, pattern, fn, implementation, tuning or None)`` rows; None: the table's entry. Names
+    carry the tuning (the table's rows too, so they read as in earlier runs)."""
+    from tmjax import attention
+    from tmjax.pallas_kernels import mosaic_gpu
+
+    q, kv = (jax.ShapeDtypeStruct((1, 128, h, D), jnp.bfloat16) for h in (HQ, HKV))
+    table = attention.kernel("mosaic_gpu", "triangle", q, kv, kv).tuning
+    systems = [(f"tmjax mosaic_gpu {_label(table)}", "triangle", _ours("mosaic_gpu", "triangle"), "mosaic_gpu", None)]
+    tunings = [mosaic_gpu.Tuning(64, 4, 2048)]
+    if sweep:
+        tunings = [mosaic_gpu.Tuning(b, s, c) for b, s, c in itertools.product((64, 128), (2, 3, 4), (2048, 4096))]
+    for tuning in tunings:
+        if tuning != table:
+            systems.append((f"tmjax mosaic_gpu {_label(tuning)}", "triangle", _ours("mosaic_gpu", "triangle", tuning),
+                            "mosaic_gpu", tuning))
+    systems.append((f"tmjax mosaic_gpu bkv{table.block_kv} st{table.stages} band only (n_last=0)", "band",
+                    _ours("mosaic_gpu", "band"), "mosaic_gpu", None))
+    systems.append(("tmjax triton", "triangle", _ours("triton", "triangle"), "triton", None))
+    systems.append(("tmjax mosaic_gpu causal table", "dense-causal", _ours("mosaic_gpu", "dense-causal"), "mosaic_gpu", None))
+    if sweep:
+        causal = attention.kernel("mosaic_gpu", "causal", q, kv, kv).tuning
+        for b, s in itertools.product((64, 128), (2, 3)):
+            tuning = mosaic_gpu.Tuning(b, s, 4096)
+            if tuning != causal:
+                systems.append((f"tmjax mosaic_gpu causal table {_label(tuning)}", "dense-causal",
+                                _ours("mosaic_gpu", "dense-causal", tuning), "mosaic_gpu", tuning))
     systems.append(("jax cudnn", "dense-causal", lambda q, k, v: jax.nn.dot_product_attention(
-        q, k, v, is_causal=True, implementation="cudnn")))
+        q, k, v, is_causal=True, implementation="cudnn"), None, None))
     return systems
+
+
+def tuning_record(implementation: str | None, pattern: str, tuning, q, k) -> dict:
+    """What a row records about its tuning: the backend, the fields, and where they came from."""
+    if implementation is None:
+        return {}
+    from tmjax import attention
+
+    source = "table" if tuning is None else "argument"
+    if tuning is None:
+        tuning = attention.kernel(implementation, TABLE_PATTERN[pattern], q, k, k).tuning
+    return dict(implementation=implementation, tuning=dataclasses.asdict(tuning), tuning_source=source)
+
+
+def write_tuning(path: str, rows: list[dict], device: str) -> None:
+    """The mosaic_gpu tuning table with, for each pattern timed here, the fastest row's tuning at this
+    device, head_dim and group (replacing an entry of the same key), every other entry kept."""
+    from tmjax.pallas_kernels import tuning as tuning_tables
+
+    key = dict(device=device, head_dim=D, group=HQ // HKV)
+    entries = [e for e in tuning_tables.table("mosaic_gpu")]
+    for pattern in ("triangle", "causal"):
+        timed = [r for r in rows if r.get("implementation") == "mosaic_gpu" and r.get("ms")
+                 and TABLE_PATTERN.get(r["pattern"]) == pattern and r["pattern"] != "band"]
+        if not timed:
+            continue
+        entries = [e for e in entries if {k: e.get(k, "*") for k in (*key, "pattern")} != dict(key, pattern=pattern)]
+        by_tuning: dict = {}
+        for r in timed:  # a tuning's time: its median over the lengths it ran, summed
+            by_tuning.setdefault(json.dumps(r["tuning"], sort_keys=True), []).append(r["ms"])
+        best = min(by_tuning, key=lambda t: sum(by_tuning[t]))
+        entries.append(dict(key, pattern=pattern, tuning=json.loads(best),
+                            source=f"bench/attention.py --sweep, {device}, lengths {sorted({r['n'] for r in timed})}, "
+                                   f"summed medians {sum(by_tuning[best]):.3f} ms"))
+    with open(path, "w") as fh:
+        json.dump(dict(backend="mosaic_gpu", about="written by bench/attention.py --write-tuning; see "
+                       "tmjax.pallas_kernels.tuning", entries=entries), fh, indent=1)
 
 
 def dump_hlo(out_dir: str, n: int) -> None:
     """The optimised HLO of the mosaic_gpu triangle at length ``n`` (to look for copies of the output)."""
-    from tmjax.pallas_kernels import mosaic_gpu
-
     shapes = [jax.ShapeDtypeStruct((1, n, h, D), jnp.bfloat16) for h in (HQ, HKV, HKV)]
-    fn = jax.jit(lambda q, k, v: mosaic_gpu.triangle_attention(
-        q, k, v, n_init=N_INIT, n_local=N_LOCAL, n_last=N_LAST, length=None))
+    fn = jax.jit(_ours("mosaic_gpu", "triangle"))
     text = fn.lower(*shapes).compile().as_text()
     with open(os.path.join(out_dir, f"hlo-mosaic-triangle-{n}.txt"), "w") as fh:
         fh.write(text)
@@ -127,16 +201,17 @@ def fa3_systems(log) -> list:
         return []
 
 
-def run_ours(seqs, rows_out, log):
-    extra = fa3_systems(log) if D == 128 else []
+def run_ours(seqs, rows_out, log, sweep=False):
+    extra = [(name, pattern, fn, None, None) for name, pattern, fn in (fa3_systems(log) if D == 128 else [])]
     for n in seqs:
         kq, kk, kv = jax.random.split(jax.random.PRNGKey(n), 3)
         q = jax.random.normal(kq, (1, n, HQ, D), jnp.bfloat16)
         k = jax.random.normal(kk, (1, n, HKV, D), jnp.bfloat16)
         v = jax.random.normal(kv, (1, n, HKV, D), jnp.bfloat16)
-        for name, pattern, fn in our_systems() + extra:
+        for name, pattern, fn, implementation, tuning in our_systems(sweep) + extra:
             row = dict(system=name, pattern=pattern, n=n)
             try:
+                row.update(tuning_record(implementation, pattern, tuning, q, k))
                 jfn = jax.jit(fn)
                 t0 = time.perf_counter()
                 jax.block_until_ready(jfn(q, k, v))
@@ -223,6 +298,8 @@ def main(argv=None) -> None:
     parser.add_argument("--peers", default=None, help="folder with peers.py and anchors.py")
     parser.add_argument("--dump-hlo", action="store_true", help="write the optimised HLO at the longest length")
     parser.add_argument("--heads", default=None, help="query heads, KV heads, head_dim (default 32,8,128)")
+    parser.add_argument("--sweep", action="store_true", help="time mosaic_gpu over a grid of tunings")
+    parser.add_argument("--write-tuning", default=None, help="write a mosaic_gpu tuning table from this run")
     args = parser.parse_args(argv)
     if args.heads:
         global HQ, HKV, D
@@ -233,7 +310,7 @@ def main(argv=None) -> None:
     rows: list[dict] = []
     if args.dump_hlo:
         dump_hlo(args.out, max(seqs))
-    run_ours(seqs, rows, log)
+    run_ours(seqs, rows, log, sweep=args.sweep)
     if args.peers:
         run_peers(args.peers, seqs, rows, log)
     device = jax.devices()[0].device_kind
@@ -245,6 +322,8 @@ def main(argv=None) -> None:
     base = os.path.join(args.out, f"attention-{device.replace(' ', '_')}-{stamp:%Y%m%d-%H%M}")
     with open(base + ".json", "w") as fh:
         json.dump(dict(meta, rows=rows), fh, indent=1)
+    if args.write_tuning:
+        write_tuning(args.write_tuning, rows, device)
     table = summarise(rows, seqs)
     with open(base + ".md", "w") as fh:
         fh.write(f"# Attention, one layer ({device}, {meta['date']}, jax {meta['jax']})\n\n")

@@ -78,7 +78,8 @@ def main() -> None:
         "transformers PyTorch SDPA": torch_model(threads),
     }
     if args.breakdown:
-        no_attention = jax.jit(lambda p, t: decoder.prefill_hidden(p, t, t.shape[1], attention_fn=lambda i, q, k, v, L: q)[0][:, -1])
+        no_attention = jax.jit(lambda p, t: decoder.prefill_hidden(
+            p, t, t.shape[1], runs=((0, p.config.num_layers, lambda i, q, k, v, L: q),))[0][:, -1])
         systems["tmjax without attention (identity)"] = lambda t: np.asarray(no_attention(params, t))
         c = params.config
         q = jax.random.normal(jax.random.key(0), (1, n, c.num_heads, c.head_dim))

@@ -2,7 +2,8 @@
 # The one script run on the GPU machine: install tmjax (no deps: the machine has jax with CUDA) and the
 # wheels carried in .whl (flash-attn3-jax, einops, gguf), then one of:
 #   tests  the GPU test grid (error figures -> $OUT/attention-gpu-errors.json): triangle, causal,
-#          vertical-slash and padding-poison cases for every implementation
+#          vertical-slash, key-block-list and padding-poison cases for every implementation
+#          (TESTS_K="triangle_grid" / TESTS_K="not triangle_grid": the grid in two calls)
 #   bench  bench/attention.py beside cuDNN, FlashAttention-3 (when its wheel loads) and the peers in
 #          .carry/peers; then the same at SmolLM2's heads (9 q / 3 KV, head_dim 64)
 #   vs     bench/smollm2_vs_indices.py (SmolLM2's own picks), bench/vertical_slash.py (local/real/random)
@@ -31,8 +32,10 @@ if [[ -f .carry/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]]; then
 fi
 case "$what" in
   tests)
+    # TESTS_K="expr" runs a part of the grid (pytest -k), for a grid longer than one call
     TMJAX_ERRORS_JSON="$OUT/attention-gpu-errors.json" timeout 580 \
-      python3 -m pytest tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log" | tail -40 ;;
+      python3 -m pytest tests/test_gpu.py -q -x -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
+      | tee "$OUT/test_gpu.log" | tail -40 ;;
   bench)
     peers=()
     [[ -d .carry/peers ]] && peers=(--peers .carry/peers)

@@ -53,7 +53,7 @@ def main() -> None:
                 int(layer), (np.asarray(c), np.asarray(d))), layer, cols, diags)
         return tmjax.causal_attention(q, k, v, length=length)
 
-    run = jax.jit(lambda p, t: decoder.prefill_hidden(p, t, t.shape[1], attention_fn=hook)[0][:, -1])
+    run = jax.jit(lambda p, t: decoder.prefill_hidden(p, t, t.shape[1], runs=((0, p.config.num_layers, hook),))[0][:, -1])
     arrays, density = {}, []
     for n in (int(x) for x in args.lengths.split(",")):
         text = build_prompt(tok, n + 64, depth=0.5, seed=n)[0]
@@ -62,7 +62,7 @@ def main() -> None:
         jax.block_until_ready(run(params, tokens))
         for (vertical, slash), layers in picks.items():
             for layer, (cols, diags) in sorted(layers.items()):
-                table = dynamic_tables.build(jnp.asarray(cols), jnp.asarray(diags), jnp.full((1,), n, jnp.int32),
+                table = dynamic_tables.vertical_slash(jnp.asarray(cols), jnp.asarray(diags), jnp.full((1,), n, jnp.int32),
                                              -(-n // 64) * 64)
                 density.append(dict(n=n, vertical=vertical, slash=slash, layer=layer,
                                     visited_fraction=visited_fraction(table, n)))

@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import median_ms  # noqa: E402
 
 import tmjax  # noqa: E402
-from tmjax.attention import _backend  # noqa: E402
-from tmjax.pallas_kernels import dynamic_tables, reference  # noqa: E402
+from tmjax import attention  # noqa: E402
+from tmjax.pallas_kernels import dynamic_tables, reference, tables  # noqa: E402
 
 
 def contract_rows_mask(rows: np.ndarray, n: int, cols: np.ndarray, diags: np.ndarray) -> np.ndarray:
@@ -55,11 +55,11 @@ def contract_rows_mask(rows: np.ndarray, n: int, cols: np.ndarray, diags: np.nda
     return out
 
 
-def visited_fraction(table: dynamic_tables.DynamicTable, n: int) -> float:
+def visited_fraction(table: tables.Table, n: int) -> float:
     """Visible (query, key) pairs the table makes each row compute, over the causal pairs (mean over heads)."""
     bq = dynamic_tables.BLOCK
-    steps, chunks = np.asarray(table.n_steps, np.int64), np.asarray(table.n_chunks, np.int64)
-    counted = np.asarray(jax.vmap(lambda c: dynamic_tables.chunk_mask(table.column_bits, c), out_axes=-2)(
+    steps = np.asarray(table.num_steps, np.int64)
+    counted = np.asarray(jax.vmap(lambda c: tables.chunk_mask(table.column_bits, c), out_axes=-2)(
         jnp.arange(table.columns.shape[-1] // bq))).sum(axis=(-1, -2))
     live = steps > 0
     # full slash blocks: bq * bq pairs each; the diagonal block: bq (bq + 1) / 2; columns: bq rows each
@@ -100,8 +100,9 @@ def main() -> None:
     real = dict(np.load(args.real_indices)) if args.real_indices else None
     cases = [c for c in args.cases.split(",") if c != "real" or real is not None]
     device = jax.devices()[0]
-    kernel = jax.jit(lambda q, k, v, c, g: _backend(args.implementation).vertical_slash_attention(
-        q, k, v, columns=c, diagonals=g, length=None))
+    kernel = jax.jit(lambda q, k, v, c, g: attention.attend_table(
+        q, k, v, dynamic_tables.vertical_slash(c, g, jnp.full((1,), q.shape[1], jnp.int32), -(-q.shape[1] // 64) * 64),
+        implementation=args.implementation))
     estimate = jax.jit(lambda q, k: tmjax.vertical_slash_indices(q, k, vertical=args.vertical, slash=args.slash))
     dense_impl = None if device.platform == "gpu" else "xla"
     dense = jax.jit(lambda q, k, v: tmjax.causal_attention(q, k, v, implementation=dense_impl))
@@ -117,7 +118,7 @@ def main() -> None:
         sample = np.unique(np.concatenate([np.arange(64), np.random.default_rng(0).integers(0, n, 96), np.arange(n - 64, n)]))
         for case in cases:
             cols, diags = index_sets(case, n, hkv, args, q, k, real)
-            table = dynamic_tables.build(cols, diags, jnp.full((1,), n, jnp.int32), -(-n // 64) * 64)
+            table = dynamic_tables.vertical_slash(cols, diags, jnp.full((1,), n, jnp.int32), -(-n // 64) * 64)
             out = kernel(q, k, v, cols, diags)
             masks = np.stack([contract_rows_mask(sample, n, np.asarray(cols[0, h]), np.asarray(diags[0, h]))
                               for h in range(hkv)])

@@ -69,19 +69,20 @@ def main() -> None:
                 kept.setdefault(rule, {}).__setitem__(int(i), (np.asarray(c), np.asarray(d)))), layer, err, last, cols, diags)
         return dense
 
-    jax.block_until_ready(jax.jit(lambda p, t: decoder.prefill_hidden(p, t, n, attention_fn=hook)[0][:, -1])(params, tokens))
+    jax.block_until_ready(jax.jit(lambda p, t: decoder.prefill_hidden(p, t, n, runs=((0, p.config.num_layers, hook),))[0][:, -1])(params, tokens))
     rows = []
     for rule in RULES:
         for layer, (err, last) in sorted(found[rule].items()):
             cols, diags = kept[rule][layer]
-            table = dynamic_tables.build(jnp.asarray(cols), jnp.asarray(diags), jnp.full((1,), n, jnp.int32), -(-n // 64) * 64)
+            table = dynamic_tables.vertical_slash(jnp.asarray(cols), jnp.asarray(diags), jnp.full((1,), n, jnp.int32), -(-n // 64) * 64)
             rows.append(dict(selection=rule, layer=layer, rel_l2=err, rel_l2_last64=last, visited_fraction=visited_fraction(table, n)))
     # time one layer's kernel with each rule on that layer's own picks (real structure)
     c = params.config
     q = jax.random.normal(jax.random.key(0), (1, n, c.num_heads, c.head_dim), jnp.dtype(args.dtype))
     k, v = (jax.random.normal(jax.random.key(i), (1, n, c.num_kv_heads, c.head_dim), jnp.dtype(args.dtype)) for i in (1, 2))
-    kernel = jax.jit(lambda q, k, v, cols, diags: tmjax.attention._backend(args.implementation).vertical_slash_attention(
-        q, k, v, columns=cols, diagonals=diags, length=None))
+    kernel = jax.jit(lambda q, k, v, cols, diags: tmjax.attention.attend_table(
+        q, k, v, dynamic_tables.vertical_slash(cols, diags, jnp.full((1,), n, jnp.int32), -(-n // 64) * 64),
+        implementation=args.implementation))
     timing = {}
     layer = sorted(found["group"])[len(found["group"]) // 2]
     for _ in range(3):

@@ -1,10 +1,12 @@
 """The decoder: Flax linen layers applied over stacked layer weights, for prefill and for decoding.
 
 One ``DecoderLayer`` definition serves every family (the config switches biases, q/k-norm, windows).
-The layers run in ``lax.fori_loop`` over runs of consecutive layers that attend the same way (dense
-layers below the switch layer, Triangle layers at and above it, windowed layers), each iteration
-indexing the stacked ``[L, ...]`` weights by the traced layer index: the run boundaries are static,
-and no slice of the weight stack is copied out. Keys and values go to a ``KVCache`` for decoding.
+In prefill the layers run in ``lax.fori_loop`` over the runs of consecutive layers it is given, each
+run with its attention function (``tmjax.plan.layer_runs`` makes them from a layout: dense layers
+below the switch layer, Triangle layers at and above it, windowed layers), each iteration indexing
+the stacked ``[L, ...]`` weights by the traced layer index: the run boundaries are static, and no
+slice of the weight stack is copied out. Keys and values go to a ``KVCache`` for decoding. The
+decoder knows no layout and no attention backend: decoding is dense attention over the cache.
 
 Every row of a batch has its own true length: prompts are right-padded, and each row's dense last
 rows, RoPE (dynamic RoPE follows the length), cache length and decode position are its own.
@@ -12,20 +14,16 @@ rows, RoPE (dynamic RoPE follows the length), cache length and decode position a
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import struct
-import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 
-from tmjax import attention
-from tmjax.layout import Layout, TriangleMix, VerticalSlash
 from tmjax.models import sharding
 from tmjax.models.config import ModelConfig
 from tmjax.models.params import Params
@@ -33,6 +31,8 @@ from tmjax.models.rope import apply_rope, rope_tables
 
 # (layer_index, q, k, v, length) -> out; layer_index is a traced int32 scalar, length int32 [B].
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+# Runs of consecutive layers (start, stop) and the attention each runs in prefill.
+Runs = Sequence[tuple[int, int, AttentionFn]]
 # (q, k, v) -> (out, aux): how a layer attends, and what it hands back to the loop (keys/values).
 Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, object]]
 
@@ -111,86 +111,6 @@ class DecoderLayer(nn.Module):
         return x, aux
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerAttention:
-    """How a layer attends in prefill: ``causal``, ``window`` (sliding window), ``triangle`` or
-    ``vertical_slash`` (``pattern`` holds its budgets)."""
-
-    kind: str
-    window: int = 0
-    n_init: int = 0
-    n_local: int = 0
-    n_last: int = 0
-    pattern: VerticalSlash | None = None
-
-
-def layer_plan(config: ModelConfig, layout: Layout | None, seq_len: int
-               ) -> list[tuple[int, int, LayerAttention]]:
-    """Runs ``(start, stop, how)`` of consecutive layers that attend alike, for a padded length ``seq_len``.
-
-    A window of at least ``seq_len`` hides nothing and counts as causal. A Triangle or vertical-slash
-    layer ignores its sliding window: ``check_windows`` has made sure, on the true prompt lengths,
-    that the window hides nothing there (the plan is static per bucket and cannot see those lengths).
-    """
-    if layout is not None:
-        layout.check_layers(config.num_layers)
-    kinds = []
-    for layer in range(config.num_layers):
-        window = config.layer_window(layer)
-        if window is not None and window >= seq_len:
-            window = None
-        sparse = None if layout is None else layout.attention_at(layer)
-        if isinstance(sparse, TriangleMix):
-            kinds.append(LayerAttention("triangle", n_init=sparse.n_init, n_local=sparse.n_local, n_last=sparse.n_last))
-        elif isinstance(sparse, VerticalSlash):
-            kinds.append(LayerAttention("vertical_slash", pattern=sparse))
-        elif window is not None:
-            kinds.append(LayerAttention("window", window=window))
-        else:
-            kinds.append(LayerAttention("causal"))
-    runs: list[tuple[int, int, LayerAttention]] = []
-    for layer, how in enumerate(kinds):
-        if runs and runs[-1][2] == how:
-            runs[-1] = (runs[-1][0], layer + 1, how)
-        else:
-            runs.append((layer, layer + 1, how))
-    return runs
-
-
-def check_windows(config: ModelConfig, layout: Layout | None, longest: int) -> None:
-    """Raise ``ValueError`` if a sparse-layout layer (Triangle or vertical-slash) has a sliding
-    window shorter than the longest true prompt length ``longest``.
-
-    The intersection of a window with those patterns is neither of them, and dropping either would
-    change the model. A window of at least the prompt length hides nothing in prefill (a real row
-    ``i < length <= window`` sees every earlier key), so the pattern alone is exact there; padding
-    rows do not count.
-    """
-    if layout is None:
-        return
-    for layer in range(config.num_layers):
-        window, sparse = config.layer_window(layer), layout.attention_at(layer)
-        if window is not None and window < longest and sparse is not None:
-            name = "Triangle" if isinstance(sparse, TriangleMix) else "vertical-slash"
-            raise ValueError(
-                f"layer {layer} has a sliding window of {window} < the prompt length {longest} and is a {name} "
-                f"layer; sparse layouts on a windowed layer take prompts of at most {window} tokens"
-            )
-
-
-def _prefill_attention(how: LayerAttention, q: jax.Array, k: jax.Array, v: jax.Array, length: jax.Array,
-                       implementation: str | None) -> jax.Array:
-    if how.kind == "triangle":
-        return attention.triangle_attention(q, k, v, n_init=how.n_init, n_local=how.n_local, n_last=how.n_last,
-                                            length=length, implementation=implementation)
-    if how.kind == "vertical_slash":
-        return attention.vertical_slash(q, k, v, how.pattern, length=length, implementation=implementation)
-    if how.kind == "window":  # a window is a triangle without sinks or dense rows
-        return attention.triangle_attention(q, k, v, n_init=0, n_local=how.window, n_last=0,
-                                            length=length, implementation=implementation)
-    return attention.causal_attention(q, k, v, length=length, implementation=implementation)
-
-
 def _rope(config: ModelConfig, positions: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cos/sin for ``positions`` (``[T]``, shared by every row, or ``[B, T]``): ``[T, D]`` or
     ``[B, T, D]``. Dynamic RoPE's frequencies follow each row's length ``lengths [B]``, so its tables
@@ -223,27 +143,26 @@ def prefill_hidden(
     tokens: jax.Array,
     length: jax.Array | int,
     *,
-    layout: Layout | None = None,
+    runs: Runs,
     cache_size: int | None = None,
-    implementation: str | None = None,
-    attention_fn: AttentionFn | None = None,
     mesh: Mesh | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run the prompt ``tokens [B, T]`` (right-padded) through every layer; ``length`` (an int, or
     int32 ``[B]``: one per row) counts each row's real positions.
 
+    ``runs`` covers the layers in order with ``(start, stop, attend)``: layers ``[start, stop)`` call
+    ``attend(layer, q, k, v, length)`` (``tmjax.plan.layer_runs``, or one hook over all layers).
     Returns the final hidden states ``[B, T, H]`` (before the final norm) and a cache of
-    ``cache_size`` (default T) positions holding the prompt's keys and values. ``attention_fn``
-    replaces the attention of every layer (tests, probes). With ``mesh`` (the weights' mesh), the
-    cache is sharded by the rules and the attention runs per shard.
+    ``cache_size`` (default T) positions holding the prompt's keys and values. With ``mesh`` (the
+    weights' mesh), the cache is sharded by the rules and the attention runs per shard.
     """
     c, w = params.config, params.weights
     batch, seq_len = tokens.shape
     cache_size = seq_len if cache_size is None else cache_size
     if cache_size < seq_len:
         raise ValueError(f"the prompt ({seq_len} positions) is longer than the cache ({cache_size})")
-    if not isinstance(length, jax.core.Tracer):  # under jit the caller checks (tmjax.api does)
-        check_windows(c, layout, int(np.max(length)))
+    if [layer for start, stop, _ in runs for layer in range(start, stop)] != list(range(c.num_layers)):
+        raise ValueError(f"runs must cover layers 0..{c.num_layers - 1} in order, got {[r[:2] for r in runs]}")
     length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), (batch,))
     x = _embed(params, tokens)
     cos, sin = _rope(c, jnp.arange(seq_len), length)
@@ -254,17 +173,15 @@ def prefill_hidden(
     carry = (x, *cache)
     layer = DecoderLayer(c)
 
-    for start, stop, how in layer_plan(c, layout, seq_len):
-        op = functools.partial(_prefill_attention, how, implementation=implementation)
-        if mesh is not None:
-            op = sharding.shard_attention(op, mesh)
+    for start, stop, fn in runs:
 
-        def body(i: jax.Array, carry: tuple, op: sharding.AttentionOp = op) -> tuple:
+        def body(i: jax.Array, carry: tuple, fn: AttentionFn = fn) -> tuple:
             x, cache_k, cache_v = carry
+            op = functools.partial(fn, i)
+            if mesh is not None:
+                op = sharding.shard_attention(op, mesh)
 
             def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple]:
-                if attention_fn is not None:
-                    return attention_fn(i, q, k, v, length), (k, v)
                 return op(q, k, v, length), (k, v)
 
             x, (k, v) = layer.apply({"params": _layer(w["layers"], i)}, x, cos, sin, attend)
@@ -275,21 +192,6 @@ def prefill_hidden(
         carry = lax.fori_loop(start, stop, body, carry)
     x, cache_k, cache_v = carry
     return x, KVCache(cache_k, cache_v, length)
-
-
-def full_logits(
-    params: Params,
-    tokens: jax.Array,
-    layout: Layout | None = None,
-    *,
-    implementation: str | None = None,
-    attention_fn: AttentionFn | None = None,
-) -> jax.Array:
-    """float32 logits ``[B, T, V]`` of every position of an unpadded prompt (for tests; the public
-    prefill only computes the last position's)."""
-    hidden, _ = prefill_hidden(params, tokens, tokens.shape[1], layout=layout,
-                               implementation=implementation, attention_fn=attention_fn)
-    return logits(params, hidden)
 
 
 def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, position: jax.Array,

@@ -13,13 +13,18 @@ Row ``r`` of a table lists its ``num_steps[r]`` key blocks in ``kv_index[r]``: t
 first (ascending), then the partial ones (ascending), so ``partial[r, s] == (s >= num_full[r])``.
 Entries past ``num_steps[r]`` repeat the row's last entry (a pipeline that re-requests the block
 it already holds issues no new copy) and must not be computed.
+
+``band`` and ``causal`` give these tables in the kernels' format (``tables.Table``), cached per shape.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
+
+from tmjax.pallas_kernels.tables import Table
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -160,3 +165,26 @@ def band_table(seq_len: int, block_q: int, block_kv: int, *, n_init: int, n_loca
 def causal_table(seq_len: int, block_q: int, block_kv: int) -> BlockTable:
     """Table of dense causal attention (same machinery, window as long as the sequence)."""
     return block_table(seq_len, block_q, block_kv)
+
+
+def to_table(table: BlockTable, *, n_init: int = 0, n_local: int | None = None) -> Table:
+    """``table`` in the kernels' format, its partial blocks masked by the band rule (``n_local=None``:
+    causal only)."""
+    nq, width = table.kv_index.shape
+    return Table(
+        index=table.kv_index.reshape(-1), first=(np.arange(nq) * width).astype(np.int32),
+        num_full=table.num_full, num_steps=table.num_steps, seq_len=table.seq_len, block_q=table.block_q,
+        block_kv=table.block_kv, max_steps=width, n_init=n_init, n_local=n_local,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def band(seq_len: int, block_q: int, block_kv: int, *, n_init: int, n_local: int) -> Table:
+    """The kernels' table of the triangle's band (sinks + local window, causal)."""
+    return to_table(band_table(seq_len, block_q, block_kv, n_init=n_init, n_local=n_local), n_init=n_init, n_local=n_local)
+
+
+@functools.lru_cache(maxsize=64)
+def causal(seq_len: int, block_q: int, block_kv: int) -> Table:
+    """The kernels' table of dense causal attention."""
+    return to_table(causal_table(seq_len, block_q, block_kv))

@@ -1,4 +1,8 @@
-"""Dynamic block tables for vertical-slash attention: kept columns and diagonals -> per-query-block work.
+"""Dynamic tables, built on device inside ``jit``: a selection (kept columns and diagonals, or kept key
+blocks) -> per-query-block work in the kernels' format (``tables.Table``, one row set per sequence and
+selection head).
+
+Vertical-slash (``vertical_slash``):
 
 The attention rule (the contract every backend follows; 64 is part of it, not a tile size): query
 ``i`` of a length-``L`` sequence sees key ``j <= i`` iff ``j`` is a kept column, or ``j`` lies in a
@@ -12,45 +16,27 @@ full query block; the last query block, with ``m < 64`` real rows, keeps offset 
 ``c < m``. Offset 0 (the diagonal block) is always kept, since diagonal 0 always is.
 
 The table lists, per (sequence, selection head, query block), the key blocks to visit, the diagonal
-block last (the only one that needs the causal mask), like a static ``BlockTable`` row, but held in
-device memory and stored compactly as offsets: ``kb = qb - offsets[first + step]``. Kept columns that
-lie before the query block and outside its key blocks are visited as gathered chunks of 64; a bit
-mask per chunk says which of the chunk's columns count (the rest are padding or already covered).
-Everything is built inside ``jit`` in O(B x H x (T/64) x (budget/64)) work.
+block last (the only one that needs the causal mask), stored compactly as offsets (``relative``):
+``kb = qb - index[first + step]``, ``index`` holding the descending offset sets of full query blocks
+``[0, nq)`` and of a sequence's last, partially real one ``[nq, 2 nq)``. Kept columns that lie before
+the query block and outside its key blocks are visited as gathered chunks of 64; a bit mask per chunk
+says which of the chunk's columns count (the rest are padding or already covered). Built in
+O(B x H x (T/64) x (budget/64)) work.
+
+Key-block lists (``block_lists``, FlexPrefill's query-aware heads): query block ``qb`` of ``block``
+rows sees key ``j <= i`` iff ``j // block`` is one of its kept blocks; the lists are the table's rows
+as they are (absolute blocks, ascending, so the diagonal block comes last and alone is masked).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
-BLOCK = 64  # the contract's slash granularity: query rows and keys per block
+from tmjax.pallas_kernels.tables import COLUMN_CHUNK, Table
+
+BLOCK = 64  # the vertical-slash contract's granularity: query rows and keys per block
 _WORD = 32  # column bits per int32 word
-
-
-class DynamicTable(NamedTuple):
-    """Per (sequence b, selection head h, query block qb) work lists; ``nq = T_pad / 64``.
-
-    - ``offsets [B, H, 2 * nq]``: kept block offsets, descending; ``[0, nq)`` for full query blocks,
-      ``[nq, 2 nq)`` for a sequence's last, partially real one;
-    - ``first``, ``n_steps`` ``[B, H, nq]``: query block ``qb`` visits key blocks
-      ``qb - offsets[first + s]`` for ``s < n_steps`` (ascending; the last is ``qb`` itself);
-    - ``columns [B, H, Vp]``: kept column positions, ascending, padded to a multiple of 64 with ``T``;
-    - ``n_chunks [B, H, nq]``: how many 64-column chunks of ``columns`` query block ``qb`` visits;
-    - ``column_bits [B, H, nq, Vp / 32]``: bit ``c`` of word ``w`` set iff column ``32 w + c`` counts
-      for ``qb`` (a real column before the block and not in one of its key blocks).
-
-    Query blocks wholly at or past a sequence's length visit nothing.
-    """
-
-    offsets: jax.Array
-    first: jax.Array
-    n_steps: jax.Array
-    columns: jax.Array
-    n_chunks: jax.Array
-    column_bits: jax.Array
 
 
 def _offset_sets(diagonals: jax.Array, lengths: jax.Array, nq: int) -> tuple[jax.Array, jax.Array]:
@@ -78,9 +64,10 @@ def _descending(bits: jax.Array) -> jax.Array:
     return jnp.maximum(nq - jnp.sort(key, axis=-1), 0).astype(jnp.int32)
 
 
-def build(columns: jax.Array, diagonals: jax.Array, lengths: jax.Array, seq_len: int) -> DynamicTable:
+def vertical_slash(columns: jax.Array, diagonals: jax.Array, lengths: jax.Array, seq_len: int) -> Table:
     """The table for kept ``columns [B, H, V]`` and ``diagonals [B, H, S]`` (ascending; entries
-    ``>= L`` are ignored) of sequences of ``lengths [B]`` padded to ``seq_len`` (a multiple of 64)."""
+    ``>= L`` are ignored) of sequences of ``lengths [B]`` padded to ``seq_len`` (a multiple of 64).
+    Query blocks wholly at or past a sequence's length visit nothing."""
     if seq_len % BLOCK:
         raise ValueError(f"seq_len must be a multiple of {BLOCK}, got {seq_len}")
     nq = seq_len // BLOCK
@@ -98,7 +85,7 @@ def build(columns: jax.Array, diagonals: jax.Array, lengths: jax.Array, seq_len:
     n_steps = jnp.where(live, up_to, 0).astype(jnp.int32)
     first = (count - up_to + jnp.where(use_last, nq, 0)).astype(jnp.int32)
 
-    padded_v = -(-v // BLOCK) * BLOCK
+    padded_v = -(-v // COLUMN_CHUNK) * COLUMN_CHUNK
     columns = jnp.pad(columns, ((0, 0), (0, 0), (0, padded_v - v)), constant_values=seq_len).astype(jnp.int32)
     real = columns < lengths[:, None, None]  # [B, H, Vp]
     before = columns[:, :, None, :] < (qb * BLOCK)[None, None, :, None]  # [B, H, nq, Vp]
@@ -109,28 +96,42 @@ def build(columns: jax.Array, diagonals: jax.Array, lengths: jax.Array, seq_len:
         jnp.take_along_axis(full[:, :, None, :], offset, axis=-1),
     )
     counts = real[:, :, None, :] & before & ~covered
-    n_chunks = jnp.where(live, -(-jnp.sum(real[:, :, None, :] & before, axis=-1) // BLOCK), 0).astype(jnp.int32)
+    n_chunks = jnp.where(live, -(-jnp.sum(real[:, :, None, :] & before, axis=-1) // COLUMN_CHUNK), 0).astype(jnp.int32)
     words = counts.reshape(b, h, nq, padded_v // _WORD, _WORD).astype(jnp.uint32)
     bits = jnp.sum(words << jnp.arange(_WORD, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
-    return DynamicTable(offsets, first, n_steps, columns, n_chunks, jax.lax.bitcast_convert_type(bits, jnp.int32))
+    return Table(
+        index=offsets, first=first, num_full=jnp.maximum(n_steps - 1, 0), num_steps=n_steps, columns=columns,
+        n_chunks=n_chunks, column_bits=jax.lax.bitcast_convert_type(bits, jnp.int32), seq_len=seq_len,
+        block_q=BLOCK, block_kv=BLOCK, max_steps=min(nq, 2 * diagonals.shape[-1]), relative=True,
+    )
 
 
-def chunk_mask(column_bits: jax.Array, chunk: jax.Array) -> jax.Array:
-    """Bool ``[..., 64]`` from ``column_bits [..., Vp / 32]``: which columns of 64-column chunk ``chunk``
-    count."""
-    words = jax.lax.dynamic_slice_in_dim(column_bits, chunk * (BLOCK // _WORD), BLOCK // _WORD, axis=-1)
-    bits = jax.lax.bitcast_convert_type(words, jnp.uint32)[..., None] >> jnp.arange(_WORD, dtype=jnp.uint32)
-    return (bits & 1).astype(bool).reshape(*words.shape[:-1], BLOCK)
+def block_lists(blocks: jax.Array, lengths: jax.Array, seq_len: int, block: int) -> Table:
+    """The table for kept key blocks ``blocks [B, H, nq, K]`` (int32 block indices at granularity
+    ``block``, per query block of ``block`` rows; slots holding ``nk = seq_len / block`` or more are
+    unused) of sequences of ``lengths [B]`` padded to ``seq_len`` (a multiple of ``block``).
 
-
-def kv_heads(selection_heads: int, kv_heads_: int) -> jax.Array:
-    """The KV head each selection head reads: itself (per-group selection) or its query head's group."""
-    return jnp.arange(selection_heads) * kv_heads_ // selection_heads
-
-
-def gather_columns(x: jax.Array, table: DynamicTable) -> jax.Array:
-    """``x [B, T, Hkv, D]`` at every selection head's kept columns: ``[B, H, Vp, D]`` (padding slots
-    read position ``T - 1``; the column bits never count them)."""
-    b, h = table.columns.shape[:2]
-    pos = jnp.minimum(table.columns, x.shape[1] - 1)
-    return x[jnp.arange(b)[:, None, None], pos, kv_heads(h, x.shape[2])[None, :, None]]
+    Query ``i < L`` sees key ``j <= i`` iff ``j // block`` is kept for ``i // block``: blocks before
+    the query block are visited whole, the diagonal block (if kept) last with the causal mask, blocks
+    after it never. Duplicates count once; query blocks wholly past a sequence's length visit nothing.
+    """
+    if seq_len % block:
+        raise ValueError(f"seq_len ({seq_len}) must be a multiple of block ({block})")
+    nq = seq_len // block
+    b, h, rows, width = blocks.shape
+    if rows != nq:
+        raise ValueError(f"blocks has {rows} query blocks, expected seq_len / block = {nq}")
+    qb = jnp.arange(nq)[None, None, :, None]
+    kept = jnp.sort(jnp.where((blocks >= 0) & (blocks <= qb), blocks, nq).astype(jnp.int32), axis=-1)
+    repeat = jnp.concatenate([jnp.zeros_like(kept[..., :1], bool), kept[..., 1:] == kept[..., :-1]], axis=-1)
+    kept = jnp.sort(jnp.where(repeat, nq, kept), axis=-1)  # ascending, each block once, unused last
+    live = (jnp.arange(nq) * block)[None, None, :] < lengths[:, None, None]  # [B, 1, nq]
+    n_steps = jnp.where(live, jnp.sum(kept < nq, axis=-1), 0).astype(jnp.int32)
+    n_full = jnp.where(live, jnp.sum(kept < qb, axis=-1), 0).astype(jnp.int32)
+    # Steps past a row's count repeat its last listed block, so a pipeline does not fetch again.
+    last = jnp.take_along_axis(kept, jnp.maximum(n_steps - 1, 0)[..., None], axis=-1)
+    kept = jnp.where(jnp.arange(width) < n_steps[..., None], kept, jnp.where(n_steps[..., None] > 0, last, 0))
+    return Table(
+        index=kept.reshape(b, h, nq * width), first=jnp.broadcast_to(jnp.arange(nq, dtype=jnp.int32) * width, (b, h, nq)),
+        num_full=n_full, num_steps=n_steps, seq_len=seq_len, block_q=block, block_kv=block, max_steps=min(width, nq),
+    )

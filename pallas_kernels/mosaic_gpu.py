@@ -8,9 +8,13 @@ compute warpgroups of a CTA consume the same K/V tiles:
   query heads of one KV group (each K/V tile in shared memory serves two heads);
 - otherwise they take two consecutive 64-row halves of one head (a 128-row table block).
 
-The band pass follows a static block table read from global memory: full blocks run unmasked, then
-partial blocks with the token mask. The dense last rows run as a second launch split over KV chunks
-(each CTA: one chunk, one row block), whose per-chunk results are merged by log-sum-exp.
+``attend`` runs a table (``tables.Table``) read from global memory: a static one (band or causal)
+with the pairing above, a dynamic one (vertical-slash: key blocks, then gathered column chunks) per
+64-row query block and selection head. Full blocks run unmasked, then partial blocks with the token
+mask. ``last_rows`` (the triangle's dense last rows) runs as a second launch split over KV chunks
+(each CTA: one chunk, one row block), whose per-chunk results are merged by log-sum-exp. K and V come
+through ``guards.guard_values`` (the dispatch, ``GUARD_VALUES``): masked steps read V from shared
+memory as is.
 The softmax is the base-2 online softmax in float32 with the two compute warpgroups ping-ponging on
 the tensor cores (a schedule barrier), as in jax's FlashAttention-3 example, whose structure this
 follows.
@@ -28,16 +32,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from tmjax.pallas_kernels import _common, dynamic_tables
-from tmjax.pallas_kernels.block_tables import BlockTable
+from tmjax.pallas_kernels import _common, tables
+from tmjax.pallas_kernels.tables import Table
+from tmjax.pallas_kernels.two_pass import merge_partials
 
 ROWS = 64  # query rows per compute warpgroup (the wgmma M dimension)
+GUARD_VALUES = True  # masked steps use V as it is: the dispatch passes K and V through guards.guard_values
 
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
     """Block sizes: ``block_kv`` keys per step, ``stages`` K/V slots in flight, ``kv_chunk`` keys per
-    CTA in the last-rows pass."""
+    CTA in the last-rows pass. Measured values: ``tuning_tables/mosaic_gpu.json``."""
 
     block_kv: int = 128
     stages: int = 2
@@ -52,7 +58,9 @@ class Tuning:
             raise ValueError(f"kv_chunk ({self.kv_chunk}) must be a multiple of block_kv ({self.block_kv})")
 
 
-DEFAULT_TUNING = Tuning()
+def unsupported(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
+    """Why these inputs cannot run here (dtype, head_dim), or None."""
+    return _common.unsupported(q, k, v, "mosaic_gpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,199 +285,176 @@ def _pairing(group: int):
     return (2, ROWS) if group % 2 == 0 else (1, 2 * ROWS)
 
 
-def band_block_sizes(q_heads: int, kv_heads: int, *, tuning: Tuning = DEFAULT_TUNING) -> tuple[int, int]:
-    """(block_q, block_kv) of the band pass's block table for these head counts."""
-    return _pairing(q_heads // kv_heads)[1], tuning.block_kv
+def block_sizes(q_heads: int, kv_heads: int, tuning: Tuning) -> tuple[int, int, int]:
+    """(block_q, block_kv, rows_block) of the static tables and the last-rows pass."""
+    rows = _pairing(q_heads // kv_heads)[1]
+    return rows, tuning.block_kv, rows
 
 
-def _band_pass(tuning: Tuning, n_init: int, n_local: int | None):
-    def run(q, k, v, table: BlockTable) -> jax.Array:
-        b, t, hq, d = q.shape
-        group = hq // k.shape[2]
-        heads_per_cta, rows_per_cta = _pairing(group)
-        nq = table.kv_index.shape[0]
-
-        def body(refs, smem, barriers):
-            kv_index_ref, num_full_ref, num_steps_ref, q_ref, k_ref, v_ref, o_ref = refs
-            qb, batch = lax.axis_index("blocks"), lax.axis_index("batch")
-
-            def work_of(wg):
-                if heads_per_cta == 2:
-                    head, row = 2 * lax.axis_index("heads") + wg, qb * ROWS
-                else:
-                    head, row = lax.axis_index("heads"), qb * (2 * ROWS) + wg * ROWS
-                tile = (batch, pl.ds(row, ROWS), head)
-                return _Work(
-                    batch=batch, kv_head=lax.div(head, jnp.int32(group)), row=row,
-                    q_src=q_ref.at[tile], o_dst=o_ref.at[tile], lse_dst=None,
-                    n_full=num_full_ref[qb], n_steps=num_steps_ref[qb], kv_block=lambda s: kv_index_ref[qb, s],
-                )
-
-            _pipeline(
-                work_of, k_ref, v_ref, smem, barriers, block_kv=tuning.block_kv, stages=tuning.stages,
-                scale=d ** -0.5, n_init=n_init, n_local=n_local, dtype=q.dtype,
-            )
-
-        inputs = (jnp.asarray(table.kv_index), jnp.asarray(table.num_full), jnp.asarray(table.num_steps), q, k, v)
-        return _launch(
-            body, inputs, jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(hq // heads_per_cta, nq, b),
-            tuning=tuning, head_dim=d, dtype=q.dtype, with_lse=False,
-        )
-
-    return run
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, length: jax.Array, tuning: Tuning) -> jax.Array:
+    """Run ``table`` over q ``[B, T, Hq, D]`` and k/v ``[B, T, Hkv, D]`` (``T = table.seq_len``; K and V
+    through ``guards.guard_values``). ``length`` needs no care here: the table (or causality) hides
+    every key past a row's length."""
+    if table.dynamic:
+        return _dynamic(q, k, v, table, tuning)
+    return _static(q, k, v, table, tuning)
 
 
-def _rows_pass(tuning: Tuning):
-    def run(q_rows, k, v, start) -> jax.Array:
-        b, r, hq, d = q_rows.shape
-        t = k.shape[1]
-        group = hq // k.shape[2]
-        heads_per_cta, rows_per_cta = _pairing(group)
-        bkv = tuning.block_kv
-        chunk_blocks = tuning.kv_chunk // bkv
-        n_chunks = -(-t // tuning.kv_chunk)
-        n_row_items = r // rows_per_cta
-
-        def body(refs, smem, barriers):
-            start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
-            item, batch = lax.axis_index("blocks"), lax.axis_index("batch")
-            chunk, ri = lax.div(item, jnp.int32(n_row_items)), lax.rem(item, jnp.int32(n_row_items))
-            first_row = start_ref[batch] + ri * rows_per_cta
-            first = chunk * chunk_blocks
-            last_needed = lax.div(first_row + rows_per_cta - 1, jnp.int32(bkv))
-            n_steps = jnp.clip(last_needed + 1 - first, 0, chunk_blocks)
-            n_full = jnp.clip(lax.div(first_row + 1, jnp.int32(bkv)) - first, 0, n_steps)
-
-            def work_of(wg):
-                if heads_per_cta == 2:
-                    head, local = 2 * lax.axis_index("heads") + wg, ri * rows_per_cta
-                else:
-                    head, local = lax.axis_index("heads"), ri * rows_per_cta + wg * ROWS
-                return _Work(
-                    batch=batch, kv_head=lax.div(head, jnp.int32(group)), row=start_ref[batch] + local,
-                    q_src=q_ref.at[batch, pl.ds(local, ROWS), head],
-                    o_dst=o_ref.at[chunk, batch, pl.ds(local, ROWS), head],
-                    lse_dst=lse_ref.at[chunk, batch, head, pl.ds(local, ROWS)],
-                    n_full=n_full, n_steps=n_steps, kv_block=lambda s: first + s,
-                )
-
-            _pipeline(
-                work_of, k_ref, v_ref, smem, barriers, block_kv=bkv, stages=tuning.stages,
-                scale=d ** -0.5, n_init=0, n_local=None, dtype=q_rows.dtype,
-            )
-
-        out_types = (
-            jax.ShapeDtypeStruct((n_chunks, b, r, hq, d), q_rows.dtype),
-            jax.ShapeDtypeStruct((n_chunks, b, hq, r), jnp.float32),
-        )
-        parts, lse = _launch(
-            body, (start, q_rows, k, v), out_types,
-            grid=(hq // heads_per_cta, n_row_items * n_chunks, b),
-            tuning=tuning, head_dim=d, dtype=q_rows.dtype, with_lse=True,
-        )
-        merged = _common.merge_partials(parts.astype(jnp.float32), lse.transpose(0, 1, 3, 2))
-        return merged.astype(q_rows.dtype)
-
-    return run
-
-
-def triangle_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    n_init: int,
-    n_local: int,
-    n_last: int,
-    length: int | jax.Array | None,
-    tuning: Tuning = DEFAULT_TUNING,
-) -> jax.Array:
-    """Triangle attention (see ``tmjax.triangle_attention``) with Mosaic GPU kernels (Hopper only)."""
-    if length is not None:
-        length = _common.row_lengths(length, q.shape[0], q.shape[1])
-    _common.check_inputs(q, k, v, "mosaic_gpu")
-    k, v = _common.guard_values(k, v, length)  # masked steps read V from shared memory as is
-    block_q, block_kv = band_block_sizes(q.shape[2], k.shape[2], tuning=tuning)
-    return _common.triangle_two_pass(
-        q, k, v, n_init=n_init, n_local=n_local, n_last=n_last, length=length,
-        block_q=block_q, block_kv=block_kv, rows_block=block_q,
-        band_pass=_band_pass(tuning, n_init, n_local), rows_pass=_rows_pass(tuning),
-    )
-
-
-def causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, length: int | jax.Array | None, tuning: Tuning = DEFAULT_TUNING
-) -> jax.Array:
-    """Dense causal attention through the causal block table; K and V pass ``_common.guard_values``
-    first (``0 * NaN`` in a partial block would otherwise reach rows that cannot see the value)."""
-    if length is not None:
-        length = _common.row_lengths(length, q.shape[0], q.shape[1])
-    _common.check_inputs(q, k, v, "mosaic_gpu")
-    k, v = _common.guard_values(k, v, length)
-    block_q, block_kv = band_block_sizes(q.shape[2], k.shape[2], tuning=tuning)
-    return _common.causal_one_pass(
-        q, k, v, block_q=block_q, block_kv=block_kv, band_pass=_band_pass(tuning, 0, None)
-    )
-
-
-def vertical_slash_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    columns: jax.Array,
-    diagonals: jax.Array,
-    length: int | jax.Array | None,
-    tuning: Tuning = DEFAULT_TUNING,
-) -> jax.Array:
-    """Vertical-slash attention (see ``tmjax.vertical_slash_attention``) on the band pass's pipeline.
-
-    A CTA takes one 64-row query block of two query heads that share a selection (per-group selection
-    with an even group size; the producer streams each K/V tile once for both) or of one head. Its
-    steps are the dynamic table's key blocks (``qb - offsets[first + s]``, the diagonal block last
-    and causal), then the counted column chunks, whose K/V were gathered once per call into
-    contiguous ``[B, H, V, D]`` arrays so that every step is one TMA copy.
-    """
+def _static(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, tuning: Tuning) -> jax.Array:
+    """A static table whose query blocks are ``_pairing``'s rows: two heads of a group or two row halves."""
+    if table.block_kv != tuning.block_kv:
+        raise ValueError(f"the table's key blocks ({table.block_kv}) must be tuning.block_kv ({tuning.block_kv})")
     b, t, hq, d = q.shape
-    lengths = _common.row_lengths(length, b, t)
-    _common.check_inputs(q, k, v, "mosaic_gpu")
-    k, v = _common.guard_values(k, v, lengths)  # masked steps read V from shared memory as is
-    hkv, hsel = k.shape[2], columns.shape[1]
-    group = hq // hsel  # query heads per selection head
-    bq = dynamic_tables.BLOCK
-    tp = _common.round_up(t, bq)
-    table = dynamic_tables.build(columns, diagonals, lengths, tp)
-    qp, kp, vp = (_common.pad_seq(x, tp) for x in (q, k, v))
-    kc, vc = (dynamic_tables.gather_columns(x, table) for x in (kp, vp))
-    consumers = 2 if group % 2 == 0 else 1
+    group = hq // k.shape[2]
+    heads_per_cta, rows_per_cta = _pairing(group)
+    nq = table.num_q_blocks
 
     def body(refs, smem, barriers):
-        offsets_ref, first_ref, steps_ref, chunks_ref, bits_ref, q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref = refs
+        index_ref, first_ref, num_full_ref, num_steps_ref, q_ref, k_ref, v_ref, o_ref = refs
+        qb, batch = lax.axis_index("blocks"), lax.axis_index("batch")
+
+        def work_of(wg):
+            first = first_ref[qb]
+            if heads_per_cta == 2:
+                head, row = 2 * lax.axis_index("heads") + wg, qb * ROWS
+            else:
+                head, row = lax.axis_index("heads"), qb * (2 * ROWS) + wg * ROWS
+            tile = (batch, pl.ds(row, ROWS), head)
+            return _Work(
+                batch=batch, kv_head=lax.div(head, jnp.int32(group)), row=row,
+                q_src=q_ref.at[tile], o_dst=o_ref.at[tile], lse_dst=None,
+                n_full=num_full_ref[qb], n_steps=num_steps_ref[qb], kv_block=lambda s: index_ref[first + s],
+            )
+
+        _pipeline(
+            work_of, k_ref, v_ref, smem, barriers, block_kv=tuning.block_kv, stages=tuning.stages,
+            scale=d ** -0.5, n_init=table.n_init, n_local=table.n_local, dtype=q.dtype,
+        )
+
+    arrays = table.arrays()
+    inputs = (arrays["index"], arrays["first"], arrays["num_full"], arrays["num_steps"], q, k, v)
+    return _launch(
+        body, inputs, jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(hq // heads_per_cta, nq, b),
+        tuning=tuning, head_dim=d, dtype=q.dtype, with_lse=False,
+    )
+
+
+def last_rows(q_rows: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, tuning: Tuning) -> jax.Array:
+    """The triangle's dense last rows (``R`` rows per batch row from ``start[b]``) over every earlier
+    key: one CTA per (KV chunk of ``tuning.kv_chunk``, row block), merged by log-sum-exp."""
+    b, r, hq, d = q_rows.shape
+    t = k.shape[1]
+    group = hq // k.shape[2]
+    heads_per_cta, rows_per_cta = _pairing(group)
+    bkv = tuning.block_kv
+    chunk_blocks = tuning.kv_chunk // bkv
+    n_chunks = -(-t // tuning.kv_chunk)
+    n_row_items = r // rows_per_cta
+
+    def body(refs, smem, barriers):
+        start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref = refs
+        item, batch = lax.axis_index("blocks"), lax.axis_index("batch")
+        chunk, ri = lax.div(item, jnp.int32(n_row_items)), lax.rem(item, jnp.int32(n_row_items))
+        first_row = start_ref[batch] + ri * rows_per_cta
+        first = chunk * chunk_blocks
+        last_needed = lax.div(first_row + rows_per_cta - 1, jnp.int32(bkv))
+        n_steps = jnp.clip(last_needed + 1 - first, 0, chunk_blocks)
+        n_full = jnp.clip(lax.div(first_row + 1, jnp.int32(bkv)) - first, 0, n_steps)
+
+        def work_of(wg):
+            if heads_per_cta == 2:
+                head, local = 2 * lax.axis_index("heads") + wg, ri * rows_per_cta
+            else:
+                head, local = lax.axis_index("heads"), ri * rows_per_cta + wg * ROWS
+            return _Work(
+                batch=batch, kv_head=lax.div(head, jnp.int32(group)), row=start_ref[batch] + local,
+                q_src=q_ref.at[batch, pl.ds(local, ROWS), head],
+                o_dst=o_ref.at[chunk, batch, pl.ds(local, ROWS), head],
+                lse_dst=lse_ref.at[chunk, batch, head, pl.ds(local, ROWS)],
+                n_full=n_full, n_steps=n_steps, kv_block=lambda s: first + s,
+            )
+
+        _pipeline(
+            work_of, k_ref, v_ref, smem, barriers, block_kv=bkv, stages=tuning.stages,
+            scale=d ** -0.5, n_init=0, n_local=None, dtype=q_rows.dtype,
+        )
+
+    out_types = (
+        jax.ShapeDtypeStruct((n_chunks, b, r, hq, d), q_rows.dtype),
+        jax.ShapeDtypeStruct((n_chunks, b, hq, r), jnp.float32),
+    )
+    parts, lse = _launch(
+        body, (start, q_rows, k, v), out_types,
+        grid=(hq // heads_per_cta, n_row_items * n_chunks, b),
+        tuning=tuning, head_dim=d, dtype=q_rows.dtype, with_lse=True,
+    )
+    merged = merge_partials(parts.astype(jnp.float32), lse.transpose(0, 1, 3, 2))
+    return merged.astype(q_rows.dtype)
+
+
+def _dynamic(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, tuning: Tuning) -> jax.Array:
+    """A dynamic table on the band pass's pipeline (64-row query blocks and 64-key blocks).
+
+    A CTA takes one 64-row query block of two query heads that share a selection (an even number of
+    query heads per selection head; the producer streams each K/V tile once for both) or of one head.
+    Its steps are the table's key blocks (full ones, then the masked ones: the diagonal block), then
+    the counted column chunks, whose K/V were gathered once per call into contiguous ``[B, H, V, D]``
+    arrays so that every step is one TMA copy.
+    """
+    if table.block_q != ROWS or table.block_kv != ROWS:
+        raise ValueError(f"mosaic_gpu runs dynamic tables of {ROWS}-token blocks, got {table.block_q} x {table.block_kv}")
+    b, t, hq, d = q.shape
+    hkv, hsel = k.shape[2], table.heads
+    group = hq // hsel  # query heads per selection head
+    bq = ROWS
+    columns = table.columns is not None
+    consumers = 2 if group % 2 == 0 else 1
+    relative = table.relative
+
+    def body(refs, smem, barriers):
+        index_ref, first_ref, full_ref, steps_ref = refs[:4]
+        chunks_ref, bits_ref = refs[4:6] if columns else (None, None)
+        q_ref, k_ref, v_ref = refs[6:9] if columns else refs[4:7]
+        kc_ref, vc_ref = refs[9:11] if columns else (None, None)
+        o_ref = refs[-1]
         qb, batch = lax.axis_index("blocks"), lax.axis_index("batch")
 
         def work_of(wg):
             head = consumers * lax.axis_index("heads") + wg
             sel = lax.div(head, jnp.int32(group))
-            first, n = first_ref[batch, sel, qb], steps_ref[batch, sel, qb]
+            first = first_ref[batch, sel, qb]
             tile = (batch, pl.ds(qb * ROWS, ROWS), head)
+
+            def kv_block(s):
+                entry = index_ref[batch, sel, first + s]
+                return qb - entry if relative else entry
+
+            column_phase = {}
+            if columns:
+                column_phase = dict(
+                    n_cols=chunks_ref[batch, sel, qb],
+                    col_src=lambda c: (kc_ref.at[batch, sel, pl.ds(c * bq, bq)], vc_ref.at[batch, sel, pl.ds(c * bq, bq)]),
+                    col_bits=lambda c: (bits_ref[batch, sel, qb, 2 * c], bits_ref[batch, sel, qb, 2 * c + 1]),
+                )
             return _Work(
                 batch=batch, kv_head=lax.div(sel * hkv, jnp.int32(hsel)), row=qb * ROWS,
                 q_src=q_ref.at[tile], o_dst=o_ref.at[tile], lse_dst=None,
-                n_full=jnp.maximum(n - 1, 0), n_steps=n, kv_block=lambda s: qb - offsets_ref[batch, sel, first + s],
-                n_cols=chunks_ref[batch, sel, qb],
-                col_src=lambda c: (kc_ref.at[batch, sel, pl.ds(c * bq, bq)], vc_ref.at[batch, sel, pl.ds(c * bq, bq)]),
-                col_bits=lambda c: (bits_ref[batch, sel, qb, 2 * c], bits_ref[batch, sel, qb, 2 * c + 1]),
+                n_full=full_ref[batch, sel, qb], n_steps=steps_ref[batch, sel, qb], kv_block=kv_block,
+                **column_phase,
             )
 
         _pipeline(
             work_of, k_ref, v_ref, smem, barriers, block_kv=bq, stages=tuning.stages, scale=d ** -0.5,
-            n_init=0, n_local=None, dtype=q.dtype, consumers=consumers,
+            n_init=table.n_init, n_local=table.n_local, dtype=q.dtype, consumers=consumers,
         )
 
-    inputs = (table.offsets, table.first, table.n_steps, table.n_chunks, table.column_bits, qp, kp, vp, kc, vc)
-    out = _launch(
-        body, inputs, jax.ShapeDtypeStruct(qp.shape, q.dtype), grid=(hq // consumers, tp // bq, b),
+    arrays = table.arrays()
+    names = ("index", "first", "num_full", "num_steps") + (("n_chunks", "column_bits") if columns else ())
+    inputs = tuple(arrays[n] for n in names) + (q, k, v)
+    if columns:
+        inputs += tuple(tables.gather_columns(x, table) for x in (k, v))
+    return _launch(
+        body, inputs, jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(hq // consumers, table.num_q_blocks, b),
         tuning=dataclasses.replace(tuning, block_kv=bq), head_dim=d, dtype=q.dtype, with_lse=False,
         consumers=consumers,
     )
-    return out[:, :t]

@@ -1,18 +1,22 @@
-"""Triangle and causal attention as Pallas Mosaic TPU kernels with scalar-prefetched block tables.
+"""Attention tables as Pallas Mosaic TPU kernels, the tables scalar-prefetched.
 
-The layout is head-major (``[B, Hkv, G, T, D]`` for queries, ``[B, Hkv, T, D]`` for K/V) so that one
-program holds the ``G`` query heads of a KV group as one ``[G * block_q, D]`` tile and each K/V
-block is fetched once for all of them. The grid's last axis walks a table row: the tables sit in
-scalar memory (``PrefetchScalarGridSpec``), the K/V index maps read the listed block of each step,
-and steps past the row's count repeat its last block, which the pipeline does not fetch again. The
-last rows run over a grid of every key block, clamped to the last one that their rows can see.
+The layout is head-major (``[B, H, G, T, D]`` for queries, ``[B, Hkv, T, D]`` for K/V) so that one
+program holds the ``G`` query heads of a table head (a KV group for static tables, a selection head
+for dynamic ones) as one ``[G * block_q, D]`` tile and each K/V block is fetched once for all of them.
+The grid's last axis walks a table row: the table sits in scalar memory
+(``PrefetchScalarGridSpec``), the K/V index maps read the listed block of each step (then the
+gathered column chunks, if any), and steps past the row's count repeat its last block, which the
+pipeline does not fetch again. The last rows run over a grid of every key block, clamped to the last
+one that their rows can see.
 
-Tested in the Pallas interpreter (the default on CPU; also ``interpret=True`` or
-``TMJAX_PALLAS_INTERPRET=1``); not yet run on TPU hardware.
+Tested in the Pallas interpreter (``Tuning.interpret``: the table's ``interpret`` entry, on CPU or
+with ``TMJAX_PALLAS_INTERPRET=1``); not yet run on TPU hardware. The tables live in scalar memory,
+which bounds the sequence length on real TPUs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -20,23 +24,38 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from tmjax.pallas_kernels import _common, dynamic_tables
-from tmjax.pallas_kernels.block_tables import BlockTable
+from tmjax.pallas_kernels import _common, guards, tables
+from tmjax.pallas_kernels.tables import Table
 
-BLOCK_Q = 128
-BLOCK_KV = 128
-INTERPRET_BLOCK = 16
+GUARD_VALUES = False  # masked steps guard themselves (guards.guard_masked_step)
+ROWS_BLOCK = 8  # the last-rows pass takes a multiple of 8 rows (sublanes)
 
 
-def _band_visible(shape, *, row0, col0, block_q, n_init, n_local):
-    """Token mask of one key block for the packed ``[G * block_q, bkv]`` scores: causal, and the band's
-    sinks + window unless ``n_local`` is None."""
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """``block_q`` query rows and ``block_kv`` keys per static-table block; ``interpret``: run in the
+    Pallas interpreter. Entries: ``tuning_tables/tpu.json``."""
+
+    block_q: int = 128
+    block_kv: int = 128
+    interpret: bool = False
+
+
+def unsupported(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
+    """Why these inputs cannot run here (dtype, head_dim), or None."""
+    return _common.unsupported(q, k, v, "tpu")
+
+
+def block_sizes(q_heads: int, kv_heads: int, tuning: Tuning) -> tuple[int, int, int]:
+    """(block_q, block_kv, rows_block) of the static tables and the last-rows pass."""
+    return tuning.block_q, tuning.block_kv, ROWS_BLOCK
+
+
+def _visible(shape, *, row0, col0, block_q, rule):
+    """Token mask of one key block for the packed ``[G * block_q, bkv]`` scores (``tables.Rule``)."""
     rows = row0 + jax.lax.broadcasted_iota(jnp.int32, shape, 0) % block_q
     cols = col0 + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-    visible = cols <= rows
-    if n_local is not None:
-        visible &= (cols < n_init) | (rows - cols < n_local)
-    return visible
+    return rule.visible(rows, cols)
 
 
 def _step(q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, scale, visible=None):
@@ -47,7 +66,7 @@ def _step(q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, scale, visible=None):
     qk = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     qk = qk * (scale * _common.LOG2E)
     if visible is not None:
-        qk, v = _common.guard_masked_step(qk, visible(qk.shape), v)
+        qk, v = guards.guard_masked_step(qk, visible(qk.shape), v)
     m_prev = m_ref[...]
     m_new = jnp.maximum(m_prev, jnp.max(qk, axis=1, keepdims=True))
     alpha = jnp.exp2(m_prev - m_new)
@@ -70,18 +89,39 @@ def _write(o_ref, acc_ref, l_ref):
     o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
 
 
-def _band_kernel(kv_index_ref, num_full_ref, num_steps_ref, q_ref, k_ref, v_ref, o_ref, acc_ref, m_ref, l_ref, *, max_steps, block_q, block_kv, scale, n_init, n_local):
-    qb, s = pl.program_id(2), pl.program_id(3)
-    n_full, n_steps = num_full_ref[qb], num_steps_ref[qb]
+def _table_kernel(*refs, dynamic, columns, heads, nq, row_len, words, grid_steps, block_q, block_kv, relative, rule,
+                  scale):
+    """Grid step ``s`` of one (sequence, table head, query block): listed key block ``s`` (full ones
+    unmasked, then partial ones masked by ``rule``), then column chunk ``s - num_steps``; later steps
+    idle."""
+    n_tables = 6 if columns else 4
+    index, first, full, steps = refs[:4]
+    q_ref, k_ref, v_ref = refs[n_tables:n_tables + 3]
+    o_ref, acc_ref, m_ref, l_ref = refs[-4:]
+    b, h, qb, s = (pl.program_id(i) for i in range(4))
+    item = (b * heads + h) * nq + qb if dynamic else qb
+    n_full, n_steps = full[item], steps[item]
+    base = (b * heads + h) * row_len if dynamic else 0
+    entry = index[base + first[item] + jnp.clip(s, 0, jnp.maximum(n_steps - 1, 0))]
+    kb = qb - entry if relative else entry
     step = functools.partial(_step, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, scale=scale)
-    visible = functools.partial(
-        _band_visible, row0=qb * block_q, col0=kv_index_ref[qb * max_steps + s] * block_kv, block_q=block_q,
-        n_init=n_init, n_local=n_local,
-    )
+    partial_mask = functools.partial(_visible, row0=qb * block_q, col0=kb * block_kv, block_q=block_q, rule=rule)
     pl.when(s == 0)(lambda: _init(acc_ref, m_ref, l_ref))
     pl.when(s < n_full)(lambda: step())
-    pl.when((s >= n_full) & (s < n_steps))(lambda: step(visible=visible))
-    pl.when(s == max_steps - 1)(lambda: _write(o_ref, acc_ref, l_ref))
+    pl.when((s >= n_full) & (s < n_steps))(lambda: step(visible=partial_mask))
+    if columns:
+        chunks, bits = refs[4:6]
+        kc_ref, vc_ref = refs[n_tables + 3:n_tables + 5]
+        column = functools.partial(_step, q_ref, kc_ref, vc_ref, acc_ref, m_ref, l_ref, scale=scale)
+
+        def counted(shape):
+            chunk = s - n_steps
+            lane = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+            word = jnp.where(lane < 32, bits[item * words + 2 * chunk], bits[item * words + 2 * chunk + 1])
+            return ((word >> (lane % 32)) & 1) == 1
+
+        pl.when((s >= n_steps) & (s < n_steps + chunks[item]))(lambda: column(visible=counted))
+    pl.when(s == grid_steps - 1)(lambda: _write(o_ref, acc_ref, l_ref))
 
 
 def _rows_kernel(start_ref, q_ref, k_ref, v_ref, o_ref, acc_ref, m_ref, l_ref, *, num_blocks, rows, block_kv, scale):
@@ -89,7 +129,7 @@ def _rows_kernel(start_ref, q_ref, k_ref, v_ref, o_ref, acc_ref, m_ref, l_ref, *
     start = start_ref[pl.program_id(0)]
     last_needed = (start + rows - 1) // block_kv
     step = functools.partial(_step, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, scale=scale)
-    visible = functools.partial(_band_visible, row0=start, col0=s * block_kv, block_q=rows, n_init=0, n_local=None)
+    visible = functools.partial(_visible, row0=start, col0=s * block_kv, block_q=rows, rule=tables.Rule())
     full = (s + 1) * block_kv <= start + 1  # every key of the block precedes the first row
     pl.when(s == 0)(lambda: _init(acc_ref, m_ref, l_ref))
     pl.when(full)(lambda: step())
@@ -115,216 +155,88 @@ def _seq_major(x: jax.Array) -> jax.Array:
     return x.transpose(0, 3, 1, 2, 4).reshape(b, t, hkv * g, d)
 
 
-class _Config:
-    def __init__(self, q_heads: int, kv_heads: int, head_dim: int, interpret: bool):
-        self.hkv = kv_heads
-        self.group = q_heads // kv_heads
-        self.block_q = INTERPRET_BLOCK if interpret else BLOCK_Q
-        self.block_kv = INTERPRET_BLOCK if interpret else BLOCK_KV
-        self.scale = head_dim ** -0.5
-        self.interpret = interpret
-        self.params = None if interpret else pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
-        )
-
-
-def band_block_sizes(q_heads: int, kv_heads: int, *, interpret: bool | None = None) -> tuple[int, int]:
-    """(block_q, block_kv) of the band pass's block table for these head counts."""
-    cfg = _Config(q_heads, kv_heads, 64, _common.interpret_mode(interpret))
-    return cfg.block_q, cfg.block_kv
-
-
-def _band_pass(cfg: _Config, n_init: int, n_local: int | None):
-    def run(q, k, v, table: BlockTable) -> jax.Array:
-        b, t, hq, d = q.shape
-        nq, max_steps = table.kv_index.shape
-        g, bq, bkv = cfg.group, cfg.block_q, cfg.block_kv
-        kernel = functools.partial(
-            _band_kernel, max_steps=max_steps, block_q=bq, block_kv=bkv, scale=cfg.scale, n_init=n_init, n_local=n_local,
-        )
-        q_spec = pl.BlockSpec((None, None, g, bq, d), lambda b_, h, i, s, idx, nf, ns: (b_, h, 0, i, 0))
-        kv_spec = pl.BlockSpec((None, None, bkv, d), lambda b_, h, i, s, idx, nf, ns: (b_, h, idx[i * max_steps + s], 0))
-        grid_spec = pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
-            grid=(b, cfg.hkv, nq, max_steps),
-            in_specs=[q_spec, kv_spec, kv_spec],
-            out_specs=q_spec,
-            scratch_shapes=_scratch(g * bq, d),
-        )
-        out = pl.pallas_call(
-            kernel,
-            grid_spec=grid_spec,
-            out_shape=jax.ShapeDtypeStruct((b, cfg.hkv, g, t, d), q.dtype),
-            compiler_params=cfg.params,
-            interpret=cfg.interpret,
-            name="tmjax_band_attention_tpu",
-        )(
-            jnp.asarray(table.kv_index.reshape(-1)), jnp.asarray(table.num_full), jnp.asarray(table.num_steps),
-            _head_major(q, cfg.hkv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-        )
-        return _seq_major(out)
-
-    return run
-
-
-def _rows_pass(cfg: _Config):
-    def run(q_rows, k, v, start) -> jax.Array:
-        b, r, hq, d = q_rows.shape
-        g, bkv = cfg.group, cfg.block_kv
-        num_blocks = k.shape[1] // bkv
-        kernel = functools.partial(_rows_kernel, num_blocks=num_blocks, rows=r, block_kv=bkv, scale=cfg.scale)
-
-        def kv_index(b_, h, s, start_ref):
-            return b_, h, jnp.minimum(s, (start_ref[b_] + r - 1) // bkv), 0
-
-        q_spec = pl.BlockSpec((None, None, g, r, d), lambda b_, h, s, start_ref: (b_, h, 0, 0, 0))
-        kv_spec = pl.BlockSpec((None, None, bkv, d), kv_index)
-        grid_spec = pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1,
-            grid=(b, cfg.hkv, num_blocks),
-            in_specs=[q_spec, kv_spec, kv_spec],
-            out_specs=q_spec,
-            scratch_shapes=_scratch(g * r, d),
-        )
-        params = None if cfg.interpret else pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary")
-        )
-        out = pl.pallas_call(
-            kernel,
-            grid_spec=grid_spec,
-            out_shape=jax.ShapeDtypeStruct((b, cfg.hkv, g, r, d), q_rows.dtype),
-            compiler_params=params,
-            interpret=cfg.interpret,
-            name="tmjax_last_rows_attention_tpu",
-        )(start, _head_major(q_rows, cfg.hkv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
-        return _seq_major(out)
-
-    return run
-
-
-def triangle_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    n_init: int,
-    n_local: int,
-    n_last: int,
-    length: int | jax.Array | None,
-    interpret: bool | None = None,
-) -> jax.Array:
-    """Triangle attention (see ``tmjax.triangle_attention``) with Pallas Mosaic TPU kernels."""
-    length = _common.row_lengths(length, q.shape[0], q.shape[1])
-    _common.check_inputs(q, k, v, "tpu")
-    cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _common.interpret_mode(interpret))
-    return _common.triangle_two_pass(
-        q, k, v, n_init=n_init, n_local=n_local, n_last=n_last, length=length,
-        block_q=cfg.block_q, block_kv=cfg.block_kv, rows_block=8,
-        band_pass=_band_pass(cfg, n_init, n_local), rows_pass=_rows_pass(cfg),
+def _call(kernel, *, prefetch: int, grid: tuple, in_specs: list, out_spec, scratch_rows: int, out_shape, name: str,
+          tuning: Tuning):
+    """``pallas_call`` of a kernel whose grid's last axis walks steps (``arbitrary``), the first
+    ``prefetch`` inputs scalar-prefetched, with the online-softmax scratch for ``scratch_rows`` rows."""
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=prefetch, grid=grid, in_specs=in_specs, out_specs=out_spec,
+        scratch_shapes=_scratch(scratch_rows, out_shape.shape[-1]),
     )
+    semantics = ("parallel",) * (len(grid) - 1) + ("arbitrary",)
+    params = None if tuning.interpret else pltpu.CompilerParams(dimension_semantics=semantics)
+    return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, compiler_params=params,
+                          interpret=tuning.interpret, name=name)
 
 
-def causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, length: int | jax.Array | None, interpret: bool | None = None
-) -> jax.Array:
-    """Dense causal attention through the causal block table (``length`` needs no special care)."""
-    _common.row_lengths(length, q.shape[0], q.shape[1])  # validates; causal attention needs no length
-    _common.check_inputs(q, k, v, "tpu")
-    cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _common.interpret_mode(interpret))
-    return _common.causal_one_pass(
-        q, k, v, block_q=cfg.block_q, block_kv=cfg.block_kv, band_pass=_band_pass(cfg, 0, None)
-    )
-
-
-def _vs_kernel(offsets_ref, first_ref, n_steps_ref, n_chunks_ref, bits_ref, q_ref, k_ref, v_ref, kc_ref, vc_ref,
-               o_ref, acc_ref, m_ref, l_ref, *, heads, nq, words, max_steps, scale):
-    """Grid step ``s`` of one (sequence, selection head, 64-row query block): slash key block ``s``
-    (the last one, the diagonal block, causal), then column chunk ``s - n_steps``; later steps idle."""
-    b, h, qb, s = (pl.program_id(i) for i in range(4))
-    bq = dynamic_tables.BLOCK
-    item = (b * heads + h) * nq + qb
-    n_steps, n_chunks = n_steps_ref[item], n_chunks_ref[item]
-    step = functools.partial(_step, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, scale=scale)
-    column = functools.partial(_step, q_ref, kc_ref, vc_ref, acc_ref, m_ref, l_ref, scale=scale)
-
-    def counted(shape):
-        chunk = s - n_steps
-        lane = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-        word = jnp.where(lane < 32, bits_ref[item * words + 2 * chunk], bits_ref[item * words + 2 * chunk + 1])
-        return ((word >> (lane % 32)) & 1) == 1
-
-    diagonal = functools.partial(_band_visible, row0=qb * bq, col0=qb * bq, block_q=bq, n_init=0, n_local=None)
-    pl.when(s == 0)(lambda: _init(acc_ref, m_ref, l_ref))
-    pl.when(s < n_steps - 1)(lambda: step())
-    pl.when(s == n_steps - 1)(lambda: step(visible=diagonal))
-    pl.when((s >= n_steps) & (s < n_steps + n_chunks))(lambda: column(visible=counted))
-    pl.when(s == max_steps - 1)(lambda: _write(o_ref, acc_ref, l_ref))
-
-
-def vertical_slash_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    columns: jax.Array,
-    diagonals: jax.Array,
-    length: int | jax.Array | None,
-    interpret: bool | None = None,
-) -> jax.Array:
-    """Vertical-slash attention (see ``tmjax.vertical_slash_attention``) as a Mosaic TPU kernel: the
-    dynamic table is scalar-prefetched and the K/V index maps read it, as the static band's do.
-
-    The grid's last axis is a static bound on a query block's steps (its slash blocks, at most
-    ``min(T/64, 2 x diagonals)``, plus its column chunks); steps past a block's count repeat the last
-    fetched blocks and compute nothing. The tables live in scalar memory, which bounds the sequence
-    length on real TPUs (not yet run on one).
-    """
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, length: jax.Array, tuning: Tuning) -> jax.Array:
+    """Run ``table`` over q ``[B, T, Hq, D]`` and k/v ``[B, T, Hkv, D]`` (``T = table.seq_len``): grid
+    (sequence, table head, query block, step), the steps bounded by the table's ``max_steps`` plus its
+    column chunks. ``length`` needs no care here: the table (or causality) hides every key past it."""
     b, t, hq, d = q.shape
-    lengths = _common.row_lengths(length, b, t)
-    _common.check_inputs(q, k, v, "tpu")
-    hkv, hsel = k.shape[2], columns.shape[1]
-    bq = dynamic_tables.BLOCK
-    tp = _common.round_up(t, bq)
-    nq = tp // bq
-    table = dynamic_tables.build(columns, diagonals, lengths, tp)
-    qp, kp, vp = (_common.pad_seq(x, tp) for x in (q, k, v))
-    kc, vc = (dynamic_tables.gather_columns(x, table) for x in (kp, vp))  # [B, H, Vp, D]
-    words = table.column_bits.shape[-1]
-    max_steps = min(nq, 2 * diagonals.shape[-1]) + table.columns.shape[-1] // bq
-    g = hq // hsel
+    hkv = k.shape[2]
+    heads = table.heads if table.dynamic else hkv
+    g, nq = hq // heads, table.num_q_blocks
+    bq, bkv = table.block_q, table.block_kv
+    columns = table.columns is not None
+    arrays = table.arrays()
+    names = ("index", "first", "num_full", "num_steps") + (("n_chunks", "column_bits") if columns else ())
+    prefetch = [arrays[n].reshape(-1) for n in names]
+    grid_steps = table.max_steps + table.max_chunks
+    row_len = table.index.shape[-1]
 
-    def kv_index(b_, h, qb, s, offsets, first, n_steps, n_chunks, bits):
-        item = (b_ * hsel + h) * nq + qb
-        last = jnp.maximum(n_steps[item] - 1, 0)
-        kb = qb - offsets[(b_ * hsel + h) * 2 * nq + first[item] + jnp.minimum(s, last)]
-        return b_, h * hkv // hsel, jnp.where(n_steps[item] > 0, kb, 0), 0
+    def item(b_, h, qb):
+        return (b_ * heads + h) * nq + qb if table.dynamic else qb
 
-    def column_index(b_, h, qb, s, offsets, first, n_steps, n_chunks, bits):
-        item = (b_ * hsel + h) * nq + qb
-        return b_, h, jnp.clip(s - n_steps[item], 0, jnp.maximum(n_chunks[item] - 1, 0)), 0
+    def kv_index(b_, h, qb, s, index, first, full, steps, *_):
+        it = item(b_, h, qb)
+        base = (b_ * heads + h) * row_len if table.dynamic else 0
+        entry = index[base + first[it] + jnp.clip(s, 0, jnp.maximum(steps[it] - 1, 0))]
+        kb = qb - entry if table.relative else entry
+        return b_, h * hkv // heads, jnp.where(steps[it] > 0, kb, 0), 0
 
     q_spec = pl.BlockSpec((None, None, g, bq, d), lambda b_, h, qb, s, *_: (b_, h, 0, qb, 0))
-    kv_spec = pl.BlockSpec((None, None, bq, d), kv_index)
-    col_spec = pl.BlockSpec((None, None, bq, d), column_index)
-    grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=5,
-        grid=(b, hsel, nq, max_steps),
-        in_specs=[q_spec, kv_spec, kv_spec, col_spec, col_spec],
-        out_specs=q_spec,
-        scratch_shapes=_scratch(g * bq, d),
+    kv_spec = pl.BlockSpec((None, None, bkv, d), kv_index)
+    in_specs = [q_spec, kv_spec, kv_spec]
+    inputs = [q.reshape(b, t, heads, g, d).transpose(0, 2, 3, 1, 4), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)]
+    if columns:
+        def column_index(b_, h, qb, s, index, first, full, steps, chunks, bits):
+            it = item(b_, h, qb)
+            return b_, h, jnp.clip(s - steps[it], 0, jnp.maximum(chunks[it] - 1, 0)), 0
+
+        col_spec = pl.BlockSpec((None, None, tables.COLUMN_CHUNK, d), column_index)
+        in_specs += [col_spec, col_spec]
+        inputs += [tables.gather_columns(x, table) for x in (k, v)]  # [B, H, Vp, D]
+    kernel = functools.partial(
+        _table_kernel, dynamic=table.dynamic, columns=columns, heads=heads, nq=nq, row_len=row_len,
+        words=table.column_bits.shape[-1] if columns else 0, grid_steps=grid_steps, block_q=bq, block_kv=bkv,
+        relative=table.relative, rule=table.rule, scale=d ** -0.5,
     )
-    interpret = _common.interpret_mode(interpret)
-    out = pl.pallas_call(
-        functools.partial(_vs_kernel, heads=hsel, nq=nq, words=words, max_steps=max_steps, scale=d ** -0.5),
-        grid_spec=grid_spec,
-        out_shape=jax.ShapeDtypeStruct((b, hsel, g, tp, d), q.dtype),
-        compiler_params=None if interpret else pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
-        ),
-        interpret=interpret,
-        name="tmjax_vertical_slash_attention_tpu",
-    )(
-        *(x.reshape(-1) for x in (table.offsets, table.first, table.n_steps, table.n_chunks, table.column_bits)),
-        qp.reshape(b, tp, hsel, g, d).transpose(0, 2, 3, 1, 4), kp.transpose(0, 2, 1, 3), vp.transpose(0, 2, 1, 3), kc, vc,
-    )
-    return _seq_major(out)[:, :t]
+    out = _call(
+        kernel, prefetch=len(prefetch), grid=(b, heads, nq, grid_steps), in_specs=in_specs, out_spec=q_spec,
+        scratch_rows=g * bq, out_shape=jax.ShapeDtypeStruct((b, heads, g, t, d), q.dtype),
+        name="tmjax_table_attention_tpu", tuning=tuning,
+    )(*prefetch, *inputs)
+    return _seq_major(out)
+
+
+def last_rows(q_rows: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, tuning: Tuning) -> jax.Array:
+    """The triangle's dense last rows (``R`` rows per batch row from ``start[b]``) over every key
+    block up to the last one they can see."""
+    b, r, hq, d = q_rows.shape
+    hkv, bkv = k.shape[2], tuning.block_kv
+    g = hq // hkv
+    num_blocks = k.shape[1] // bkv
+    kernel = functools.partial(_rows_kernel, num_blocks=num_blocks, rows=r, block_kv=bkv, scale=d ** -0.5)
+
+    def kv_index(b_, h, s, start_ref):
+        return b_, h, jnp.minimum(s, (start_ref[b_] + r - 1) // bkv), 0
+
+    q_spec = pl.BlockSpec((None, None, g, r, d), lambda b_, h, s, start_ref: (b_, h, 0, 0, 0))
+    kv_spec = pl.BlockSpec((None, None, bkv, d), kv_index)
+    out = _call(
+        kernel, prefetch=1, grid=(b, hkv, num_blocks), in_specs=[q_spec, kv_spec, kv_spec], out_spec=q_spec,
+        scratch_rows=g * r, out_shape=jax.ShapeDtypeStruct((b, hkv, g, r, d), q_rows.dtype),
+        name="tmjax_last_rows_attention_tpu", tuning=tuning,
+    )(start, _head_major(q_rows, hkv), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+    return _seq_major(out)

@@ -1,30 +1,57 @@
-"""Triangle and causal attention as Pallas Triton kernels (pre-Hopper NVIDIA GPUs; CPU interpret mode).
+"""Attention tables as Pallas Triton kernels (pre-Hopper NVIDIA GPUs; CPU interpret mode).
 
-One program owns ``block_q`` query rows of one KV group: the group's query heads are packed into the
-rows of a single ``[block_q * G, D]`` tile (G = heads per KV head, rounded up to a power of two as
-Triton needs), so each K/V tile is loaded once for all of them and K/V are never repeated in memory.
-The program walks the key blocks its block-table row lists: full blocks with no mask, then partial
-blocks with the token-level mask; the online softmax runs in float32 in base 2.
+``attend`` runs a table (``tables.Table``): one program owns ``block_q`` query rows of one table head
+(a KV group for static tables, a selection head for dynamic ones), whose query heads are packed into
+the rows of a single ``[block_q * G, D]`` tile (G rounded up to a power of two as Triton needs), so
+each K/V tile is loaded once for all of them and K/V are never repeated in memory. The program walks
+the key blocks its table row lists (full ones with no mask, then partial ones with the token mask),
+then any gathered column chunks; the online softmax runs in float32 in base 2. ``last_rows`` is the
+triangle's dense last rows, split over KV chunks and merged by log-sum-exp.
 
-On CPU (or with ``TMJAX_PALLAS_INTERPRET=1``, or ``interpret=True``) the kernels run in the Pallas
-interpreter with small blocks: that is how the CPU tests run them.
+With ``Tuning.interpret`` (the table's ``interpret`` entry: CPU, or ``TMJAX_PALLAS_INTERPRET=1``) the
+kernels run in the Pallas interpreter with small blocks: that is how the CPU tests run them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from tmjax.pallas_kernels import _common, dynamic_tables
-from tmjax.pallas_kernels.block_tables import BlockTable
+from tmjax.pallas_kernels import _common, guards, tables
+from tmjax.pallas_kernels.tables import Table
+from tmjax.pallas_kernels.two_pass import merge_partials
 
-BLOCK_ROWS = 128  # rows of the packed [block_q * G, D] tile on GPU
-BLOCK_KV = 64
-KV_CHUNK = 2048  # keys per program in the split last-rows pass
-INTERPRET_BLOCK = 16  # smaller blocks in interpret mode keep the CPU tests fast
+GUARD_VALUES = False  # masked steps guard themselves (guards.guard_masked_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """``block_rows`` rows of the packed ``[block_q * G, D]`` tile (``block_q`` follows the group
+    size, at least 16); ``block_kv`` keys per step; ``kv_chunk`` keys per program of the last-rows
+    pass; Triton's ``num_warps`` and ``num_stages``; ``interpret``: run in the Pallas interpreter.
+    Measured values: ``tuning_tables/triton.json``."""
+
+    block_rows: int = 128
+    block_kv: int = 64
+    kv_chunk: int = 2048
+    num_warps: int = 4
+    num_stages: int = 2
+    interpret: bool = False
+
+
+def unsupported(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
+    """Why these inputs cannot run here (dtype, head_dim), or None."""
+    return _common.unsupported(q, k, v, "triton")
+
+
+def block_sizes(q_heads: int, kv_heads: int, tuning: Tuning) -> tuple[int, int, int]:
+    """(block_q, block_kv, rows_block) of the static tables and the last-rows pass."""
+    block_q = max(tuning.block_rows // _next_pow2(q_heads // kv_heads), 16)
+    return block_q, tuning.block_kv, block_q
 
 
 def _next_pow2(x: int) -> int:
@@ -53,7 +80,7 @@ def _attend(q, carry, lo, hi, fetch, visible, *, scale):
         k, v = fetch(s)
         qk = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * (scale * _common.LOG2E)
         if visible is not None:
-            qk, v = _common.guard_masked_step(qk, visible(s), v)
+            qk, v = guards.guard_masked_step(qk, visible(s), v)
         m_new = jnp.maximum(m, jnp.max(qk, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(qk - m_new[:, None])
@@ -64,21 +91,16 @@ def _attend(q, carry, lo, hi, fetch, visible, *, scale):
     return jax.lax.fori_loop(lo, hi, step, carry)
 
 
-def _table_blocks(q, rows, kv_block, n_full, n_steps, k_ref, v_ref, *, block_kv, scale, n_init, n_local):
+def _table_blocks(q, rows, kv_block, n_full, n_steps, k_ref, v_ref, *, block_kv, scale, rule):
     """The listed key blocks of one table row: ``[0, n_full)`` unmasked, then ``[n_full, n_steps)``
-    masked token by token (causal, and the band's sinks + window unless ``n_local`` is None)."""
+    masked token by token by ``rule`` (``tables.Rule``)."""
 
     def fetch(s):
         start = kv_block(s) * block_kv
         return k_ref[pl.ds(start, block_kv), :], v_ref[pl.ds(start, block_kv), :]
 
     def visible(s):
-        cols = kv_block(s) * block_kv + jnp.arange(block_kv)[None, :]
-        r = rows[:, None]
-        seen = cols <= r
-        if n_local is not None:
-            seen &= (cols < n_init) | (r - cols < n_local)
-        return seen
+        return rule.visible(rows[:, None], kv_block(s) * block_kv + jnp.arange(block_kv)[None, :])
 
     carry = _attend(q, _init(q.shape[0], q.shape[1]), 0, n_full, fetch, None, scale=scale)
     return _attend(q, carry, n_full, n_steps, fetch, visible, scale=scale)
@@ -92,15 +114,34 @@ def _finish(acc, m, l):
     return out, lse
 
 
-def _band_kernel(kv_index_ref, num_full_ref, num_steps_ref, q_ref, k_ref, v_ref, o_ref, *, block_q, group, block_kv, scale, n_init, n_local):
+def _table_kernel(index_ref, first_ref, full_ref, steps_ref, *refs, block_q, block_kv, group, scale, relative, rule,
+                  columns):
+    """One query block of one table head: its listed key blocks, then (``columns``) its counted
+    column chunks, 64 gathered keys per step with a bit mask."""
+    if columns:
+        chunks_ref, bits_ref, q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref = refs
+    else:
+        q_ref, k_ref, v_ref, o_ref = refs
     qb = pl.program_id(0)
     q = q_ref[...].reshape(block_q * group, -1)
     rows = qb * block_q + jnp.arange(block_q * group) // group
-    acc, m, l = _table_blocks(
-        q, rows, lambda s: kv_index_ref[qb, s], num_full_ref[qb], num_steps_ref[qb], k_ref, v_ref,
-        block_kv=block_kv, scale=scale, n_init=n_init, n_local=n_local,
-    )
-    out, _ = _finish(acc, m, l)
+    first = first_ref[qb]
+    kv_block = (lambda s: qb - index_ref[first + s]) if relative else (lambda s: index_ref[first + s])
+    carry = _table_blocks(q, rows, kv_block, full_ref[qb], steps_ref[qb], k_ref, v_ref, block_kv=block_kv,
+                          scale=scale, rule=rule)
+    if columns:
+        width = tables.COLUMN_CHUNK
+
+        def fetch(c):
+            return kc_ref[pl.ds(c * width, width), :], vc_ref[pl.ds(c * width, width), :]
+
+        def visible(c):
+            lane = jnp.arange(width)[None, :]
+            word = jnp.where(lane < 32, bits_ref[qb, 2 * c], bits_ref[qb, 2 * c + 1])
+            return jnp.broadcast_to(((word >> (lane % 32)) & 1) == 1, (q.shape[0], width))
+
+        carry = _attend(q, carry, 0, chunks_ref[qb], fetch, visible, scale=scale)
+    out, _ = _finish(*carry)
     o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
 
 
@@ -116,37 +157,11 @@ def _rows_kernel(start_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_q, gro
     n_full = jnp.clip((row_lo + 1) // block_kv - first, 0, n_steps)
     acc, m, l = _table_blocks(
         q, rows, lambda s: first + s, n_full, n_steps, k_ref, v_ref,
-        block_kv=block_kv, scale=scale, n_init=0, n_local=None,
+        block_kv=block_kv, scale=scale, rule=tables.Rule(),
     )
     out, lse = _finish(acc, m, l)
     o_ref[...] = out.reshape(o_ref.shape)
     lse_ref[...] = lse
-
-
-def _vs_kernel(offsets_ref, first_ref, n_steps_ref, n_chunks_ref, bits_ref, q_ref, k_ref, v_ref, kc_ref, vc_ref, o_ref,
-               *, group, scale):
-    """One 64-row query block of one selection head: its slash key blocks (the diagonal block last,
-    causal), then its counted columns, 64 gathered keys per step with a bit mask."""
-    qb = pl.program_id(0)
-    bq = dynamic_tables.BLOCK
-    q = q_ref[...].reshape(bq * group, -1)
-    rows = qb * bq + jnp.arange(bq * group) // group
-    first, n = first_ref[qb], n_steps_ref[qb]
-    carry = _table_blocks(
-        q, rows, lambda s: qb - offsets_ref[first + s], jnp.maximum(n - 1, 0), n, k_ref, v_ref,
-        block_kv=bq, scale=scale, n_init=0, n_local=None,
-    )
-
-    def fetch(c):
-        return kc_ref[pl.ds(c * bq, bq), :], vc_ref[pl.ds(c * bq, bq), :]
-
-    def visible(c):
-        lane = jnp.arange(bq)[None, :]
-        word = jnp.where(lane < 32, bits_ref[qb, 2 * c], bits_ref[qb, 2 * c + 1])
-        return jnp.broadcast_to(((word >> (lane % 32)) & 1) == 1, (q.shape[0], bq))
-
-    out, _ = _finish(*_attend(q, carry, 0, n_chunks_ref[qb], fetch, visible, scale=scale))
-    o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
 
 
 def _pack_heads(x: jax.Array, hkv: int, group_pad: int) -> jax.Array:
@@ -163,173 +178,92 @@ def _unpack_heads(x: jax.Array, group: int) -> jax.Array:
     return x[:, :, :, :group].reshape(b, t, hkv * group, d)
 
 
-class _Config:
-    """Block sizes for one call: rows per program follow the group size so the tile stays ~BLOCK_ROWS."""
-
-    def __init__(self, q_heads: int, kv_heads: int, head_dim: int, interpret: bool):
-        self.hkv = kv_heads
-        self.group = q_heads // kv_heads
-        self.group_pad = _next_pow2(self.group)
-        self.interpret = interpret
-        tile = INTERPRET_BLOCK if interpret else BLOCK_ROWS
-        self.block_q = max(tile // self.group_pad, 16)
-        self.block_kv = INTERPRET_BLOCK if interpret else BLOCK_KV
-        self.chunk_blocks = (2 * INTERPRET_BLOCK if interpret else KV_CHUNK) // self.block_kv
-        self.scale = head_dim ** -0.5
-        self.params = None if interpret else _compiler_params(head_dim)
-
-
-def band_block_sizes(q_heads: int, kv_heads: int, *, interpret: bool | None = None) -> tuple[int, int]:
-    """(block_q, block_kv) of the band pass's block table for these head counts."""
-    cfg = _Config(q_heads, kv_heads, 64, _common.interpret_mode(interpret))
-    return cfg.block_q, cfg.block_kv
-
-
-def _compiler_params(head_dim: int):
+def _compiler_params(tuning: Tuning):
+    if tuning.interpret:
+        return None
     from jax.experimental.pallas import triton as pltriton
 
-    return pltriton.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
+    return pltriton.CompilerParams(num_warps=tuning.num_warps, num_stages=tuning.num_stages)
 
 
-def _band_pass(cfg: _Config, n_init: int, n_local: int | None):
-    def run(q, k, v, table: BlockTable) -> jax.Array:
-        b, t, hq, d = q.shape
-        q5 = _pack_heads(q, cfg.hkv, cfg.group_pad)
-        nq = table.kv_index.shape[0]
-        kernel = functools.partial(
-            _band_kernel, block_q=cfg.block_q, group=cfg.group_pad, block_kv=cfg.block_kv,
-            scale=cfg.scale, n_init=n_init, n_local=n_local,
-        )
-        qo_spec = pl.BlockSpec((None, cfg.block_q, None, cfg.group_pad, d), lambda i, bh: (bh // cfg.hkv, i, bh % cfg.hkv, 0, 0))
-        kv_spec = pl.BlockSpec((None, t, None, d), lambda i, bh: (bh // cfg.hkv, 0, bh % cfg.hkv, 0))
-        whole = lambda shape: pl.BlockSpec(shape, lambda i, bh: (0,) * len(shape))  # noqa: E731
-        out = pl.pallas_call(
-            kernel,
-            grid=(nq, b * cfg.hkv),
-            in_specs=[whole(table.kv_index.shape), whole((nq,)), whole((nq,)), qo_spec, kv_spec, kv_spec],
-            out_specs=qo_spec,
-            out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
-            compiler_params=cfg.params,
-            interpret=cfg.interpret,
-            name="tmjax_band_attention",
-        )(jnp.asarray(table.kv_index), jnp.asarray(table.num_full), jnp.asarray(table.num_steps), q5, k, v)
-        return _unpack_heads(out, cfg.group)
-
-    return run
-
-
-def _rows_pass(cfg: _Config):
-    def run(q_rows, k, v, start) -> jax.Array:
-        b, r, hq, d = q_rows.shape
-        t = k.shape[1]
-        q5 = _pack_heads(q_rows, cfg.hkv, cfg.group_pad)
-        n_chunks = -(-t // (cfg.chunk_blocks * cfg.block_kv))
-        n_row_blocks = r // cfg.block_q
-        kernel = functools.partial(
-            _rows_kernel, block_q=cfg.block_q, group=cfg.group_pad, block_kv=cfg.block_kv,
-            chunk_blocks=cfg.chunk_blocks, scale=cfg.scale,
-        )
-        gp = cfg.group_pad
-        q_spec = pl.BlockSpec((None, cfg.block_q, None, gp, d), lambda c, i, bh: (bh // cfg.hkv, i, bh % cfg.hkv, 0, 0))
-        kv_spec = pl.BlockSpec((None, t, None, d), lambda c, i, bh: (bh // cfg.hkv, 0, bh % cfg.hkv, 0))
-        o_spec = pl.BlockSpec((None, None, cfg.block_q, None, gp, d), lambda c, i, bh: (c, bh // cfg.hkv, i, bh % cfg.hkv, 0, 0))
-        lse_spec = pl.BlockSpec((None, None, None, cfg.block_q * gp), lambda c, i, bh: (c, bh // cfg.hkv, bh % cfg.hkv, i))
-        parts, lse = pl.pallas_call(
-            kernel,
-            grid=(n_chunks, n_row_blocks, b * cfg.hkv),
-            in_specs=[pl.BlockSpec((1,), lambda c, i, bh: (bh // cfg.hkv,)), q_spec, kv_spec, kv_spec],
-            out_specs=[o_spec, lse_spec],
-            out_shape=[
-                jax.ShapeDtypeStruct((n_chunks, b, r, cfg.hkv, gp, d), jnp.float32),
-                jax.ShapeDtypeStruct((n_chunks, b, cfg.hkv, r * gp), jnp.float32),
-            ],
-            compiler_params=cfg.params,
-            interpret=cfg.interpret,
-            name="tmjax_last_rows_attention",
-        )(start, q5, k, v)
-        lse = lse.reshape(n_chunks, b, cfg.hkv, r, gp).transpose(0, 1, 3, 2, 4)
-        merged = _common.merge_partials(parts, lse)
-        return _unpack_heads(merged, cfg.group).astype(q_rows.dtype)
-
-    return run
-
-
-def triangle_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    n_init: int,
-    n_local: int,
-    n_last: int,
-    length: int | jax.Array | None,
-    interpret: bool | None = None,
-) -> jax.Array:
-    """Triangle attention (see ``tmjax.triangle_attention``) with Pallas Triton kernels."""
-    length = _common.row_lengths(length, q.shape[0], q.shape[1])
-    _common.check_inputs(q, k, v, "triton")
-    cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _common.interpret_mode(interpret))
-    return _common.triangle_two_pass(
-        q, k, v, n_init=n_init, n_local=n_local, n_last=n_last, length=length,
-        block_q=cfg.block_q, block_kv=cfg.block_kv, rows_block=cfg.block_q,
-        band_pass=_band_pass(cfg, n_init, n_local), rows_pass=_rows_pass(cfg),
-    )
-
-
-def causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, length: int | jax.Array | None, interpret: bool | None = None
-) -> jax.Array:
-    """Dense causal attention through the causal block table (``length`` needs no special care)."""
-    _common.row_lengths(length, q.shape[0], q.shape[1])  # validates; causal attention needs no length
-    _common.check_inputs(q, k, v, "triton")
-    cfg = _Config(q.shape[2], k.shape[2], q.shape[3], _common.interpret_mode(interpret))
-    return _common.causal_one_pass(
-        q, k, v, block_q=cfg.block_q, block_kv=cfg.block_kv,
-        band_pass=_band_pass(cfg, 0, None),
-    )
-
-
-def vertical_slash_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    columns: jax.Array,
-    diagonals: jax.Array,
-    length: int | jax.Array | None,
-    interpret: bool | None = None,
-) -> jax.Array:
-    """Vertical-slash attention (see ``tmjax.vertical_slash_attention``) with a Pallas Triton kernel:
-    one program per (64-row query block, sequence, selection head), the selection head's query heads
-    packed into one tile."""
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, length: jax.Array, tuning: Tuning) -> jax.Array:
+    """Run ``table`` over q ``[B, T, Hq, D]`` and k/v ``[B, T, Hkv, D]`` (``T = table.seq_len``): one
+    program per (query block, sequence, table head). ``length`` needs no care here: the table (or
+    causality) hides every key past a row's length."""
     b, t, hq, d = q.shape
-    lengths = _common.row_lengths(length, b, t)
-    _common.check_inputs(q, k, v, "triton")
-    hkv, hsel = k.shape[2], columns.shape[1]
-    group = hq // hsel
+    hkv = k.shape[2]
+    heads = table.heads if table.dynamic else hkv
+    group = hq // heads
     gp = _next_pow2(group)
-    bq = dynamic_tables.BLOCK
-    tp = _common.round_up(t, bq)
-    nq = tp // bq
-    table = dynamic_tables.build(columns, diagonals, lengths, tp)
-    qp, kp, vp = (_common.pad_seq(x, tp) for x in (q, k, v))
-    kc, vc = (dynamic_tables.gather_columns(x, table) for x in (kp, vp))
-    q5 = _pack_heads(qp, hsel, gp)
-    kv_head = lambda bh: (bh % hsel) * hkv // hsel  # noqa: E731
-    per_head = lambda *shape: pl.BlockSpec((None, None) + shape, lambda i, bh: (bh // hsel, bh % hsel) + (0,) * len(shape))  # noqa: E731
-    qo_spec = pl.BlockSpec((None, bq, None, gp, d), lambda i, bh: (bh // hsel, i, bh % hsel, 0, 0))
-    kv_spec = pl.BlockSpec((None, tp, None, d), lambda i, bh: (bh // hsel, 0, kv_head(bh), 0))
-    vp_cols = table.columns.shape[-1]
-    interpret = _common.interpret_mode(interpret)
+    bq = table.block_q
+    columns = table.columns is not None
+    arrays = table.arrays()
+    names = ("index", "first", "num_full", "num_steps") + (("n_chunks", "column_bits") if columns else ())
+    inputs = [arrays[n] for n in names]
+    if table.dynamic:  # each program reads its own (sequence, head) rows
+        def spec(x):
+            return pl.BlockSpec((None, None) + x.shape[2:], lambda i, bh: (bh // heads, bh % heads) + (0,) * (x.ndim - 2))
+    else:  # one shared set
+        def spec(x):
+            return pl.BlockSpec(x.shape, lambda i, bh: (0,) * x.ndim)
+    in_specs = [spec(x) for x in inputs]
+    kv_head = lambda bh: (bh % heads) * hkv // heads  # noqa: E731
+    qo_spec = pl.BlockSpec((None, bq, None, gp, d), lambda i, bh: (bh // heads, i, bh % heads, 0, 0))
+    kv_spec = pl.BlockSpec((None, t, None, d), lambda i, bh: (bh // heads, 0, kv_head(bh), 0))
+    q5 = _pack_heads(q, heads, gp)
+    inputs += [q5, k, v]
+    in_specs += [qo_spec, kv_spec, kv_spec]
+    if columns:
+        gathered = [tables.gather_columns(x, table) for x in (k, v)]  # [B, H, Vp, D]
+        inputs += gathered
+        in_specs += [spec(x) for x in gathered]
+    kernel = functools.partial(
+        _table_kernel, block_q=bq, block_kv=table.block_kv, group=gp, scale=d ** -0.5, relative=table.relative,
+        rule=table.rule, columns=columns,
+    )
     out = pl.pallas_call(
-        functools.partial(_vs_kernel, group=gp, scale=d ** -0.5),
-        grid=(nq, b * hsel),
-        in_specs=[per_head(2 * nq), per_head(nq), per_head(nq), per_head(nq), per_head(nq, vp_cols // 32),
-                  qo_spec, kv_spec, kv_spec, per_head(vp_cols, d), per_head(vp_cols, d)],
+        kernel,
+        grid=(table.num_q_blocks, b * heads),
+        in_specs=in_specs,
         out_specs=qo_spec,
         out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
-        compiler_params=None if interpret else _compiler_params(d),
-        interpret=interpret,
-        name="tmjax_vertical_slash_attention",
-    )(table.offsets, table.first, table.n_steps, table.n_chunks, table.column_bits, q5, kp, vp, kc, vc)
-    return _unpack_heads(out, group)[:, :t]
+        compiler_params=_compiler_params(tuning),
+        interpret=tuning.interpret,
+        name="tmjax_table_attention",
+    )(*inputs)
+    return _unpack_heads(out, group)
+
+
+def last_rows(q_rows: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, tuning: Tuning) -> jax.Array:
+    """The triangle's dense last rows (``R`` rows per batch row from ``start[b]``) over every earlier
+    key, split over KV chunks of ``tuning.kv_chunk`` and merged by log-sum-exp."""
+    b, r, hq, d = q_rows.shape
+    t, hkv = k.shape[1], k.shape[2]
+    group = hq // hkv
+    gp = _next_pow2(group)
+    block_q, block_kv, _ = block_sizes(hq, hkv, tuning)
+    chunk_blocks = tuning.kv_chunk // block_kv
+    q5 = _pack_heads(q_rows, hkv, gp)
+    n_chunks = -(-t // (chunk_blocks * block_kv))
+    kernel = functools.partial(
+        _rows_kernel, block_q=block_q, group=gp, block_kv=block_kv, chunk_blocks=chunk_blocks, scale=d ** -0.5,
+    )
+    q_spec = pl.BlockSpec((None, block_q, None, gp, d), lambda c, i, bh: (bh // hkv, i, bh % hkv, 0, 0))
+    kv_spec = pl.BlockSpec((None, t, None, d), lambda c, i, bh: (bh // hkv, 0, bh % hkv, 0))
+    o_spec = pl.BlockSpec((None, None, block_q, None, gp, d), lambda c, i, bh: (c, bh // hkv, i, bh % hkv, 0, 0))
+    lse_spec = pl.BlockSpec((None, None, None, block_q * gp), lambda c, i, bh: (c, bh // hkv, bh % hkv, i))
+    parts, lse = pl.pallas_call(
+        kernel,
+        grid=(n_chunks, r // block_q, b * hkv),
+        in_specs=[pl.BlockSpec((1,), lambda c, i, bh: (bh // hkv,)), q_spec, kv_spec, kv_spec],
+        out_specs=[o_spec, lse_spec],
+        out_shape=[
+            jax.ShapeDtypeStruct((n_chunks, b, r, hkv, gp, d), jnp.float32),
+            jax.ShapeDtypeStruct((n_chunks, b, hkv, r * gp), jnp.float32),
+        ],
+        compiler_params=_compiler_params(tuning),
+        interpret=tuning.interpret,
+        name="tmjax_last_rows_attention",
+    )(start, q5, k, v)
+    lse = lse.reshape(n_chunks, b, hkv, r, gp).transpose(0, 1, 3, 2, 4)
+    return _unpack_heads(merge_partials(parts, lse), group).astype(q_rows.dtype)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from tmjax.pallas_kernels._common import row_lengths, take_rows
+from tmjax.pallas_kernels.lengths import row_lengths, take_rows
 
 _HIGHEST = lax.Precision.HIGHEST
 

@@ -1,35 +1,53 @@
 """Blocked attention in plain XLA: the portable backend, O(T) memory for the triangle.
 
-Nothing here builds a ``[T, T]`` matrix. The triangle runs in two parts: a *band* pass where each
-block of queries gathers only its sink keys and the block-aligned keys of its local window (masked
-token-exactly), then the dense last rows, computed as ``n_last`` queries against all keys with an
-online softmax over key chunks and written over the band result. Dense causal attention walks key
-chunks up to the diagonal with the same online softmax; a triangle whose sizes leave every row dense
-is sent there. GQA stays native: q is viewed as ``[B, T, Hkv, G, D]`` and K/V are never repeated.
-Scores, softmax and accumulation are float32; loops stop at ``length``, so padding costs no work.
-K and V pass ``_common.guard_values`` once, so a value a row cannot see (padding, a non-finite value
-at a masked key) never reaches it, while steps only mask scores.
+Nothing here builds a ``[T, T]`` matrix. ``attend`` runs a table (``tables.Table``): a static band
+table by its rule, each block of queries gathering its sink keys and the block-aligned keys of its
+local window at once (masked token-exactly; the same keys the table lists, fetched as one window
+rather than block by block); a static causal table as key chunks up to the diagonal with an online
+softmax; a dynamic table by its lists (key blocks, then gathered columns). ``last_rows`` is the
+triangle's dense last rows (the dispatch's two-pass driver splices them). GQA stays native: q is
+viewed as ``[B, T, Hkv, G, D]`` and K/V are never repeated. Scores, softmax and accumulation are
+float32; loops stop at ``length``, so padding costs no work. K and V come through
+``guards.guard_values`` (the dispatch, ``GUARD_VALUES``), so a value a row cannot see never reaches
+it while steps only mask scores.
 """
 
 from __future__ import annotations
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from tmjax.pallas_kernels import dynamic_tables
-from tmjax.pallas_kernels._common import guard_values, pad_seq, put_rows, round_up, row_lengths, static_length, take_rows
+from tmjax.pallas_kernels import tables
+from tmjax.pallas_kernels.lengths import pad_seq, round_up
+from tmjax.pallas_kernels.tables import Table
 
-# Query rows per band block; a band chunk (one loop step) holds as many blocks as keep its score
-# tensor under _BAND_CHUNK_SCORES entries per batch row and head (16 blocks for the default layout).
-_BAND_BLOCK = 64
-_BAND_CHUNK_SCORES = 1 << 20
-# Query and key rows per step of the online-softmax passes (causal and the dense last rows). Not a
-# power of two: with 256 a step's K/V slices alias in the CPU caches; 192 is 15-25% faster on XLA CPU
-# (causal, 9 q / 3 KV heads, head_dim 64, T = 3858 / 4096 / 8192: 151 / 180 / 790 ms vs 203 / 216 / 922).
-_CHUNK = 192
+GUARD_VALUES = True  # steps use V as it is: the dispatch passes K and V through guards.guard_values first
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """``band_block`` query rows per band block (the static table's block); a band chunk (one loop
+    step) holds as many blocks as keep its score tensor under ``band_chunk_scores`` entries per batch
+    row and head; ``chunk`` query and key rows per step of the online-softmax passes (causal, the dense
+    last rows). Measured values: ``tuning_tables/xla.json``."""
+
+    band_block: int = 64
+    band_chunk_scores: int = 1 << 20
+    chunk: int = 256
+
+
+def unsupported(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
+    """Every floating dtype and head_dim runs here."""
+    return None
+
+
+def block_sizes(q_heads: int, kv_heads: int, tuning: Tuning) -> tuple[int, int, int]:
+    """(block_q, block_kv, rows_block) of the static tables and the last-rows pass."""
+    return tuning.band_block, tuning.band_block, 1
 # Finite "minus infinity": masked scores never produce inf - inf = nan.
 _MASKED = -0.7 * float(np.finfo(np.float32).max)
 _HIGHEST = lax.Precision.HIGHEST
@@ -46,7 +64,7 @@ def _scores(q: jax.Array, k: jax.Array, subscripts: str) -> jax.Array:
 
 def _online_update(carry: tuple, s: jax.Array, visible: jax.Array | None, v: jax.Array, subscripts: str) -> tuple:
     """One online-softmax step: raw scores ``s`` (float32), ``visible`` broadcastable to ``s`` (None:
-    every row sees every key, so no mask), values ``v`` (through ``_common.guard_values``) contracted
+    every row sees every key, so no mask), values ``v`` (through ``guards.guard_values``) contracted
     by ``subscripts`` (``p, v -> acc``)."""
     peak, total, acc = carry
     if visible is not None:
@@ -92,7 +110,8 @@ def _online_rows(
     return out.transpose(0, 3, 1, 2, 4)
 
 
-def _band(q: jax.Array, k: jax.Array, v: jax.Array, n_init: int, n_local: int, length: int | jax.Array) -> jax.Array:
+def _band(q: jax.Array, k: jax.Array, v: jax.Array, n_init: int, n_local: int, length: int | jax.Array,
+          tuning: Tuning) -> jax.Array:
     """Sinks + local window for every row; q ``[B, T, Hkv, G, D]``, output in q's dtype.
 
     Query block ``[s, s + bq)`` gathers keys ``[0, n_init)`` and ``[s - halo, s + bq)``, where the
@@ -100,10 +119,10 @@ def _band(q: jax.Array, k: jax.Array, v: jax.Array, n_init: int, n_local: int, l
     so that a sink is never counted twice. Chunks wholly at or beyond ``length`` are skipped.
     """
     b, t, hkv, g, d = q.shape
-    bq = min(_BAND_BLOCK, round_up(t, 8))
+    bq = min(tuning.band_block, round_up(t, 8))
     halo = round_up(n_local - 1, bq)
     n_blocks = _cdiv(t, bq)
-    fit = max(1, _BAND_CHUNK_SCORES // (bq * (n_init + halo + bq)))
+    fit = max(1, tuning.band_chunk_scores // (bq * (n_init + halo + bq)))
     # A power of two, so that power-of-two lengths need no padding copy.
     blocks_per_chunk = min(n_blocks, 1 << (fit.bit_length() - 1))
     rows = blocks_per_chunk * bq
@@ -139,53 +158,41 @@ def _band(q: jax.Array, k: jax.Array, v: jax.Array, n_init: int, n_local: int, l
     return out[:, :t]
 
 
-def triangle_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    n_init: int,
-    n_local: int,
-    n_last: int,
-    length: int | jax.Array | None = None,
-) -> jax.Array:
-    """Triangle attention (see ``tmjax.triangle_attention``) in O(T) memory and work."""
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, length: jax.Array, tuning: Tuning) -> jax.Array:
+    """Run ``table`` over q ``[B, T, Hq, D]`` and k/v ``[B, T, Hkv, D]`` (``T = table.seq_len``),
+    ``length`` int32 ``[B]``: a static table by its rule (band or causal), a dynamic one by its lists."""
+    if table.dynamic:
+        return _dynamic(q, k, v, table, length, tuning)
     b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    lengths = row_lengths(length, b, t)
-    static = static_length(length, t)
-    if n_local >= t or n_init >= t or (static is not None and n_last >= static):
-        return causal_attention(q, k, v, length=length)  # every visible row is dense
-    k, v = guard_values(k, v, lengths)
-    qg = q.reshape(b, t, hkv, hq // hkv, d)
-    out = _band(qg, k, v, n_init=n_init, n_local=n_local, length=jnp.max(lengths))
-    n_dense = min(n_last, t)
-    if n_dense:
-        start = jnp.clip(lengths - n_last, 0, t - n_dense)  # [B]
-        chunk = min(_CHUNK, round_up(t, 8))
-        kp, vp = (pad_seq(x, round_up(t, chunk)) for x in (k, v))
-        rows = take_rows(qg, start, n_dense)
-        q_pos = start[:, None] + jnp.arange(n_dense)
-        n_full = jnp.min(start + 1) // chunk  # key chunks before every dense row
-        dense = _online_rows(rows, q_pos, kp, vp, _cdiv(jnp.max(start) + n_dense, chunk), chunk, n_full)
-        out = put_rows(out, dense.astype(out.dtype), start)
+    qg = q.reshape(b, t, k.shape[2], hq // k.shape[2], d)
+    if table.n_local is None or table.n_local >= t or table.n_init >= t:  # every key of a row's past is seen
+        out = _causal(qg, k, v, jnp.max(length), tuning)
+    else:
+        out = _band(qg, k, v, n_init=table.n_init, n_local=table.n_local, length=jnp.max(length), tuning=tuning)
     return out.reshape(b, t, hq, d)
 
 
-def causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, length: int | jax.Array | None = None
-) -> jax.Array:
-    """Dense causal attention, one query chunk at a time over key chunks up to its diagonal; query
-    chunks past the longest row's length are skipped."""
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    lengths = row_lengths(length, b, t)
-    live = jnp.max(lengths)
-    k, v = guard_values(k, v, lengths)
-    chunk = min(_CHUNK, round_up(t, 8))
+def last_rows(q_rows: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, tuning: Tuning) -> jax.Array:
+    """The triangle's dense last rows: ``R`` query rows per batch row from position ``start[b]``
+    (int32 ``[B]``) against every key up to each row, ``[B, R, Hq, D]`` float32."""
+    b, r, hq, d = q_rows.shape
+    t, hkv = k.shape[1], k.shape[2]
+    chunk = min(tuning.chunk, round_up(t, 8))
+    kp, vp = (pad_seq(x, round_up(t, chunk)) for x in (k, v))
+    q_pos = start[:, None] + jnp.arange(r)
+    n_full = jnp.min(start + 1) // chunk  # key chunks before every row
+    out = _online_rows(q_rows.reshape(b, r, hkv, hq // hkv, d), q_pos, kp, vp, _cdiv(jnp.max(start) + r, chunk),
+                       chunk, n_full)
+    return out.reshape(b, r, hq, d)
+
+
+def _causal(q: jax.Array, k: jax.Array, v: jax.Array, live: jax.Array, tuning: Tuning) -> jax.Array:
+    """Dense causal attention, one query chunk at a time over key chunks up to its diagonal; q
+    ``[B, T, Hkv, G, D]``; query chunks at or past ``live`` (the longest row) are skipped."""
+    t = q.shape[1]
+    chunk = min(tuning.chunk, round_up(t, 8))
     padded = round_up(t, chunk)
-    qp = pad_seq(q.reshape(b, t, hkv, hq // hkv, d), padded)
-    kp, vp = (pad_seq(x, padded) for x in (k, v))
+    qp, kp, vp = (pad_seq(x, padded) for x in (q, k, v))
 
     def query_chunk(c, out):
         row0 = c * chunk
@@ -194,64 +201,55 @@ def causal_attention(
         return lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), row0, axis=1)
 
     out = lax.fori_loop(0, _cdiv(live, chunk), query_chunk, jnp.zeros(qp.shape, q.dtype))
-    return out[:, :t].reshape(b, t, hq, d)
+    return out[:, :t]
 
 
-def vertical_slash_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    *,
-    columns: jax.Array,
-    diagonals: jax.Array,
-    length: int | jax.Array | None = None,
-) -> jax.Array:
-    """Vertical-slash attention (see ``tmjax.vertical_slash_attention``) following the dynamic table.
-
-    Query blocks are processed a chunk at a time; each chunk loops over its key-block steps and then
-    its column chunks (gathered once per call, ``[B, H, V, D]``), with loop counts read from the table,
-    so the work follows the kept pattern and memory stays O(T x budget / 64).
-    """
+def _dynamic(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, lengths: jax.Array, tuning: Tuning) -> jax.Array:
+    """A dynamic table: query blocks a chunk at a time; each chunk loops over its key-block steps and
+    then its column chunks (gathered once per call, ``[B, H, Vp, D]``), with loop counts read from the
+    table, so the work follows the kept pattern and memory stays O(T x kept blocks)."""
     b, t, hq, d = q.shape
-    hkv, hsel = k.shape[2], columns.shape[1]
+    hkv, hsel = k.shape[2], table.heads
     group = hq // hsel
-    lengths = row_lengths(length, b, t)
-    k, v = guard_values(k, v, lengths)
-    tp = round_up(t, dynamic_tables.BLOCK)
-    bq, nq = dynamic_tables.BLOCK, tp // dynamic_tables.BLOCK
-    table = dynamic_tables.build(columns, diagonals, lengths, tp)
-    kv_head = dynamic_tables.kv_heads(hsel, hkv)
-    blocks = max(1, min(nq, _BAND_CHUNK_SCORES // (b * hq * bq * bq)))
+    bq, bkv, nq = table.block_q, table.block_kv, table.num_q_blocks
+    kv_head = tables.kv_heads(hsel, hkv)
+    blocks = max(1, min(nq, tuning.band_chunk_scores // (b * hq * bq * bkv)))
     nqp = round_up(nq, blocks)
     qs = pad_seq(q, nqp * bq).reshape(b, nqp, bq, hsel, group, d)
-    kp, vp = (pad_seq(x, tp) for x in (k, v))
-    per_block = [jnp.pad(x, ((0, 0), (0, 0), (0, nqp - nq))) for x in (table.first, table.n_steps, table.n_chunks)]
+    pad_blocks = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, nqp - nq)) + ((0, 0),) * (x.ndim - 3))  # noqa: E731
+    # Full steps need no mask, but a causal one costs little here: every step applies the table's rule.
+    per_block = [pad_blocks(x) for x in (table.first, table.num_steps)]
     bi = jnp.arange(b)[:, None, None]
-    kc, vc = (dynamic_tables.gather_columns(x, table) for x in (kp, vp))  # [B, H, Vp, D]
-    bits = jnp.pad(table.column_bits, ((0, 0), (0, 0), (0, nqp - nq), (0, 0)))
+    columns = table.columns is not None
+    if columns:
+        n_chunks, bits = pad_blocks(table.n_chunks), pad_blocks(table.column_bits)
+        kc, vc = (tables.gather_columns(x, table) for x in (k, v))  # [B, H, Vp, D]
 
     def query_chunk(ci, out):
         qb = ci * blocks + jnp.arange(blocks)
-        first, n_steps, n_chunks = (jax.lax.dynamic_slice_in_dim(x, ci * blocks, blocks, axis=2) for x in per_block)
-        qc = lax.dynamic_slice_in_dim(qs, ci * blocks, blocks, axis=1)  # [B, C, 64, H, G, D]
-        rows = (qb[:, None] * bq + jnp.arange(bq))[None, :, None, None, :, None]  # [1, C, 1, 1, 64, 1]
+        first, n_steps = (jax.lax.dynamic_slice_in_dim(x, ci * blocks, blocks, axis=2) for x in per_block)
+        qc = lax.dynamic_slice_in_dim(qs, ci * blocks, blocks, axis=1)  # [B, C, bq, H, G, D]
+        rows = (qb[:, None] * bq + jnp.arange(bq))[None, :, None, None, :, None]  # [1, C, 1, 1, bq, 1]
 
         def block_step(s, carry):
             live = (s < n_steps).transpose(0, 2, 1)  # [B, C, H]
-            slot = jnp.minimum(first + s, 2 * nq - 1)
-            kb = jnp.maximum(qb[None, :, None] - jnp.take_along_axis(table.offsets, slot, axis=-1).transpose(0, 2, 1), 0)
-            pos = kb[..., None] * bq + jnp.arange(bq)  # [B, C, H, 64]
-            keys = kp[bi[..., None], pos, kv_head[None, None, :, None]]  # [B, C, H, 64, D]
-            vals = vp[bi[..., None], pos, kv_head[None, None, :, None]]
+            slot = jnp.minimum(first + s, table.index.shape[-1] - 1)
+            entry = jnp.take_along_axis(table.index, slot, axis=-1).transpose(0, 2, 1)
+            kb = jnp.clip(table.key_block(qb[None, :, None], entry), 0, t // bkv - 1)
+            pos = kb[..., None] * bkv + jnp.arange(bkv)  # [B, C, H, bkv]
+            keys = k[bi[..., None], pos, kv_head[None, None, :, None]]  # [B, C, H, bkv, D]
+            vals = v[bi[..., None], pos, kv_head[None, None, :, None]]
             scores = _scores(qc, keys, "bcqhgd,bchkd->bchgqk")
-            visible = live[..., None, None, None] & (pos[:, :, :, None, None, :] <= rows)
+            visible = live[..., None, None, None] & table.visible(rows, pos[:, :, :, None, None, :])
             return _online_update(carry, scores, visible, vals, "bchgqk,bchkd->bchgqd")
 
+        chunks = jax.lax.dynamic_slice_in_dim(n_chunks, ci * blocks, blocks, axis=2) if columns else None
+
         def column_step(c, carry):
-            live = (c < n_chunks).transpose(0, 2, 1)
-            counts = dynamic_tables.chunk_mask(lax.dynamic_slice_in_dim(bits, ci * blocks, blocks, axis=2), c)
-            keys = lax.dynamic_slice_in_dim(kc, c * bq, bq, axis=2)  # [B, H, 64, D]
-            vals = lax.dynamic_slice_in_dim(vc, c * bq, bq, axis=2)
+            live = (c < chunks).transpose(0, 2, 1)
+            counts = tables.chunk_mask(lax.dynamic_slice_in_dim(bits, ci * blocks, blocks, axis=2), c)
+            keys = lax.dynamic_slice_in_dim(kc, c * tables.COLUMN_CHUNK, tables.COLUMN_CHUNK, axis=2)  # [B, H, 64, D]
+            vals = lax.dynamic_slice_in_dim(vc, c * tables.COLUMN_CHUNK, tables.COLUMN_CHUNK, axis=2)
             scores = _scores(qc, keys, "bcqhgd,bhkd->bchgqk")
             visible = (live[..., None] & counts.transpose(0, 2, 1, 3))[:, :, :, None, None, :]
             return _online_update(carry, scores, visible, vals, "bchgqk,bhkd->bchgqd")
@@ -259,8 +257,10 @@ def vertical_slash_attention(
         shape = (b, blocks, hsel, group, bq)
         carry = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(shape + (d,), jnp.float32))
         carry = lax.fori_loop(0, jnp.max(n_steps), block_step, carry)
-        _, total, acc = lax.fori_loop(0, jnp.max(n_chunks), column_step, carry)
-        o = acc / jnp.where(total == 0, 1.0, total)[..., None]  # [B, C, H, G, 64, D]
+        if columns:
+            carry = lax.fori_loop(0, jnp.max(chunks), column_step, carry)
+        _, total, acc = carry
+        o = acc / jnp.where(total == 0, 1.0, total)[..., None]  # [B, C, H, G, bq, D]
         o = o.transpose(0, 1, 4, 2, 3, 5).reshape(b, blocks * bq, hq, d)
         return lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), ci * blocks * bq, axis=1)
 

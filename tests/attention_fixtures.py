@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tmjax.pallas_kernels import tables
+
 REL_L2 = {"float32": 1e-5, "bfloat16": 4e-3, "float16": 1e-3}
 
 
@@ -90,3 +92,30 @@ BACKENDS = [
 def backend_dtype_params() -> list:
     """pytest params ``(backend, dtype_name)`` for every dtype each backend takes."""
     return [pytest.param(b, d, id=f"{b.name}-{d}") for b in BACKENDS for d in b.dtypes]
+
+
+def table_mask(table: tables.Table, b: int, h: int, length: int) -> np.ndarray:
+    """The element mask a kernel following ``table`` computes for sequence b, head h (rows < length):
+    listed blocks ``[0, num_full)`` whole, the others causal, then the counted columns."""
+    bq, bkv = table.block_q, table.block_kv
+    nq = table.num_q_blocks
+    mask = np.zeros((nq * bq, nq * bq), bool)
+    full, steps = (np.asarray(x)[b, h] for x in (table.num_full, table.num_steps))
+    chunks = np.asarray(table.n_chunks)[b, h] if table.columns is not None else np.zeros(nq, int)
+    columns = np.asarray(table.columns)[b, h] if table.columns is not None else None
+    width = tables.COLUMN_CHUNK
+    listed = tables.listed_blocks(table, b, h)
+    for qb in range(nq):
+        rows = np.arange(qb * bq, (qb + 1) * bq)
+        for s, kb in enumerate(listed[qb]):
+            keys = kb * bkv + np.arange(bkv)
+            assert not mask[rows[-1], keys].any(), "a key block listed twice"
+            mask[rows[:, None], keys[None, :]] = True if s < full[qb] else keys[None, :] <= rows[:, None]
+        assert steps[qb] == 0 or listed[qb][-1] == qb, "the diagonal block is not last"
+        for c in range(chunks[qb]):
+            counted = np.asarray(tables.chunk_mask(table.column_bits, jnp.int32(c)))[b, h, qb]
+            keys = columns[c * width : (c + 1) * width][counted]
+            assert not mask[rows[-1], keys].any(), "a column counted twice"
+            mask[rows[:, None], keys[None, :]] = True
+    mask[length:] = False
+    return mask

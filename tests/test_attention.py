@@ -290,10 +290,10 @@ def test_values_a_row_cannot_see_never_reach_it(backend, value):
 
 @pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
 def test_guarded_values_protect_a_kernel_that_multiplies_v_as_it_is(value):
-    """mosaic_gpu and cuDNN use V as it is inside partial tiles; ``_common.guard_values`` prepares K and
+    """mosaic_gpu and cuDNN use V as it is inside partial tiles; ``guards.guard_values`` prepares K and
     V so that even such a kernel (here dense attention with a mask, which multiplies P by all of V)
     gives exactly the rows that see a poisoned value a non-finite output and leaves the others alone."""
-    from tmjax.pallas_kernels import _common
+    from tmjax.pallas_kernels import guards
 
     c, lengths, key = PADDED, (237, 300), 100
     q, k, v = random_qkv(13, 2, c.seq_len, c.q_heads, c.kv_heads, c.head_dim, jnp.float32)
@@ -302,7 +302,7 @@ def test_guarded_values_protect_a_kernel_that_multiplies_v_as_it_is(value):
     sizes = dict(n_init=c.n_init, n_local=c.n_local, n_last=c.n_last)
     masks = np.stack([np.pad(reference.triangle_mask(L, **sizes), (0, c.seq_len - L)) for L in lengths])
     masks = np.repeat(masks[:, None], c.q_heads, axis=1)
-    attend = jax.jit(lambda k, v: reference.masked_attention(q, *_common.guard_values(k, v, jnp.asarray(lengths)), masks))
+    attend = jax.jit(lambda k, v: reference.masked_attention(q, *guards.guard_values(k, v, jnp.asarray(lengths)), masks))
     clean = attend(k, v)
     sees = masks[:, 0, :, key]
     for bad in ((k, poison(v, at_key, value)), (poison(k, at_key, value), v)):

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 import hf_fixtures
-from tmjax import api
+from tmjax import api, plan
 from tmjax.layout import TriangleMix, VerticalSlash
-from tmjax.models import decoder
 from tmjax.models.config import ModelConfig
 from tmjax.models.params import init_params
 from tmjax.pallas_kernels.reference import causal_mask, masked_attention, triangle_mask
@@ -51,7 +50,7 @@ def _reference_logits(params, tokens: np.ndarray, prompt_len: int, layout: Trian
     return np.asarray(_full_logits(params, tokens[None], attention_fn=attend)[0])
 
 
-_full_logits = jax.jit(decoder.full_logits, static_argnames=("attention_fn",))
+_full_logits = jax.jit(plan.full_logits, static_argnames=("attention_fn",))
 
 
 @pytest.mark.parametrize("name, lengths, layout", [

@@ -23,7 +23,7 @@ from gguf.quants import dequantize, quantize
 import hf_fixtures
 import tmjax
 from tmjax.convert import cli
-from tmjax.models import decoder
+from tmjax import plan
 from tmjax.models.config import ModelConfig
 
 # HF module path -> llama.cpp tensor name
@@ -112,7 +112,7 @@ def test_gguf_logits_match_transformers_reading_the_same_file(files, arch, tmp_p
         if name in stored:
             np.testing.assert_array_equal(tensor.numpy(), stored[name], err_msg=name)
     tokens = np.random.default_rng(0).integers(0, params.config.vocab_size, size=(2, 48)).astype(np.int32)
-    ours = jax.jit(decoder.full_logits)(params, tokens)
+    ours = jax.jit(plan.full_logits)(params, tokens)
     with torch.no_grad():
         theirs = reference(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
     hf_fixtures.assert_close_to_scale(ours, theirs)

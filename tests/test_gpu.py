@@ -7,9 +7,7 @@ Skipped without a CUDA GPU. Set ``TMJAX_ERRORS_JSON=path`` to record each case's
 from __future__ import annotations
 
 import functools
-import importlib
 import json
-import math
 import os
 
 import chex
@@ -19,7 +17,8 @@ import numpy as np
 import pytest
 
 import tmjax
-from tmjax.pallas_kernels import reference
+from tmjax import attention
+from tmjax.pallas_kernels import dynamic_tables, reference
 from tmjax.pallas_kernels.block_tables import band_table
 from attention_fixtures import REL_L2, random_qkv
 
@@ -147,10 +146,10 @@ def test_causal(impl, shape):
 def test_unlisted_blocks_are_never_read(impl):
     """K/V set to NaN outside the blocks a query block's table row lists leave its rows unchanged."""
     t, hq, hkv, d = 4096, 8, 2, 128
-    block_q, block_kv = importlib.import_module(f"tmjax.pallas_kernels.{impl}").band_block_sizes(hq, hkv)
-    padded = -(-t // math.lcm(block_q, block_kv)) * math.lcm(block_q, block_kv)
-    table = band_table(padded, block_q, block_kv, n_init=SIZES["n_init"], n_local=SIZES["n_local"])
     q, k, v = random_qkv(3, 1, t, hq, hkv, d, jnp.bfloat16)
+    run = attention.kernel(impl, "triangle", q, k, v)  # the backend and tuning the dispatch runs
+    block_q = run.block_q
+    table = band_table(run.padded(t), block_q, run.block_kv, n_init=SIZES["n_init"], n_local=SIZES["n_local"])
     clean = np.asarray(_triangle(q, k, v, None, impl=impl, **SIZES), np.float32)
     for q_block in (3, (t - SIZES["n_last"]) // block_q - 1):
         listed = jnp.asarray(table.listed_keys(q_block)[:t])[None, :, None, None]
@@ -176,12 +175,46 @@ def test_vertical_slash(impl, shape):
     lengths = (t, t - 333)
     q, k, v = random_qkv(5, 2, t, hq, hkv, d, jnp.bfloat16)
     cols, diags = sparse_indices(1, hkv if selection == "group" else hq, t, lengths, 300, 40)
-    fn = jax.jit(lambda *a: importlib.import_module(f"tmjax.pallas_kernels.{impl}").vertical_slash_attention(
-        *a[:3], columns=a[3], diagonals=a[4], length=a[5]))
+    def attend(q, k, v, cols, diags, lengths):
+        table = dynamic_tables.vertical_slash(cols, diags, lengths, -(-t // 64) * 64)
+        return attention.attend_table(q, k, v, table, length=lengths, implementation=impl)
+
+    fn = jax.jit(attend)
     out = fn(q, k, v, cols, diags, jnp.asarray(lengths))
     ref = _reference(q, k, v, np.asarray(cols), np.asarray(diags), lengths)
     for b, length in enumerate(lengths):
         _check("vertical_slash_T%d_H%d_KV%d_D%d_%s" % shape + f"_row{b}", impl, "bf16", out[b:b + 1], ref[b:b + 1], length)
+
+
+LIST_SHAPES = [(1000, 16, 4, 128, 4), (1000, 9, 3, 64, 9)]  # two warpgroups sharing a selection; one
+
+
+@pytest.mark.parametrize("shape", LIST_SHAPES, ids=lambda s: "T%d_H%d_KV%d_D%d_sel%d" % s)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_block_lists(impl, shape):
+    """Dynamic tables of explicit 64-token key-block lists (the format FlexPrefill's query-aware heads
+    plug into) vs dense float32 attention under the mask recomputed from the blocks; B = 2, the
+    second sequence right-padded."""
+    from test_tables import _made_up_blocks, _recomputed_mask
+
+    t, hq, hkv, d, heads = shape
+    lengths, block = (t, t - 333), 64
+    nq = -(-t // block)
+    q, k, v = random_qkv(8, 2, t, hq, hkv, d, jnp.bfloat16)
+    blocks = _made_up_blocks(9, 2, heads, nq, 6)
+
+    def attend(q, k, v, blocks, lengths):
+        table = dynamic_tables.block_lists(blocks, lengths, nq * block, block)
+        return attention.attend_table(q, k, v, table, length=lengths, implementation=impl)
+
+    out = jax.jit(attend)(q, k, v, jnp.asarray(blocks), jnp.asarray(lengths))
+    masks = np.zeros((2, hq, t, t), bool)
+    for b, length in enumerate(lengths):
+        for h in range(heads):
+            masks[b, h * hq // heads:(h + 1) * hq // heads] = _recomputed_mask(blocks[b, h], length, nq * block, block)[:t, :t]
+    ref = _reference(q, k, v, masks)
+    for b, length in enumerate(lengths):
+        _check("block_lists_T%d_H%d_KV%d_D%d_sel%d" % shape + f"_row{b}", impl, "bf16", out[b:b + 1], ref[b:b + 1], length)
 
 
 @pytest.mark.parametrize("impl", IMPLS + ["cudnn"])
@@ -189,7 +222,7 @@ def test_values_a_row_cannot_see_never_reach_it(impl):
     """NaN in K and V at positions >= length and at one real key (seen by rows 300..811 of the
     triangle and by every later row of causal attention): the rows that cannot see it equal the clean
     run bit for bit, the rows that see it turn non-finite (every GPU path: xla and triton mask per
-    step, mosaic_gpu and cuDNN get K and V through ``_common.guard_values``)."""
+    step, mosaic_gpu and cuDNN get K and V through ``guards.guard_values``)."""
     from test_attention import assert_only_seeing_rows_change, poison
 
     t, lengths, key = 1000, (1000, 777), 300

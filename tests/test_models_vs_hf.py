@@ -15,7 +15,7 @@ import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 import hf_fixtures
-from tmjax import api
+from tmjax import api, plan
 from tmjax.convert.mapping import weights_from_hf
 from tmjax.models import decoder
 from tmjax.models.config import ModelConfig
@@ -62,7 +62,7 @@ def _tokens(seed: int, length: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(2, length), dtype=np.int32)
 
 
-_full_logits = jax.jit(decoder.full_logits)
+_full_logits = jax.jit(plan.full_logits)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -142,7 +142,7 @@ def test_bfloat16_rounding_matches_transformers_bfloat16(saved, name):
     path = saved(name)
     params = _bfloat16(hf_fixtures.load_tmjax(path))
     tokens = np.arange(params.config.vocab_size, dtype=np.int32)[:, None]
-    program = jax.jit(decoder.full_logits).lower(params, tokens).compile(
+    program = jax.jit(plan.full_logits).lower(params, tokens).compile(
         compiler_options={"xla_allow_excess_precision": False})
     ours = np.asarray(program(params, tokens)).astype(jnp.bfloat16).astype(np.float32)
     reference = hf_fixtures.hf_logits(path, tokens, torch.bfloat16)

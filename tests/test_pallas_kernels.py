@@ -1,14 +1,14 @@
-"""Pallas Triton and TPU kernels in interpret mode (CPU) against dense float32 attention.
+"""Pallas Triton and TPU kernels in interpret mode (CPU) against dense float32 attention, and the
+Mosaic GPU kernels lowered without a GPU.
 
 Interpret mode is slow, so the shapes are small and few; the shared suite
-(``tests/test_attention.py``) runs its own grid over these backends too.
+(``tests/test_attention.py``) runs its own grid over these backends too. On CPU the tuning table's
+``interpret`` entry runs them in the interpreter.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
-import math
 
 import chex
 import jax
@@ -16,21 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tmjax.pallas_kernels import reference
+import tmjax
+from tmjax import attention
+from tmjax.pallas_kernels import dynamic_tables, reference
 from tmjax.pallas_kernels.block_tables import band_table
 from attention_fixtures import assert_matches, random_qkv
 
 BACKENDS = ["triton", "tpu"]
 
 
-def _backend(name):
-    return importlib.import_module(f"tmjax.pallas_kernels.{name}")
-
-
 @functools.partial(jax.jit, static_argnames=("name", "n_init", "n_local", "n_last"))
 def _triangle(q, k, v, length, *, name, n_init, n_local, n_last):
-    return _backend(name).triangle_attention(
-        q, k, v, n_init=n_init, n_local=n_local, n_last=n_last, length=length, interpret=True
+    return tmjax.triangle_attention(
+        q, k, v, n_init=n_init, n_local=n_local, n_last=n_last, length=length, implementation=name
     )
 
 
@@ -74,7 +72,7 @@ def test_traced_length_with_garbage_padding(name):
 @pytest.mark.parametrize("name", BACKENDS)
 def test_causal_matches_reference(name):
     q, k, v = random_qkv(2, 1, 70, 8, 2, 64, jnp.bfloat16)
-    out = jax.jit(functools.partial(_backend(name).causal_attention, length=None, interpret=True))(q, k, v)
+    out = jax.jit(functools.partial(tmjax.causal_attention, implementation=name))(q, k, v)
     _assert_close(out, reference.masked_attention(q, k, v, reference.causal_mask(70)), jnp.bfloat16)
 
 
@@ -82,10 +80,10 @@ def test_causal_matches_reference(name):
 def test_unlisted_blocks_are_never_read(name):
     """K/V set to NaN outside the blocks one table row lists leave that query block's rows unchanged."""
     t, hq, hkv, d, sizes = 160, 4, 2, 64, dict(n_init=3, n_local=20, n_last=16)
-    block_q, block_kv = _backend(name).band_block_sizes(hq, hkv, interpret=True)
-    padded = -(-t // math.lcm(block_q, block_kv, 8)) * math.lcm(block_q, block_kv, 8)
-    table = band_table(padded, block_q, block_kv, n_init=sizes["n_init"], n_local=sizes["n_local"])
     q, k, v = random_qkv(3, 1, t, hq, hkv, d, jnp.bfloat16)
+    run = attention.kernel(name, "triangle", q, k, v)  # the blocks the dispatch's table uses
+    block_q = run.block_q
+    table = band_table(run.padded(t), block_q, run.block_kv, n_init=sizes["n_init"], n_local=sizes["n_local"])
     clean = np.asarray(_triangle(q, k, v, None, name=name, **sizes), np.float32)
     q_block = (t - sizes["n_last"]) // block_q - 1  # the last block of rows that are all band rows
     listed = table.listed_keys(q_block)[:t]
@@ -106,7 +104,7 @@ def test_unlisted_blocks_are_never_read(name):
 def test_unsupported_inputs_raise(name, shape, dtype, needle):
     q = jnp.zeros(shape, dtype)
     with pytest.raises(ValueError, match=needle):
-        _backend(name).triangle_attention(q, q, q, n_init=1, n_local=4, n_last=2, length=None)
+        tmjax.triangle_attention(q, q, q, n_init=1, n_local=4, n_last=2, implementation=name)
 
 
 @pytest.mark.parametrize("q_heads, kv_heads, head_dim", [(8, 2, 128), (7, 1, 64)])
@@ -114,12 +112,10 @@ def test_mosaic_gpu_kernels_lower_on_cpu(q_heads, kv_heads, head_dim):
     """The Mosaic GPU kernels lower to Mosaic GPU modules without a GPU (layouts, shared memory,
     barrier use; not ptxas). Both warpgroup pairings: two heads of a group (G even) and two row
     halves of one head (G odd)."""
-    from tmjax.pallas_kernels import mosaic_gpu
-
     q = jax.ShapeDtypeStruct((1, 1000, q_heads, head_dim), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 1000, kv_heads, head_dim), jnp.bfloat16)
     length = jax.ShapeDtypeStruct((), jnp.int32)
-    tri = functools.partial(mosaic_gpu.triangle_attention, n_init=8, n_local=512, n_last=128)
+    tri = functools.partial(tmjax.triangle_attention, n_init=8, n_local=512, n_last=128, implementation="mosaic_gpu")
     text = jax.jit(tri).trace(q, kv, kv, length=length).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 2  # the band and last-rows kernels
     assert "wgmma.mma_async" in text
@@ -130,13 +126,33 @@ def test_mosaic_gpu_kernels_lower_on_cpu(q_heads, kv_heads, head_dim):
 def test_mosaic_gpu_vertical_slash_lowers_on_cpu(q_heads, kv_heads, head_dim, heads_selected):
     """The Mosaic GPU vertical-slash kernel lowers for sm_90 with two compute warpgroups sharing a
     selection (even group size) and with one (odd group size, per-head selection)."""
-    from tmjax.pallas_kernels import mosaic_gpu
-
     q = jax.ShapeDtypeStruct((2, 1000, q_heads, head_dim), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, 1000, kv_heads, head_dim), jnp.bfloat16)
     cols, diags = (jax.ShapeDtypeStruct((2, heads_selected, n), jnp.int32) for n in (100, 50))
-    fn = lambda q, k, v, c, d, l: mosaic_gpu.vertical_slash_attention(q, k, v, columns=c, diagonals=d, length=l)  # noqa: E731
+
+    def fn(q, k, v, c, d, lengths):
+        table = dynamic_tables.vertical_slash(c, d, lengths, 1024)
+        return attention.attend_table(q, k, v, table, length=lengths, implementation="mosaic_gpu")
+
     text = jax.jit(fn).trace(q, kv, kv, cols, diags, jax.ShapeDtypeStruct((2,), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+    assert "wgmma.mma_async" in text
+
+
+@pytest.mark.parametrize("q_heads, kv_heads, heads_selected", [(8, 2, 2), (7, 1, 7)], ids=["two_warpgroups", "one_warpgroup"])
+def test_mosaic_gpu_block_lists_lower_on_cpu(q_heads, kv_heads, heads_selected):
+    """A dynamic table of explicit key-block lists (no column phase; FlexPrefill's query-aware heads
+    at block 64) lowers for sm_90 on the same kernel."""
+    q = jax.ShapeDtypeStruct((2, 1000, q_heads, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, 1000, kv_heads, 128), jnp.bfloat16)
+    blocks = jax.ShapeDtypeStruct((2, heads_selected, 16, 5), jnp.int32)
+
+    def fn(q, k, v, blocks, lengths):
+        table = dynamic_tables.block_lists(blocks, lengths, 1024, 64)
+        return attention.attend_table(q, k, v, table, length=lengths, implementation="mosaic_gpu")
+
+    text = jax.jit(fn).trace(q, kv, kv, blocks, jax.ShapeDtypeStruct((2,), jnp.int32)).lower(
         lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
     assert "wgmma.mma_async" in text

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import hf_fixtures
-from tmjax import api
+from tmjax import api, plan
 from tmjax.layout import TriangleMix
 from tmjax.models import decoder
 from tmjax.models.config import ModelConfig
@@ -55,7 +55,7 @@ def _reference_attention(switch_layer: int, masks_by_kind: dict) -> decoder.Atte
     return attend
 
 
-_full_logits = jax.jit(decoder.full_logits, static_argnames=("layout", "attention_fn"))
+_full_logits = jax.jit(plan.full_logits, static_argnames=("layout", "attention_fn"))
 
 
 def test_layout_equals_dense_attention_with_the_triangle_mask(models):
@@ -80,7 +80,8 @@ def test_padding_changes_nothing(models, name, layout):
     params = models(name)
     tokens = _tokens(1, T)
     logits, cache = api.prefill(params, tokens, layout)
-    hidden, exact = jax.jit(decoder.prefill_hidden, static_argnames=("layout",))(params, tokens, T, layout=layout)
+    hidden, exact = jax.jit(decoder.prefill_hidden, static_argnames=("runs",))(
+        params, tokens, T, runs=plan.layer_runs(params.config, layout, T))
     assert cache.max_length >= 128 + 256 and cache.length.tolist() == [T, T]
     chex.assert_trees_all_close(logits, decoder.logits(params, hidden[:, -1]), atol=1e-5, rtol=1e-5)
     chex.assert_trees_all_close((cache.k[:, :, :T], cache.v[:, :, :T]), (exact.k, exact.v), atol=1e-5, rtol=1e-5)
@@ -223,7 +224,7 @@ def test_bad_arguments_raise(models):
     with pytest.raises(ValueError, match="switch_layer=4"):
         api.generate(params, tokens, 2, TriangleMix(switch_layer=4))
     with pytest.raises(ValueError, match="longer than the cache"):
-        decoder.prefill_hidden(params, tokens, 16, cache_size=8)
+        decoder.prefill_hidden(params, tokens, 16, runs=plan.layer_runs(params.config, None, 16), cache_size=8)
     with pytest.raises(ValueError, match="key"):
         api.generate(params, tokens, 2, temperature=0.7)
     with pytest.raises(ValueError, match="temperature"):

@@ -63,7 +63,7 @@ def test_entry_gradients_match_finite_differences():
         def attention_fn(i, q, k, v, length):
             return _explicit_attention(q, k, v, jnp.where(i == layer, delta, 0.0))
 
-        hidden, _ = decoder.prefill_hidden(params, tokens, t, attention_fn=attention_fn)
+        hidden, _ = decoder.prefill_hidden(params, tokens, t, runs=((0, params.config.num_layers, attention_fn),))
         logp = jax.nn.log_softmax(decoder.logits(params, hidden[0, positions[0]]), axis=-1)
         return -jnp.mean(logp[jnp.arange(n_targets), targets[0]])
 

@@ -16,22 +16,27 @@ import tmjax
 from tmjax import attention
 from tmjax.models.config import ModelConfig
 from tmjax.models.params import init_params
-from tmjax.pallas_kernels import reference
+from tmjax.pallas_kernels import reference, tuning
 
 
 def _spy_on_backends(monkeypatch) -> list[tuple[str, str]]:
-    """Record (backend, function) for every call the dispatcher makes into xla and triton."""
+    """Record (backend, what) for every call the dispatcher makes into xla and triton: the table an
+    ``attend`` runs (``band``, ``causal`` or ``dynamic``) or ``last_rows``."""
     calls = []
     for name in ("xla", "triton"):
         module = importlib.import_module(f"tmjax.pallas_kernels.{name}")
-        for function in ("triangle_attention", "causal_attention", "vertical_slash_attention"):
-            real = getattr(module, function)
 
-            def spy(*args, _real=real, _name=name, _function=function, **kwargs):
-                calls.append((_name, _function))
-                return _real(*args, **kwargs)
+        def attend(q, k, v, table, *args, _real=module.attend, _name=name):
+            kind = "dynamic" if table.dynamic else ("causal" if table.n_local is None else "band")
+            calls.append((_name, kind))
+            return _real(q, k, v, table, *args)
 
-            monkeypatch.setattr(module, function, spy)
+        def last_rows(*args, _real=module.last_rows, _name=name):
+            calls.append((_name, "last_rows"))
+            return _real(*args)
+
+        monkeypatch.setattr(module, "attend", attend)
+        monkeypatch.setattr(module, "last_rows", last_rows)
     return calls
 
 
@@ -59,7 +64,7 @@ def test_platform_default_falls_back_to_xla_for_inputs_the_kernels_do_not_take(m
     out = tmjax.causal_attention(q, k, v)
     want = reference.masked_attention(q, k, v, reference.causal_mask(t))
     chex.assert_trees_all_close(out.astype(jnp.float32), want.astype(jnp.float32), atol=tolerance)
-    assert calls == [(expected, "triangle_attention"), (expected, "causal_attention")]
+    assert calls == [(expected, "band"), (expected, "last_rows"), (expected, "causal")]
 
 
 @pytest.mark.parametrize("platform_default, expected", [("triton", "triton"), ("tpu", "xla")])
@@ -82,25 +87,32 @@ def test_vertical_slash_default_runs_the_kernels_validated_on_hardware(monkeypat
     mask = np.repeat(np.stack(per_head), 4 // columns.shape[1], axis=0)[None]
     want = reference.masked_attention(q, k, v, mask)
     chex.assert_trees_all_close(out.astype(jnp.float32), want.astype(jnp.float32), atol=2e-2)
-    assert calls == [(expected, "vertical_slash_attention")]
+    assert calls == [(expected, "dynamic")]
 
 
 @pytest.mark.parametrize("backend", ["triton", "tpu"])
 def test_interpret_environment_variable(monkeypatch, backend):
     """On a GPU or TPU the Pallas kernels compile unless ``TMJAX_PALLAS_INTERPRET`` is set to something
-    other than ``0``; on CPU they always interpret. Seen through the block sizes each mode picks."""
+    other than ``0``; on CPU they always interpret. Seen through the tuning each mode reads from the
+    table: the interpreter's entry (``interpret``, small blocks) or the device's."""
     module = importlib.import_module(f"tmjax.pallas_kernels.{backend}")
-    compiled = module.band_block_sizes(8, 2, interpret=False)
-    interpreted = module.band_block_sizes(8, 2, interpret=True)
-    assert compiled != interpreted
+
+    def chosen():
+        found = tuning.choose(module, backend, q_heads=8, kv_heads=2, head_dim=64, pattern="triangle")
+        return found.interpret, module.block_sizes(8, 2, found)
+
     monkeypatch.delenv("TMJAX_PALLAS_INTERPRET", raising=False)
-    if jax.default_backend() == "cpu":
-        assert module.band_block_sizes(8, 2) == interpreted
+    on_cpu, here = jax.default_backend() == "cpu", chosen()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert module.band_block_sizes(8, 2) == compiled
+    compiled = chosen()
+    monkeypatch.setenv("TMJAX_PALLAS_INTERPRET", "1")
+    interpreted = chosen()
+    assert interpreted[0] and not compiled[0] and compiled[1] != interpreted[1]
+    if on_cpu:
+        assert here == interpreted
     for value, expected in (("", compiled), ("0", compiled), ("1", interpreted)):
         monkeypatch.setenv("TMJAX_PALLAS_INTERPRET", value)
-        assert module.band_block_sizes(8, 2) == expected, value
+        assert chosen() == expected, value
 
 
 def test_decode_step_with_donation_consumes_the_cache_and_nothing_else(monkeypatch):

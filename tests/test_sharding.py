@@ -19,7 +19,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import hf_fixtures
-from tmjax import api
+from tmjax import api, plan
 from tmjax.checkpoint import load
 from tmjax.convert import cli as convert_cli
 from tmjax.layout import TriangleMix, VerticalSlash
@@ -114,10 +114,10 @@ def test_attention_runs_per_shard(models):
     lowered program); XLA's partitioner alone would give the same numbers, maybe gathering heads."""
     _, params = models("llama")
     mesh = sharding.params_mesh(sharding.shard_params(params, _mesh((2, 4))))
-    prefill = jax.jit(decoder.prefill_hidden, static_argnames=("layout", "mesh"))
+    prefill = jax.jit(decoder.prefill_hidden, static_argnames=("runs", "mesh"))
     tokens, lengths = np.zeros((2, 128), np.int32), np.asarray([5, 90], np.int32)
     for layout, runs in ((None, 1), (LAYOUT, 2)):  # dense: one run of 3 layers; TriangleMix: layer 0, layers 1-2
-        text = prefill.lower(params, tokens, lengths, layout=layout, mesh=mesh).as_text()
+        text = prefill.lower(params, tokens, lengths, runs=plan.layer_runs(params.config, layout, 128), mesh=mesh).as_text()
         assert text.count("sdy.manual_computation(") == runs
 
 

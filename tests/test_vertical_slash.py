@@ -14,7 +14,7 @@ import pytest
 
 import tmjax
 from tmjax.pallas_kernels import dynamic_tables, reference
-from attention_fixtures import BACKENDS, assert_matches, backend_dtype_params, random_qkv
+from attention_fixtures import BACKENDS, assert_matches, backend_dtype_params, random_qkv, table_mask
 
 
 def numpy_scores(q: np.ndarray, k: np.ndarray, length: int, last_q: int, selection: str) -> tuple[np.ndarray, np.ndarray]:
@@ -106,34 +106,11 @@ def sparse_indices(seed: int, heads: int, seq_len: int, lengths, n_cols: int, n_
     return jnp.asarray(cols), jnp.asarray(diags)
 
 
-def table_mask(table: dynamic_tables.DynamicTable, b: int, h: int, length: int) -> np.ndarray:
-    """The element mask a kernel following ``table`` computes for sequence b, head h (rows < length)."""
-    bq = dynamic_tables.BLOCK
-    nq = table.first.shape[-1]
-    mask = np.zeros((nq * bq, nq * bq), bool)
-    offsets, first, steps, chunks = (np.asarray(x)[b, h] for x in (table.offsets, table.first, table.n_steps, table.n_chunks))
-    columns = np.asarray(table.columns)[b, h]
-    for qb in range(nq):
-        rows = np.arange(qb * bq, (qb + 1) * bq)
-        for s in range(steps[qb]):
-            keys = (qb - offsets[first[qb] + s]) * bq + np.arange(bq)
-            assert not mask[rows[-1], keys].any(), "a key block listed twice"
-            mask[rows[:, None], keys[None, :]] = keys[None, :] <= rows[:, None]
-        assert steps[qb] == 0 or offsets[first[qb] + steps[qb] - 1] == 0, "the diagonal block is not last"
-        for c in range(chunks[qb]):
-            counted = np.asarray(dynamic_tables.chunk_mask(table.column_bits, jnp.int32(c)))[b, h, qb]
-            keys = columns[c * bq : (c + 1) * bq][counted]
-            assert not mask[rows[-1], keys].any(), "a column counted twice"
-            mask[rows[:, None], keys[None, :]] = True
-    mask[length:] = False
-    return mask
-
-
 @pytest.mark.parametrize("t, lengths, n_cols, n_diags", [(700, (700, 380), 12, 6), (333, (200, 64), 9, 5), (130, (130,), 200, 300)])
 def test_tables_give_the_contract_mask(t, lengths, n_cols, n_diags):
     cols, diags = sparse_indices(0, 3, t, lengths, n_cols, n_diags)
     padded = -(-t // 64) * 64
-    table = jax.jit(dynamic_tables.build, static_argnums=3)(cols, diags, jnp.asarray(lengths), padded)
+    table = jax.jit(dynamic_tables.vertical_slash, static_argnums=3)(cols, diags, jnp.asarray(lengths), padded)
     for b, length in enumerate(lengths):
         for h in range(3):
             expected = reference.vertical_slash_mask(t, length, cols[b, h], diags[b, h])
@@ -147,16 +124,18 @@ def test_last_partial_query_block_keeps_only_blocks_its_real_rows_reach(length):
     t = 256
     diags = jnp.asarray([[[0, 71, 72, 135, 136, t]]], jnp.int32)
     cols = jnp.asarray([[[0, 5, t, t]]], jnp.int32)
-    table = dynamic_tables.build(cols, diags, jnp.asarray([length]), t)
+    table = dynamic_tables.vertical_slash(cols, diags, jnp.asarray([length]), t)
     expected = reference.vertical_slash_mask(t, length, cols[0, 0], diags[0, 0])
     np.testing.assert_array_equal(table_mask(table, 0, 0, length), expected)
 
 
 @functools.partial(jax.jit, static_argnames=("implementation",))
 def _attend(q, k, v, cols, diags, length, *, implementation):
-    from tmjax.attention import _backend
+    """The backend following the table of hand-built picks (the dispatch's table stage, given picks)."""
+    from tmjax import attention
 
-    return _backend(implementation).vertical_slash_attention(q, k, v, columns=cols, diagonals=diags, length=length)
+    table = dynamic_tables.vertical_slash(cols, diags, length, -(-q.shape[1] // dynamic_tables.BLOCK) * dynamic_tables.BLOCK)
+    return attention.attend_table(q, k, v, table, length=length, implementation=implementation)
 
 
 def _reference(q, k, v, cols, diags, lengths):
@@ -261,7 +240,7 @@ def test_model_with_shallow_vertical_slash_equals_injected_masks(tmp_path):
     mask from layer 2 on, injected through the decoder's attention hook."""
     import hf_fixtures
     from tmjax import api
-    from tmjax.models import decoder
+    from tmjax import plan
 
     params = hf_fixtures.load_tmjax(hf_fixtures.save_tiny_model(tmp_path, "llama", num_hidden_layers=4))
     c = params.config
@@ -280,7 +259,7 @@ def test_model_with_shallow_vertical_slash_equals_injected_masks(tmp_path):
         return jnp.where(layer >= switch_layer, reference.masked_attention(q, k, v, tri),
                          reference.masked_attention(q, k, v, masks))
 
-    full = jax.jit(decoder.full_logits, static_argnames=("layout", "attention_fn"))
+    full = jax.jit(plan.full_logits, static_argnames=("layout", "attention_fn"))
     expected = full(params, tokens, attention_fn=hook)
     ours = full(params, tokens, layout=layout)
     hf_fixtures.assert_close_to_scale(ours, expected, tol=1e-5)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from tmjax import plan
 from tmjax.attention import IMPLEMENTATIONS
 from tmjax.layout import Layout, check_layout
 from tmjax.models import decoder, sharding
@@ -156,7 +157,8 @@ def _prepare(params: object, tokens: object, lengths: object, layout: object, im
              max_new_tokens: object, *, minimum: int) -> tuple[Params, np.ndarray, np.ndarray, int, int, bool]:
     """Check a request and bucket it: (params, tokens right-padded to the bucket of the longest row,
     the rows' lengths, max_new_tokens, the cache size with room for them, whether the caller's tokens
-    had no batch axis)."""
+    had no batch axis). The one place the layout is validated: its type, its switch layer against the
+    model, and its sparse layers against the model's sliding windows at the true prompt lengths."""
     params = _check_params(params)
     check_layout(layout)
     _check_implementation(implementation)
@@ -166,7 +168,7 @@ def _prepare(params: object, tokens: object, lengths: object, layout: object, im
     arr, lens, squeeze = _rows(tokens, lengths, config.vocab_size)
     new = _int(max_new_tokens, "max_new_tokens", minimum)
     longest = int(lens.max())
-    decoder.check_windows(config, layout, longest)
+    plan.check_windows(config, layout, longest)
     _warn_beyond_positions(config, longest)
     padded = bucket_length(longest)
     batch = np.pad(arr, ((0, 0), (0, padded - arr.shape[1])))
@@ -246,8 +248,8 @@ def _check_room(cache: KVCache, steps: int) -> None:
 
 def _prefill_logits(params: Params, tokens: jax.Array, length: jax.Array, layout: Layout | None,
                     implementation: str | None, cache_size: int, mesh: Mesh | None) -> tuple[jax.Array, KVCache]:
-    hidden, cache = decoder.prefill_hidden(params, tokens, length, layout=layout, cache_size=cache_size,
-                                           implementation=implementation, mesh=mesh)
+    runs = plan.layer_runs(params.config, layout, tokens.shape[1], implementation)
+    hidden, cache = decoder.prefill_hidden(params, tokens, length, runs=runs, cache_size=cache_size, mesh=mesh)
     last = jnp.take_along_axis(hidden, (length - 1)[:, None, None], axis=1)[:, 0]  # each row's last real position
     return decoder.logits(params, last), cache
 

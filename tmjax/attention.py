@@ -1,16 +1,25 @@
-"""Public attention entry points; each backend is one module of ``tmjax.pallas_kernels``.
+"""Public attention entry points: layout -> table -> one kernel per backend, in that order.
 
-The stack has three stages: a layout (``TriangleMix`` sizes, ``VerticalSlash`` budgets) -> block
-tables (static: ``block_tables``, built at trace time; dynamic: ``vs_estimate`` picks columns and
-diagonals on device, ``dynamic_tables`` turns them into per-query-block lists) -> one kernel per
-backend. A backend module exposes ``triangle_attention(q, k, v, *, n_init, n_local, n_last, length)``,
-``causal_attention(q, k, v, *, length)`` and ``vertical_slash_attention(q, k, v, *, columns,
-diagonals, length)``. Backends are imported lazily so that a CPU install never imports GPU-only code.
+Every pattern runs the same three stages, and this module is where they meet:
+
+1. the pattern's sizes or picks (``TriangleMix`` sizes; ``VerticalSlash`` budgets, estimated and
+   selected on device by ``pallas_kernels.vs_estimate``);
+2. its table (``pallas_kernels.tables.Table``): static ones built at trace time by
+   ``block_tables`` (triangle band, causal), dynamic ones on device by ``dynamic_tables``;
+3. a backend (``tmjax.pallas_kernels.<name>``) that runs it: ``attend(q, k, v, table, length,
+   tuning)``, plus ``last_rows(q_rows, k, v, start, tuning)`` for the triangle's dense last rows,
+   which ``two_pass.triangle`` splices in.
+
+The tuning (block sizes, pipeline depth) is data: ``pallas_kernels.tuning`` reads it from the
+backend's table for the device, head_dim, GQA group and pattern, unless the caller passes one.
+Backends are imported lazily so that a CPU install never imports GPU-only code.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import math
 from types import ModuleType
 
 import jax
@@ -39,23 +48,6 @@ def default_implementation() -> str:
     return "xla"
 
 
-def _resolve(implementation: str | None, q: jax.Array) -> str:
-    """The backend to run: the named one, else the platform default, falling back to xla for inputs
-    the Pallas kernels do not take (dtypes other than bf16/fp16, head dims other than 64/128)."""
-    if implementation is not None:
-        return implementation
-    name = default_implementation()
-    if name != "xla" and not _pallas_takes(q):
-        return "xla"
-    return name
-
-
-def _pallas_takes(q: jax.Array) -> bool:
-    from tmjax.pallas_kernels import _common
-
-    return jnp.dtype(q.dtype) in _common.SUPPORTED_DTYPES and q.shape[-1] in _common.SUPPORTED_HEAD_DIMS
-
-
 def _cudnn_takes(q: jax.Array) -> bool:
     """Whether ``implementation=None`` sends dense causal attention to cuDNN (GPU, bf16/fp16)."""
     return (
@@ -70,6 +62,74 @@ def _backend(name: str) -> ModuleType:
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"unknown attention implementation {name!r}; choose one of {IMPLEMENTATIONS} or None")
     return importlib.import_module(f"tmjax.pallas_kernels.{name}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+    """A backend and the tuning one call runs it with (``kernel`` picks both)."""
+
+    name: str
+    module: ModuleType
+    tuning: object
+    block_q: int  # static tables' blocks
+    block_kv: int
+    rows_block: int  # the last-rows pass takes a multiple of this many rows
+
+    def padded(self, seq_len: int) -> int:
+        """The length a static table covers: ``seq_len`` rounded up to whole blocks."""
+        return -(-seq_len // math.lcm(self.block_q, self.block_kv, self.rows_block)) * math.lcm(
+            self.block_q, self.block_kv, self.rows_block)
+
+    def guard(self, k: jax.Array, v: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """K and V as the backend's steps need them (``guards.guard_values`` where steps use V as it is)."""
+        if not self.module.GUARD_VALUES:
+            return k, v
+        from tmjax.pallas_kernels.guards import guard_values
+
+        return guard_values(k, v, lengths)
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, table, lengths: jax.Array) -> jax.Array:
+        """The backend running ``table`` over inputs already ``table.seq_len`` long."""
+        return self.module.attend(q, k, v, table, lengths, self.tuning)
+
+    def last_rows(self, q_rows: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array) -> jax.Array:
+        return self.module.last_rows(q_rows, k, v, start, self.tuning)
+
+    def run(self, q: jax.Array, k: jax.Array, v: jax.Array, table, lengths: jax.Array) -> jax.Array:
+        """``attend`` on inputs right-padded to the table's length, cut back to theirs."""
+        from tmjax.pallas_kernels.lengths import pad_seq
+
+        qp, kp, vp = (pad_seq(x, table.seq_len) for x in (q, k, v))
+        return self.attend(qp, kp, vp, table, lengths)[:, : q.shape[1]]
+
+
+def kernel(implementation: str | None, pattern: str, q: jax.Array, k: jax.Array, v: jax.Array,
+           tuning: object = None) -> Kernel:
+    """The backend and tuning a call runs: the named backend (``ValueError`` if it cannot take the
+    inputs), or the platform default, falling back to xla for inputs the Pallas kernels do not take
+    (dtypes other than bf16/fp16, head dims other than 64/128) and for vertical-slash where its kernel
+    has not yet run on the hardware. ``tuning=None`` reads the backend's tuning table."""
+    from tmjax.pallas_kernels import tuning as tuning_tables
+
+    if implementation is None:
+        name = default_implementation()
+        if pattern == "vertical_slash" and name in _VS_NOT_YET_ON_HARDWARE:
+            name = "xla"
+        if _backend(name).unsupported(q, k, v):
+            name = "xla"
+    else:
+        name = implementation
+        why = _backend(name).unsupported(q, k, v)
+        if why:
+            raise ValueError(why)
+    module = _backend(name)
+    hq, hkv, d = q.shape[2], k.shape[2], q.shape[3]
+    if tuning is None:
+        tuning = tuning_tables.choose(module, name, q_heads=hq, kv_heads=hkv, head_dim=d, pattern=pattern)
+    elif not isinstance(tuning, module.Tuning):
+        raise TypeError(f"tuning must be None or a tmjax.pallas_kernels.{name}.Tuning (the {name} backend runs), "
+                        f"got {type(tuning).__name__}")
+    return Kernel(name, module, tuning, *module.block_sizes(hq, hkv, tuning))
 
 
 def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
@@ -91,6 +151,12 @@ def _check_shapes(q: jax.Array, k: jax.Array, v: jax.Array) -> None:
         raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({k.shape[2]})")
 
 
+def _lengths(length, q: jax.Array) -> jax.Array:
+    from tmjax.pallas_kernels.lengths import row_lengths
+
+    return row_lengths(length, q.shape[0], q.shape[1])
+
+
 def triangle_attention(
     q: jax.Array,
     k: jax.Array,
@@ -101,23 +167,34 @@ def triangle_attention(
     n_last: int = 128,
     length: int | jax.Array | None = None,
     implementation: str | None = None,
+    tuning: object = None,
 ) -> jax.Array:
     """Triangle attention (sinks + local window + dense last rows), softmax scale ``D ** -0.5``.
 
     q ``[B, T, Hq, D]``, k/v ``[B, T, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA: KV head j serves query
-    heads ``[j*g, (j+1)*g)``). ``length`` (static int or traced int32 scalar, default T) is the true
-    sequence length when the inputs are right-padded: the dense rows are ``[length - n_last, length)``
-    and output rows at or beyond ``length`` are unspecified. Returns ``[B, T, Hq, D]`` in q's dtype.
+    heads ``[j*g, (j+1)*g)``). ``length`` (static int or traced int32 scalar or ``[B]``, default T) is
+    the true sequence length when the inputs are right-padded: the dense rows are ``[length - n_last,
+    length)`` and output rows at or beyond ``length`` are unspecified. ``tuning``: the backend's
+    ``Tuning`` (None: its table's entry). Returns ``[B, T, Hq, D]`` in q's dtype.
     """
+    from tmjax.pallas_kernels import block_tables, two_pass
+    from tmjax.pallas_kernels.lengths import static_length
+
     _check_shapes(q, k, v)
     for name, value, low in (("n_init", n_init, 0), ("n_local", n_local, 1), ("n_last", n_last, 0)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name} must be an int (the layout is static), got {value!r}")
         if value < low:
             raise ValueError(f"{name} must be >= {low}, got {value}")
-    return _backend(_resolve(implementation, q)).triangle_attention(
-        q, k, v, n_init=n_init, n_local=n_local, n_last=n_last, length=length
-    )
+    seq_len, lengths = q.shape[1], _lengths(length, q)
+    static = static_length(length, seq_len)
+    if n_local >= seq_len or n_init >= seq_len or (static is not None and n_last >= static):
+        return _causal(q, k, v, lengths, implementation, tuning)  # every visible row is dense
+    run = kernel(implementation, "triangle", q, k, v, tuning)
+    k, v = run.guard(k, v, lengths)
+    table = block_tables.band(run.padded(seq_len), run.block_q, run.block_kv, n_init=n_init, n_local=n_local)
+    return two_pass.triangle(q, k, v, table, lengths, n_last, band_pass=run.attend, rows_pass=run.last_rows,
+                             rows_block=run.rows_block)
 
 
 def causal_attention(
@@ -127,6 +204,7 @@ def causal_attention(
     *,
     length: int | jax.Array | None = None,
     implementation: str | None = None,
+    tuning: object = None,
 ) -> jax.Array:
     """Dense causal attention with the same layout, dtype and ``length`` rules as ``triangle_attention``.
 
@@ -137,13 +215,22 @@ def causal_attention(
     rows that see it (``0 * NaN`` inside cuDNN's tiles would reach the others).
     """
     _check_shapes(q, k, v)
-    if implementation is None and _cudnn_takes(q):
-        from tmjax.pallas_kernels import _common
+    lengths = _lengths(length, q)
+    if implementation is None and tuning is None and _cudnn_takes(q):
+        from tmjax.pallas_kernels.guards import guard_values
 
-        # cuDNN multiplies V as it is: 0 * NaN inside its tiles would reach rows that cannot see the value
-        k, v = _common.guard_values(k, v, length)
+        k, v = guard_values(k, v, lengths)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
-    return _backend(_resolve(implementation, q)).causal_attention(q, k, v, length=length)
+    return _causal(q, k, v, lengths, implementation, tuning)
+
+
+def _causal(q, k, v, lengths, implementation, tuning) -> jax.Array:
+    from tmjax.pallas_kernels import block_tables
+
+    run = kernel(implementation, "causal", q, k, v, tuning)
+    k, v = run.guard(k, v, lengths)
+    table = block_tables.causal(run.padded(q.shape[1]), run.block_q, run.block_kv)
+    return run.run(q, k, v, table, lengths)
 
 
 def vertical_slash_indices(
@@ -169,30 +256,34 @@ def vertical_slash_indices(
     """
     pattern = VerticalSlash(vertical, slash, last_q, force_vertical, force_slash, selection)  # validates
     _check_shapes(q, k, k)  # no v here: k stands in for it
-    return _select(q, k, pattern, length)
+    return _select(q, k, pattern, _lengths(length, q))
 
 
-def _select(q: jax.Array, k: jax.Array, pattern: VerticalSlash, length) -> tuple[jax.Array, jax.Array]:
+def _select(q: jax.Array, k: jax.Array, pattern: VerticalSlash, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
     from tmjax.pallas_kernels import vs_estimate
 
     return vs_estimate.select(
         q, k, vertical=pattern.vertical, slash=pattern.slash, last_q=pattern.last_q,
-        force_vertical=pattern.force_vertical, force_slash=pattern.force_slash, length=length,
+        force_vertical=pattern.force_vertical, force_slash=pattern.force_slash, length=lengths,
         selection=pattern.selection,
     )
 
 
 def vertical_slash(
     q: jax.Array, k: jax.Array, v: jax.Array, pattern: VerticalSlash, *,
-    length: int | jax.Array | None = None, implementation: str | None = None,
+    length: int | jax.Array | None = None, implementation: str | None = None, tuning: object = None,
 ) -> jax.Array:
-    """``vertical_slash_attention`` with the budgets of a ``VerticalSlash`` (what the decoder calls)."""
+    """``vertical_slash_attention`` with the budgets of a ``VerticalSlash`` (what the layer plan calls)."""
+    from tmjax.pallas_kernels import dynamic_tables
+    from tmjax.pallas_kernels.lengths import round_up
+
     _check_shapes(q, k, v)
-    columns, diagonals = _select(q, k, pattern, length)
-    name = _resolve(implementation, q)
-    if implementation is None and name in _VS_NOT_YET_ON_HARDWARE:
-        name = "xla"
-    return _backend(name).vertical_slash_attention(q, k, v, columns=columns, diagonals=diagonals, length=length)
+    lengths = _lengths(length, q)
+    columns, diagonals = _select(q, k, pattern, lengths)  # estimate and select, on device
+    run = kernel(implementation, "vertical_slash", q, k, v, tuning)
+    k, v = run.guard(k, v, lengths)
+    table = dynamic_tables.vertical_slash(columns, diagonals, lengths, round_up(q.shape[1], dynamic_tables.BLOCK))
+    return run.run(q, k, v, table, lengths)
 
 
 def vertical_slash_attention(
@@ -208,6 +299,7 @@ def vertical_slash_attention(
     length: int | jax.Array | None = None,
     selection: str = "group",
     implementation: str | None = None,
+    tuning: object = None,
 ) -> jax.Array:
     """MInference's vertical-slash dynamic sparse attention: estimate (``vertical_slash_indices``),
     then attend to the kept columns and the 64-key blocks the kept diagonals cross.
@@ -218,4 +310,16 @@ def vertical_slash_attention(
     (``tmjax.pallas_kernels.dynamic_tables``).
     """
     pattern = VerticalSlash(vertical, slash, last_q, force_vertical, force_slash, selection)
-    return vertical_slash(q, k, v, pattern, length=length, implementation=implementation)
+    return vertical_slash(q, k, v, pattern, length=length, implementation=implementation, tuning=tuning)
+
+
+def attend_table(q: jax.Array, k: jax.Array, v: jax.Array, table, *, length: int | jax.Array | None = None,
+                 implementation: str | None = None, tuning: object = None) -> jax.Array:
+    """Attention following a table the caller built (``pallas_kernels.dynamic_tables`` or
+    ``block_tables``): for picks made elsewhere (tests, benchmarks, new estimators)."""
+    _check_shapes(q, k, v)
+    lengths = _lengths(length, q)
+    pattern = "vertical_slash" if table.dynamic else ("causal" if table.n_local is None else "triangle")
+    run = kernel(implementation, pattern, q, k, v, tuning)
+    k, v = run.guard(k, v, lengths)
+    return run.run(q, k, v, table, lengths)

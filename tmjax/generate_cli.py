@@ -155,7 +155,7 @@ def _tokenize(tokenizer: Any, prompts: list[Prompt], chat: bool) -> None:
 
 
 def _check_lengths(config: Any, layout: Any, prompts: list[Prompt]) -> None:
-    from tmjax.models.decoder import check_windows
+    from tmjax.plan import check_windows
 
     for prompt in prompts:
         try:
