@@ -86,21 +86,20 @@ def test_mass_exactly_reached_stops_and_ties_go_to_the_lower_index():
     np.testing.assert_array_equal(vs_estimate.keep(score, none, 5, 1.0), [[[0, 1, 2, 3, 5]]])
 
 
-def assert_mass_selection(picked: np.ndarray, score: np.ndarray, cap: int, forced: int, gamma: float,
-                          seq_len: int) -> None:
-    """``picked`` (one head) against float64 ``score`` (the entries that exist): the forced entries,
-    then a best-scoring set that reaches ``gamma`` of the mass with its last entry needed, or the cap;
-    float32 rounding allowed at ties and at the threshold."""
-    length = len(score)
-    width = min(cap, seq_len)
+def assert_mass_rule(picked: np.ndarray, score: np.ndarray, width: int, forced: set[int], gamma: float,
+                     fill: int) -> None:
+    """One selection ``picked`` against float64 ``score`` (of the entries that exist, ``0..len-1``):
+    ``width`` slots ascending, unused ones ``fill``; the ``forced`` entries, then a best-scoring set
+    that reaches ``gamma`` of the mass with its last entry needed, or the ``width`` cap; float32
+    rounding allowed at ties and at the threshold."""
     assert picked.shape == (width,)
     assert (np.diff(picked) >= 0).all(), "not ascending"
-    real = picked[picked < seq_len].tolist()
-    assert len(set(real)) == len(real) and (picked[len(real):] == seq_len).all()
-    forced_set = set(range(min(forced, length)))
-    assert forced_set <= set(real), "a forced entry is missing"
-    chosen = [j for j in real if j not in forced_set]
-    rest = sorted(set(range(length)) - set(real))
+    real = picked[picked < fill].tolist()
+    assert len(set(real)) == len(real) and (picked[len(real):] == fill).all()
+    assert all(j < len(score) for j in real), "kept an entry that does not exist"
+    assert forced <= set(real), "a forced entry is missing"
+    chosen = [j for j in real if j not in forced]
+    rest = sorted(set(range(len(score))) - set(real))
     total, kept_mass = score.sum(), score[real].sum()
     eps = 1e-5 * total
     if chosen and rest:
@@ -108,6 +107,12 @@ def assert_mass_selection(picked: np.ndarray, score: np.ndarray, cap: int, force
     if chosen:
         assert kept_mass - score[chosen].min() < gamma * total + eps, "kept more than the mass needs"
     assert kept_mass >= gamma * total - eps or len(real) == width or not (score[rest] > 0).any(), "mass not reached"
+
+
+def assert_mass_selection(picked: np.ndarray, score: np.ndarray, cap: int, forced: int, gamma: float,
+                          seq_len: int) -> None:
+    """``assert_mass_rule`` for vertical-slash columns or diagonals: forced prefix, ``T`` as filler."""
+    assert_mass_rule(picked, score, min(cap, seq_len), set(range(min(forced, len(score)))), gamma, seq_len)
 
 
 ESTIMATOR_CASES = [(333, (333, 150), 4, 1, 64), (200, (200, 40), 6, 2, 64), (150, (150,), 7, 1, 16)]
