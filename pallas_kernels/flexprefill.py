@@ -35,7 +35,6 @@ from jax import lax
 from tmjax.pallas_kernels import reference, vs_estimate
 from tmjax.pallas_kernels._common import row_lengths, take_rows
 
-_HIGHEST = lax.Precision.HIGHEST
 _SCORE_BYTES = 1 << 26  # block scores built per step: at most this many bytes of float32
 
 
@@ -74,16 +73,8 @@ def _pooled_softmax(q_bar: jax.Array, k_bar: jax.Array, visible: jax.Array, grou
     q_bar ``[B, R, Hq, D]``, k_bar ``[B, n, Hkv, D]``, visible bool ``[B, R, n]``; returns
     ``[B, H, R, n]`` (zero where not visible), averaged over each KV group's heads when ``group``.
     """
-    b, r, hq, d = q_bar.shape
-    hkv = k_bar.shape[2]
-    qg = q_bar.reshape(b, r, hkv, hq // hkv, d)
-    logits = jnp.einsum("brhgd,bnhd->bhgrn", qg, k_bar, precision=_HIGHEST) * (d ** -0.5)
-    shown = visible[:, None, None]
-    logits = jnp.where(shown, logits, -jnp.inf)
-    peak = jnp.max(logits, axis=-1, keepdims=True)
-    weights = jnp.where(shown, jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
-    total = jnp.sum(weights, axis=-1, keepdims=True)
-    probs = weights / jnp.where(total == 0, 1.0, total)
+    b, r, hq, _ = q_bar.shape
+    probs = vs_estimate.grouped_softmax(q_bar, k_bar, visible)
     if group:
         return probs.mean(axis=2)
     return probs.reshape(b, hq, r, -1)

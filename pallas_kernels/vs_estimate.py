@@ -33,21 +33,29 @@ from tmjax.pallas_kernels._common import row_lengths, take_rows
 _HIGHEST = lax.Precision.HIGHEST
 
 
-def _probabilities(q_last: jax.Array, k: jax.Array, positions: jax.Array, real: jax.Array, group: bool) -> jax.Array:
-    """Causal softmax of the last rows over all keys, float32 ``[B, H, R, T]`` (H: KV heads when
-    ``group``, else query heads); rows that are not real are zero."""
-    b, r, hq, d = q_last.shape
+def grouped_softmax(q: jax.Array, k: jax.Array, visible: jax.Array) -> jax.Array:
+    """``softmax(q k^T * D**-0.5)`` over the ``visible`` keys, float32 ``[B, Hkv, G, R, N]`` for q
+    ``[B, R, Hq, D]``, k ``[B, N, Hkv, D]`` (GQA: query head ``h`` reads KV head ``h // G``) and
+    ``visible`` bool ``[B, R, N]``; zero where not visible and for rows that see nothing."""
+    b, r, hq, d = q.shape
     hkv = k.shape[2]
-    qg = q_last.reshape(b, r, hkv, hq // hkv, d)
+    qg = q.reshape(b, r, hkv, hq // hkv, d)
     logits = jnp.einsum("brhgd,bthd->bhgrt", qg, k, precision=_HIGHEST, preferred_element_type=jnp.float32)
     logits = logits * (d ** -0.5)
-    visible = (jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]) & real[:, :, None]  # [B, R, T]
     visible = visible[:, None, None]
     logits = jnp.where(visible, logits, -jnp.inf)
     peak = jnp.max(logits, axis=-1, keepdims=True)
     weights = jnp.where(visible, jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
     total = jnp.sum(weights, axis=-1, keepdims=True)
-    probs = weights / jnp.where(total == 0, 1.0, total)
+    return weights / jnp.where(total == 0, 1.0, total)
+
+
+def _probabilities(q_last: jax.Array, k: jax.Array, positions: jax.Array, real: jax.Array, group: bool) -> jax.Array:
+    """Causal softmax of the last rows over all keys, float32 ``[B, H, R, T]`` (H: KV heads when
+    ``group``, else query heads); rows that are not real are zero."""
+    b, r, hq, _ = q_last.shape
+    visible = (jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]) & real[:, :, None]  # [B, R, T]
+    probs = grouped_softmax(q_last, k, visible)
     if group:
         return probs.sum(axis=2)
     return probs.reshape(b, hq, r, k.shape[1])

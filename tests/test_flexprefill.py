@@ -222,7 +222,7 @@ def test_layout_defaults_and_shallow_use():
 def test_decoder_refuses_flexprefill_until_it_runs_it():
     """The decoder would otherwise run these layers dense without a word."""
     for layout in (tmjax.FlexPrefill(), tmjax.TriangleMix(2, shallow=tmjax.FlexPrefill())):
-        with pytest.raises(NotImplementedError, match="FlexPrefill layers do not run in the decoder"):
+        with pytest.raises(ValueError, match="FlexPrefill layers do not run in the decoder"):
             layout.check_layers(4)
     tmjax.TriangleMix(2, shallow=tmjax.VerticalSlash()).check_layers(4)
 
@@ -248,3 +248,21 @@ def test_bad_values_name_the_field(kwargs, needle):
         tmjax.FlexPrefill(**kwargs)
     with pytest.raises(ValueError, match="shallow must be None, a VerticalSlash or a FlexPrefill"):
         tmjax.TriangleMix(2, shallow="flexprefill")
+
+
+def test_growing_gamma_keeps_supersets():
+    """What calibration's gamma ladder relies on: the head classes do not move, and every block list,
+    column list and diagonal list of a larger gamma contains the smaller one's."""
+    case = CASES["gqa4_d128_group"]
+    q, k, _ = run(case, seed=7)
+    tau = middle_tau(np.stack([dist for dist, _ in references(case, q, k)]))
+    previous = None
+    for gamma in (0.2, 0.5, 0.8, 0.95, 1.0):
+        _, _, sel = run(case, seed=7, tau=tau, gamma=gamma, max_blocks=4)
+        if previous is not None:
+            np.testing.assert_array_equal(sel.query_aware, previous.query_aware)
+            for old, new, fill in zip(previous[1:], sel[1:], (-(-case[0] // case[5]), case[0], case[0])):
+                old, new = np.asarray(old), np.asarray(new)
+                for row_old, row_new in zip(old.reshape(-1, old.shape[-1]), new.reshape(-1, new.shape[-1])):
+                    assert set(row_old[row_old < fill].tolist()) <= set(row_new[row_new < fill].tolist())
+        previous = sel

@@ -138,7 +138,7 @@ class FlexPrefill:
 
     def check_layers(self, num_layers: int) -> None:
         """Refuse: the decoder cannot run FlexPrefill layers yet (it would silently run them dense)."""
-        raise NotImplementedError(
+        raise ValueError(
             "FlexPrefill layers do not run in the decoder yet; tmjax.pallas_kernels.flexprefill.select "
             "estimates them")
 
