@@ -6,7 +6,12 @@ For each sequence ``b`` (true length ``L``) and selection head ``h``, with ``Q_l
 - ``A = softmax(Q_last K[:L]^T * D**-0.5)`` in float32, causal (row ``r`` sees keys ``j <= p_r``);
 - vertical score of column ``j``: ``sum_r A[r, j]``; slash score of diagonal ``s``: ``sum_r A[r, p_r - s]``;
 - columns ``0..force_vertical-1`` and diagonals ``0..force_slash-1`` are always kept (within the
-  budget); then the best scores fill the budgets ``vertical`` and ``slash``.
+  budget); then the best scores fill the budgets ``vertical`` and ``slash``, or, with ``mass=gamma``,
+  only as many of them as ``keep`` needs to reach ``gamma`` of the estimated mass (the budgets are
+  then caps).
+
+Budgets beyond the sequence are clipped to it: the outputs are ``min(vertical, T)`` and
+``min(slash, T)`` wide, since a sequence has at most ``T`` columns and diagonals.
 
 ``selection="group"`` sums ``A`` over the query heads of a KV group (the group shares one
 selection), ``"head"`` selects per query head. Everything has static shapes and runs inside ``jit``:
@@ -28,21 +33,29 @@ from tmjax.pallas_kernels.lengths import row_lengths, take_rows
 _HIGHEST = lax.Precision.HIGHEST
 
 
-def _probabilities(q_last: jax.Array, k: jax.Array, positions: jax.Array, real: jax.Array, group: bool) -> jax.Array:
-    """Causal softmax of the last rows over all keys, float32 ``[B, H, R, T]`` (H: KV heads when
-    ``group``, else query heads); rows that are not real are zero."""
-    b, r, hq, d = q_last.shape
+def grouped_softmax(q: jax.Array, k: jax.Array, visible: jax.Array) -> jax.Array:
+    """``softmax(q k^T * D**-0.5)`` over the ``visible`` keys, float32 ``[B, Hkv, G, R, N]`` for q
+    ``[B, R, Hq, D]``, k ``[B, N, Hkv, D]`` (GQA: query head ``h`` reads KV head ``h // G``) and
+    ``visible`` bool ``[B, R, N]``; zero where not visible and for rows that see nothing."""
+    b, r, hq, d = q.shape
     hkv = k.shape[2]
-    qg = q_last.reshape(b, r, hkv, hq // hkv, d)
+    qg = q.reshape(b, r, hkv, hq // hkv, d)
     logits = jnp.einsum("brhgd,bthd->bhgrt", qg, k, precision=_HIGHEST, preferred_element_type=jnp.float32)
     logits = logits * (d ** -0.5)
-    visible = (jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]) & real[:, :, None]  # [B, R, T]
     visible = visible[:, None, None]
     logits = jnp.where(visible, logits, -jnp.inf)
     peak = jnp.max(logits, axis=-1, keepdims=True)
     weights = jnp.where(visible, jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
     total = jnp.sum(weights, axis=-1, keepdims=True)
-    probs = weights / jnp.where(total == 0, 1.0, total)
+    return weights / jnp.where(total == 0, 1.0, total)
+
+
+def _probabilities(q_last: jax.Array, k: jax.Array, positions: jax.Array, real: jax.Array, group: bool) -> jax.Array:
+    """Causal softmax of the last rows over all keys, float32 ``[B, H, R, T]`` (H: KV heads when
+    ``group``, else query heads); rows that are not real are zero."""
+    b, r, hq, _ = q_last.shape
+    visible = (jnp.arange(k.shape[1])[None, None, :] <= positions[:, :, None]) & real[:, :, None]  # [B, R, T]
+    probs = grouped_softmax(q_last, k, visible)
     if group:
         return probs.sum(axis=2)
     return probs.reshape(b, hq, r, k.shape[1])
@@ -80,18 +93,33 @@ def scores(
     return vertical, slash
 
 
-def _keep_top(score: jax.Array, budget: int, forced: int, lengths: jax.Array) -> jax.Array:
-    """Indices of the forced entries and the best-scoring others, ``budget`` per head, ascending;
-    slots beyond the entries that exist hold ``T`` (matches no key)."""
-    t = score.shape[-1]
-    index = jnp.arange(t)
-    force = (index[None, None, :] < forced) & (index[None, None, :] < lengths[:, None, None])
-    ranked = jnp.where(force, jnp.inf, score)
-    best, picked = lax.top_k(ranked, min(budget, t))
-    picked = jnp.where(jnp.isneginf(best), t, picked).astype(jnp.int32)
-    if budget > t:
-        picked = jnp.pad(picked, ((0, 0), (0, 0), (0, budget - t)), constant_values=t)
-    return jnp.sort(picked, axis=-1)
+def keep(score: jax.Array, forced: jax.Array, budget: int, mass: float | None = None) -> jax.Array:
+    """Indices of the entries kept from ``score [..., n]`` (``-inf``: the entry does not exist),
+    ``[..., min(budget, n)]`` ascending, slots beyond the kept ones holding ``n``.
+
+    Ranking: the ``forced`` entries (bool ``[..., n]``, existing ones only) first, then the others by
+    descending score, ties to the lower index; the first ``min(budget, n)`` existing entries of the
+    ranking are candidates. Without ``mass`` every candidate is kept. With ``mass=gamma`` a forced
+    candidate is kept, another one iff its score is positive and the summed score of the candidates
+    ranked before it is below ``gamma`` times the summed score of all existing entries (float32).
+    """
+    n = score.shape[-1]
+    best, picked = lax.top_k(jnp.where(forced, jnp.inf, score), min(budget, n))
+    kept = ~jnp.isneginf(best)
+    if mass is not None:
+        value = jnp.where(jnp.isneginf(score), 0.0, score)
+        own = jnp.take_along_axis(value, picked, axis=-1)
+        before = jnp.cumsum(own, axis=-1)
+        before = jnp.concatenate([jnp.zeros_like(before[..., :1]), before[..., :-1]], axis=-1)
+        total = jnp.sum(value, axis=-1, keepdims=True)
+        kept &= jnp.isposinf(best) | ((own > 0) & (before < mass * total))
+    return jnp.sort(jnp.where(kept, picked, n), axis=-1).astype(jnp.int32)
+
+
+def forced_prefix(count: int, lengths: jax.Array, t: int) -> jax.Array:
+    """Bool ``[B, 1, T]``: the first ``count`` entries that exist (index below the row's length)."""
+    index = jnp.arange(t)[None, None, :]
+    return (index < count) & (index < lengths[:, None, None])
 
 
 def select(
@@ -105,9 +133,12 @@ def select(
     force_slash: int,
     length: int | jax.Array | None,
     selection: str,
+    mass: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """``(columns [B, H, vertical], diagonals [B, H, slash])`` int32, ascending; see the module
-    docstring. Budgets beyond the entries that exist fill the remaining slots with ``T``."""
-    lengths = row_lengths(length, q.shape[0], q.shape[1])
+    """``(columns [B, H, min(vertical, T)], diagonals [B, H, min(slash, T)])`` int32, ascending; see
+    the module docstring and ``keep``. Slots beyond the kept entries hold ``T``."""
+    b, t = q.shape[:2]
+    lengths = row_lengths(length, b, t)
     v_score, s_score = scores(q, k, last_q=last_q, length=lengths, selection=selection)
-    return (_keep_top(v_score, vertical, force_vertical, lengths), _keep_top(s_score, slash, force_slash, lengths))
+    return (keep(v_score, forced_prefix(force_vertical, lengths, t), vertical, mass),
+            keep(s_score, forced_prefix(force_slash, lengths, t), slash, mass))

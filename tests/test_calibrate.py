@@ -214,6 +214,47 @@ def test_budgets_must_grow():
         calibrate.parse_budgets("10:200", args)  # fewer columns than the forced 30
 
 
+def ladder_args(shallow: str, masses: str | None, budgets: str = "50:200,100:400") -> argparse.Namespace:
+    return argparse.Namespace(shallow=shallow, masses=masses, budgets=budgets, last_q=64, force_vertical=30,
+                              force_slash=100, selection="group", tau=0.1, block=128, max_blocks=64)
+
+
+def test_mass_ladders():
+    """``--masses`` must grow within (0, 1]; with it (always for flexprefill) the ladder holds one
+    layout per mass, capped by the last ``--budgets`` pair; without it vertical-slash keeps budgets."""
+    assert calibrate.parse_masses("0.5, 0.8,1") == [0.5, 0.8, 1.0]
+    for bad, needle in (("0.8,0.5", "--masses must grow: 0.5 after 0.8"), ("0.5,0.5", "--masses must grow"),
+                        ("0,0.5", r"0 is not in \(0, 1\]"), ("1.5", "not in"), ("half", "cannot read 'half'"),
+                        ("", "--masses is empty")):
+        with pytest.raises(ValueError, match=needle):
+            calibrate.parse_masses(bad)
+    assert calibrate.shallow_ladder(ladder_args("dense", None)) == []
+    assert [(b.vertical, b.slash, b.mass) for b in calibrate.shallow_ladder(ladder_args("vertical-slash", None))] == \
+        [(50, 200, None), (100, 400, None)]
+    masses = calibrate.shallow_ladder(ladder_args("vertical-slash", "0.6,0.9"))
+    assert [(b.vertical, b.slash, b.mass) for b in masses] == [(100, 400, 0.6), (100, 400, 0.9)]
+    flex = calibrate.shallow_ladder(ladder_args("flexprefill", None))
+    assert [f.gamma for f in flex] == calibrate.parse_masses(calibrate.DEFAULT_MASSES)
+    assert {(f.vertical, f.slash, f.max_blocks, f.tau) for f in flex} == {(100, 400, 64, 0.1)}
+    assert calibrate.label_of(TriangleMix(3, shallow=flex[1])) == "switch=3+flexprefill gamma=0.7"
+    assert calibrate.label_of(TriangleMix(3, shallow=masses[0])) == "switch=3+vertical-slash 100:400 mass=0.6"
+
+
+def test_search_over_a_flexprefill_ladder():
+    """The shallow search on FlexPrefill layouts with an injected divergence (the decoder does not run
+    FlexPrefill yet): the smallest passing gamma, each measured once, labelled with its gamma."""
+    ladder = [TriangleMix(3, shallow=f) for f in calibrate.shallow_ladder(ladder_args("flexprefill", "0.5,0.7,0.8,0.9,0.95"))]
+
+    def divergence(layout: TriangleMix, k: int) -> tuple[bool, float]:
+        return layout.shallow.gamma >= 0.8, 0.0
+
+    chosen, measured = calibrate.search_layouts(ladder, divergence, CRITERION, None)
+    assert ladder[chosen].shallow.gamma == 0.8
+    labels = [m["config"] for m in measured]
+    assert len(set(labels)) == len(labels) and "switch=3+flexprefill gamma=0.8" in labels
+    assert all(m["passed"] == (m["layout"]["shallow"]["gamma"] >= 0.8) for m in measured)
+
+
 @pytest.mark.parametrize("middle", [
     [1.0, 0.8, 0.5, 0.05, 0.02, 0.01],
     [0.2, 1.0, 0.05, 0.5, 0.01, 0.0],

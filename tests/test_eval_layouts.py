@@ -11,7 +11,7 @@ import pytest
 from test_evaluate import tiny_checkpoint
 
 from tmjax import evaluate
-from tmjax.layout import TriangleMix, VerticalSlash
+from tmjax.layout import FlexPrefill, TriangleMix, VerticalSlash
 
 Z = 1.959963984540054
 
@@ -85,3 +85,29 @@ def test_eval_cli_runs_layouts_side_by_side(tmp_path):
     # vertical-slash in every layer with 60 columns and 200 diagonals of ~950-token prompts drops much
     # of the middle: the first token's distribution must move
     assert report["results"]["vertical-slash"]["first_token_kl_mean"] > 1e-6
+
+
+def test_flexprefill_and_mass_configs(monkeypatch):
+    """``fp`` and ``tm:<layer>+fp`` take the FlexPrefill options, ``--mass`` reaches ``vs`` (``tmjax
+    eval``'s own parser, its run replaced); names, report order and the JSON round trip cover both."""
+    captured = []
+    monkeypatch.setattr(evaluate, "_eval", lambda args: captured.append(args) or 0)
+    assert evaluate.eval_main(["--configs", "x", "--mass", "0.8", "--gamma", "0.7", "--tau", "0.2", "--block", "64",
+                               "--max-blocks", "9", "--vertical", "90", "--slash", "300", "--force-vertical", "5",
+                               "--out", "unused"]) == 0
+    args = captured[0]
+    pattern = evaluate.vertical_slash(args, args.vertical, args.slash, args.mass)
+    flex = evaluate.flexprefill(args, args.gamma, args.vertical, args.slash)
+    assert pattern == VerticalSlash(vertical=90, slash=300, force_vertical=5, mass=0.8)
+    assert flex == FlexPrefill(gamma=0.7, tau=0.2, block=64, max_blocks=9, vertical=90, slash=300, force_vertical=5)
+    triangle = dict(n_init=4, n_local=64, n_last=32)
+    layouts = evaluate.parse_configs("tm:3+fp,fp,tm:3+vs,vs,tm:3,dense", triangle=triangle, pattern=pattern, flex=flex)
+    assert layouts == [TriangleMix(3, **triangle, shallow=flex), flex, TriangleMix(3, **triangle, shallow=pattern),
+                       pattern, TriangleMix(3, **triangle), None]
+    ordered = sorted(layouts, key=evaluate._order)
+    assert [evaluate.config_name(x) for x in ordered] == ["dense", "switch=3", "vertical-slash", "flexprefill",
+                                                          "switch=3+vertical-slash", "switch=3+flexprefill"]
+    for layout in layouts[:-1]:
+        assert evaluate.layout_from_json(json.loads(json.dumps(dataclasses.asdict(layout)))) == layout
+    with pytest.raises(ValueError, match="--configs: cannot read 'tm:3\\+xp'"):
+        evaluate.parse_configs("tm:3+xp", triangle=triangle, pattern=pattern, flex=flex)

@@ -8,7 +8,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 
-from tmjax.layout import TriangleMix, VerticalSlash
+from tmjax.layout import FlexPrefill, TriangleMix, VerticalSlash
 
 try:
     __version__ = importlib.metadata.version("tmjax")  # one source of truth: pyproject.toml
@@ -20,7 +20,7 @@ _API = {"decode_step": "tmjax.api", "generate": "tmjax.api", "prefill": "tmjax.a
                                                  "vertical_slash_indices")}}
 
 __all__ = [
-    "TriangleMix", "VerticalSlash", "causal_attention", "decode_step", "generate", "load", "prefill", "triangle_attention",
+    "FlexPrefill", "TriangleMix", "VerticalSlash", "causal_attention", "decode_step", "generate", "load", "prefill", "triangle_attention",
     "vertical_slash_attention", "vertical_slash_indices",
 ]
 

@@ -244,17 +244,18 @@ def vertical_slash_indices(
     force_slash: int = 100,
     length: int | jax.Array | None = None,
     selection: str = "group",
+    mass: float | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """The columns and diagonals vertical-slash keeps: ``(columns [B, H, vertical], diagonals
-    [B, H, slash])`` int32, ascending, where ``H`` is the KV heads (``selection="group"``) or the
-    query heads (``"head"``). When a sequence has fewer columns or diagonals than the budget
-    (``length < budget``), the remaining slots hold ``T``, which matches no key.
+    """The columns and diagonals vertical-slash keeps: ``(columns [B, H, min(vertical, T)], diagonals
+    [B, H, min(slash, T)])`` int32, ascending, where ``H`` is the KV heads (``selection="group"``) or
+    the query heads (``"head"``). Slots beyond the kept entries (a sequence shorter than the budget,
+    or ``mass`` reached before it) hold ``T``, which matches no key.
 
     Estimated on device from the last ``last_q`` real queries of each sequence (see
-    ``tmjax.VerticalSlash``); q ``[B, T, Hq, D]``, k ``[B, T, Hkv, D]``, ``length`` as in
-    ``triangle_attention`` (one per sequence allowed).
+    ``tmjax.VerticalSlash``, also for ``mass``); q ``[B, T, Hq, D]``, k ``[B, T, Hkv, D]``,
+    ``length`` as in ``triangle_attention`` (one per sequence allowed).
     """
-    pattern = VerticalSlash(vertical, slash, last_q, force_vertical, force_slash, selection)  # validates
+    pattern = VerticalSlash(vertical, slash, last_q, force_vertical, force_slash, selection, mass)  # validates
     _check_shapes(q, k, k)  # no v here: k stands in for it
     return _select(q, k, pattern, _lengths(length, q))
 
@@ -265,7 +266,7 @@ def _select(q: jax.Array, k: jax.Array, pattern: VerticalSlash, lengths: jax.Arr
     return vs_estimate.select(
         q, k, vertical=pattern.vertical, slash=pattern.slash, last_q=pattern.last_q,
         force_vertical=pattern.force_vertical, force_slash=pattern.force_slash, length=lengths,
-        selection=pattern.selection,
+        selection=pattern.selection, mass=pattern.mass,
     )
 
 
@@ -298,6 +299,7 @@ def vertical_slash_attention(
     force_slash: int = 100,
     length: int | jax.Array | None = None,
     selection: str = "group",
+    mass: float | None = None,
     implementation: str | None = None,
     tuning: object = None,
 ) -> jax.Array:
@@ -305,11 +307,12 @@ def vertical_slash_attention(
     then attend to the kept columns and the 64-key blocks the kept diagonals cross.
 
     Same layouts, dtypes and ``length`` rules as ``triangle_attention``; budgets covering the whole
-    sequence give dense causal attention. Query ``i`` sees key ``j <= i`` iff ``j`` is a kept column
-    or lies in a 64-key block that a kept diagonal crosses within ``i``'s 64-row query block
+    sequence give dense causal attention (budgets beyond it are clipped to it); ``mass`` as in
+    ``tmjax.VerticalSlash``. Query ``i`` sees key ``j <= i`` iff ``j`` is a kept column or lies in a
+    64-key block that a kept diagonal crosses within ``i``'s 64-row query block
     (``tmjax.pallas_kernels.dynamic_tables``).
     """
-    pattern = VerticalSlash(vertical, slash, last_q, force_vertical, force_slash, selection)
+    pattern = VerticalSlash(vertical, slash, last_q, force_vertical, force_slash, selection, mass)
     return vertical_slash(q, k, v, pattern, length=length, implementation=implementation, tuning=tuning)
 
 

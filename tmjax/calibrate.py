@@ -24,6 +24,10 @@ are searched the same way at the calibrated switch layer, over a ladder of budge
 diagonals both grow (``parse_budgets`` checks it): vertical-slash keeps the top-scoring columns and
 diagonals of one estimate, so a larger budget keeps a superset and divergence falls along the ladder.
 The ladder's fallback is the calibrated layout with dense shallow layers, which already passed.
+``--masses`` makes the ladder one of growing attention masses instead (``VerticalSlash(mass=gamma)``
+or ``FlexPrefill(gamma=gamma)``, capped by the last ``--budgets`` pair): the mass rule keeps a prefix
+of one ranking, and FlexPrefill's head classes do not depend on ``gamma``, so a larger mass keeps a
+superset there too (``parse_masses`` checks that they grow).
 
 Stopping rule (``Criterion.verdict``). A configuration is measured one prompt at a time and stops as
 soon as its verdict is certain: fail once even identical answers on every remaining prompt could not
@@ -49,15 +53,16 @@ import numpy as np
 from tmjax import tasks
 from tmjax import probe as probe_
 from tmjax.evaluate import (
-    CONFIDENCE, Z_SCORE, add_vertical_slash_arguments, config_name, greedy, kl_divergence, load_model, output_folder,
-    run_cli, task_list, vertical_slash, wilson_interval,
+    CONFIDENCE, Z_SCORE, add_flexprefill_arguments, add_vertical_slash_arguments, config_name, flexprefill, greedy,
+    kl_divergence, layout_from_json, load_model, output_folder, run_cli, task_list, vertical_slash, wilson_interval,
 )
-from tmjax.layout import Layout, TriangleMix, VerticalSlash
+from tmjax.layout import FlexPrefill, Layout, TriangleMix, VerticalSlash
 from tmjax.models.params import Params
 
 PROBE_SEED = 1000  # seeds of the probe's prompts (bench/accuracy.py, and calibrate's own probe)
 CALIBRATION_SEED = 2000  # seeds of the calibration prompts; the evaluation uses 0, 1, ...
 DEFAULT_BUDGETS = "50:200,100:400,200:800,400:1600,1000:6096"  # vertical:slash, cheapest first
+DEFAULT_MASSES = "0.5,0.7,0.8,0.9,0.95"  # attention mass kept below the switch layer, cheapest first
 
 
 def min_samples(identical: float, z: float = Z_SCORE) -> int:
@@ -173,6 +178,47 @@ def parse_budgets(spec: str, args: argparse.Namespace) -> list[VerticalSlash]:
     return budgets
 
 
+def parse_masses(spec: str) -> list[float]:
+    """``--masses``: attention masses in ``(0, 1]``, each larger than the one before it."""
+    masses: list[float] = []
+    for item in (part.strip() for part in spec.split(",") if part.strip()):
+        try:
+            mass = float(item)
+        except ValueError:
+            raise ValueError(f"--masses: cannot read {item!r}; use growing numbers in (0, 1], e.g. {DEFAULT_MASSES}") from None
+        if not 0 < mass <= 1:
+            raise ValueError(f"--masses: {item} is not in (0, 1]")
+        if masses and mass <= masses[-1]:
+            raise ValueError(f"--masses must grow: {item} after {masses[-1]:g} (the search needs each mass to keep "
+                             "a superset of the previous one)")
+        masses.append(mass)
+    if not masses:
+        raise ValueError(f"--masses is empty; give growing numbers in (0, 1], e.g. {DEFAULT_MASSES}")
+    return masses
+
+
+def shallow_ladder(args: argparse.Namespace) -> list[VerticalSlash | FlexPrefill]:
+    """The shallow candidates of ``--shallow``, cheapest first: the ``--budgets`` ladder, or with
+    ``--masses`` (always for flexprefill) a mass ladder capped by the last ``--budgets`` pair."""
+    if args.shallow == "dense":
+        return []
+    budgets = parse_budgets(args.budgets, args)
+    if args.shallow == "vertical-slash" and args.masses is None:
+        return budgets
+    caps = budgets[-1]
+    masses = parse_masses(DEFAULT_MASSES if args.masses is None else args.masses)
+    if args.shallow == "vertical-slash":
+        return [vertical_slash(args, caps.vertical, caps.slash, mass) for mass in masses]
+    return [flexprefill(args, mass, caps.vertical, caps.slash) for mass in masses]
+
+
+def shallow_label(pattern: VerticalSlash | FlexPrefill) -> str:
+    """A shallow candidate in a line: ``200:800``, ``1000:6096 mass=0.9`` or ``gamma=0.9``."""
+    if isinstance(pattern, FlexPrefill):
+        return f"gamma={pattern.gamma:g}"
+    return f"{pattern.vertical}:{pattern.slash}" + ("" if pattern.mass is None else f" mass={pattern.mass:g}")
+
+
 class Divergence:
     """Greedy answers of ``samples`` under a layout against dense, one prompt at a time; each dense
     answer is computed once and reused by every configuration."""
@@ -204,9 +250,9 @@ class Divergence:
 
 
 def label_of(layout: Layout | None) -> str:
-    """``config_name`` with the vertical-slash budgets, e.g. ``switch=22+vertical-slash 200:800``."""
+    """``config_name`` with the shallow method's budgets, e.g. ``switch=22+vertical-slash 200:800``."""
     pattern = layout.shallow if isinstance(layout, TriangleMix) else layout
-    return config_name(layout) + (f" {pattern.vertical}:{pattern.slash}" if isinstance(pattern, VerticalSlash) else "")
+    return config_name(layout) + ("" if pattern is None else f" {shallow_label(pattern)}")
 
 
 def _summary(name: str, layout: Layout, passed: bool, identical: list[bool], kls: list[float],
@@ -259,11 +305,11 @@ def search_layouts(candidates: Sequence[Layout], divergence: Callable[[Layout, i
 
 
 def calibrate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample], criterion: Criterion, *,
-              start_layer: int | None, triangle: dict, budgets: Sequence[VerticalSlash] = (),
+              start_layer: int | None, triangle: dict, budgets: Sequence[VerticalSlash | FlexPrefill] = (),
               switch_layer: int | None = None, implementation: str | None = None,
               progress: object | None = None) -> dict:
-    """The switch layer search from ``start_layer`` (the probe's), then, with ``budgets``, the shallow
-    vertical-slash search at the chosen layer; ``switch_layer`` skips the first search and takes that
+    """The switch layer search from ``start_layer`` (the probe's), then, with ``budgets`` (a
+    ``shallow_ladder``), the shallow search at the chosen layer; ``switch_layer`` skips the first search and takes that
     layer as chosen (e.g. from an earlier calibration). ``triangle``: the TriangleMix sizes.
     ``progress``: a ``rich.progress.Progress`` showing each configuration's prompts, or None. Returns
     the report dict."""
@@ -339,7 +385,7 @@ def recommendation_text(report: dict) -> str:
     """The printed recommendation: the layout and its measured interval and KL against the criterion."""
     criterion, chosen = report["criterion"], report["recommendation"]
     if chosen is None and report["switch"]["given"] is not None:
-        return (f"no vertical-slash budget passed at the given switch layer {report['switch']['given']}: keep "
+        return (f"no shallow budget passed at the given switch layer {report['switch']['given']}: keep "
                 f"the shallow layers dense ({report['recommended_config']}, not measured in this run)")
     if chosen is None:
         return (f"no switch layer passed on {criterion['samples']} prompts: keep every layer dense "
@@ -351,7 +397,7 @@ def recommendation_text(report: dict) -> str:
             f"{100 * low:.1f}-{100 * high:.1f}%; required lower bound >= {100 * criterion['identical']:g}%), mean "
             f"first-token KL {chosen['first_token_kl_mean']:.2e} (required <= {criterion['max_kl']:g})")
     if report["shallow"] is not None and report["shallow"]["recommended_budget"] is None:
-        text += "; no vertical-slash budget passed, so the shallow layers stay dense"
+        text += "; no shallow budget passed, so the shallow layers stay dense"
     return text
 
 
@@ -415,12 +461,11 @@ def plot(report: dict, path: Path, title: str) -> None:
 
     if shallow:
         ax = axes[2]
-        steps = [(b["vertical"], b["slash"]) for b in shallow["budgets"]]
-        picked = [steps.index((m["layout"]["shallow"]["vertical"], m["layout"]["shallow"]["slash"]))
-                  for m in shallow["measured"]]
+        picked = [shallow["budgets"].index(m["layout"]["shallow"]) for m in shallow["measured"]]
         rates(ax, picked, shallow["measured"])
-        ax.set_xticks(range(len(steps)), [f"{v}:{s}" for v, s in steps], fontsize=8)
-        ax.set_xlabel(f"shallow vertical-slash budget (vertical:slash), switch layer {report['recommended_switch_layer']}")
+        steps = [shallow_label(layout_from_json(b)) for b in shallow["budgets"]]
+        ax.set_xticks(range(len(steps)), steps, fontsize=8)
+        ax.set_xlabel(f"shallow budget, switch layer {report['recommended_switch_layer']}")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -452,16 +497,21 @@ def calibrate_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-init", type=int, default=8)
     parser.add_argument("--n-local", type=int, default=512)
     parser.add_argument("--n-last", type=int, default=128)
-    parser.add_argument("--shallow", choices=["dense", "vertical-slash"], default="dense",
-                        help="vertical-slash: also calibrate a vertical-slash budget for the layers below the "
-                             "switch layer (default dense)")
+    parser.add_argument("--shallow", choices=["dense", "vertical-slash", "flexprefill"], default="dense",
+                        help="vertical-slash or flexprefill: also calibrate that method's budget for the layers "
+                             "below the switch layer (default dense)")
     parser.add_argument("--switch-layer", type=int, default=None,
                         help="with --shallow vertical-slash: skip the switch-layer search and calibrate the budgets "
                              "at this layer (e.g. an earlier calibration's)")
     parser.add_argument("--budgets", default=DEFAULT_BUDGETS,
                         help=f"with --shallow vertical-slash: vertical:slash budgets, cheapest first, each "
-                             f"keeping at least the previous one's (default {DEFAULT_BUDGETS})")
+                             f"keeping at least the previous one's (default {DEFAULT_BUDGETS}); with --masses "
+                             "or flexprefill the last pair caps every step")
+    parser.add_argument("--masses", default=None,
+                        help="a ladder of growing attention masses (vertical-slash mass=, flexprefill gamma) instead "
+                             f"of budgets (flexprefill's default {DEFAULT_MASSES})")
     add_vertical_slash_arguments(parser)
+    add_flexprefill_arguments(parser)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="compute dtype (default: the checkpoint's)")
     parser.add_argument("--implementation", default=None, help="attention backend (default: the platform's)")
@@ -479,7 +529,7 @@ def _calibrate_cli(args: argparse.Namespace) -> int:
     names = task_list(args.tasks)
     triangle = dict(n_init=args.n_init, n_local=args.n_local, n_last=args.n_last)
     TriangleMix(0, **triangle)  # validates the sizes
-    budgets = parse_budgets(args.budgets, args) if args.shallow == "vertical-slash" else []
+    budgets = shallow_ladder(args)
     if args.switch_layer is not None:
         if not budgets:
             raise ValueError("--switch-layer leaves nothing to calibrate without --shallow vertical-slash")

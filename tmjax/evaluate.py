@@ -1,7 +1,7 @@
 """The accuracy harness: long-context tasks under dense attention and other layouts side by side.
 
 Every sample (``tmjax.tasks``) is prefilled once per configuration (a layout: ``TriangleMix`` at a
-switch layer, with or without ``shallow=VerticalSlash``, or ``VerticalSlash`` alone) and answered
+switch layer, with or without ``shallow=VerticalSlash`` or ``FlexPrefill``, or one of those alone) and answered
 greedily. Reported per configuration: per-task accuracy (mean ``tasks.score`` x 100), the fraction of
 greedy answers whose tokens are identical to the dense answer's with its Wilson 95% interval, and the
 KL divergence ``KL(p_dense || p_config)`` of the first generated token's distribution (nats), which
@@ -23,7 +23,7 @@ from statistics import NormalDist
 import numpy as np
 
 from tmjax import api, tasks
-from tmjax.layout import SELECTIONS, Layout, TriangleMix, VerticalSlash, check_layout
+from tmjax.layout import SELECTIONS, FlexPrefill, Layout, TriangleMix, VerticalSlash, check_layout
 from tmjax.models.params import Params
 
 DENSE = "dense"
@@ -33,14 +33,22 @@ Z_SCORE = NormalDist().inv_cdf(0.5 + CONFIDENCE / 2)  # 1.95996...
 TARGETS = {"accuracy_gap": 1.0, "identical": 0.95, "identical_lower": 0.90, "first_token_kl": 1e-3}
 
 
+METHODS = {VerticalSlash: "vertical-slash", FlexPrefill: "flexprefill"}  # report names of the shallow methods
+
+
 def config_name(layout: Layout | None) -> str:
-    """The key of a configuration in reports: ``dense``, ``switch=<s>``, ``vertical-slash`` or
-    ``switch=<s>+vertical-slash`` (the budgets are in the report's ``configs``)."""
+    """The key of a configuration in reports: ``dense``, ``switch=<s>``, ``vertical-slash``,
+    ``flexprefill``, ``switch=<s>+vertical-slash`` or ``switch=<s>+flexprefill`` (the budgets are in
+    the report's ``configs``)."""
     if layout is None:
         return DENSE
-    if isinstance(layout, VerticalSlash):
-        return "vertical-slash"
-    return f"switch={layout.switch_layer}" + ("" if layout.shallow is None else "+vertical-slash")
+    if not isinstance(layout, TriangleMix):
+        return METHODS[type(layout)]
+    return f"switch={layout.switch_layer}" + ("" if layout.shallow is None else f"+{METHODS[type(layout.shallow)]}")
+
+
+def _shallow_from_json(data: dict) -> VerticalSlash | FlexPrefill:
+    return FlexPrefill(**data) if "gamma" in data else VerticalSlash(**data)
 
 
 def layout_from_json(data: dict | None) -> Layout | None:
@@ -49,8 +57,8 @@ def layout_from_json(data: dict | None) -> Layout | None:
         return None
     if "switch_layer" in data:
         shallow = data.get("shallow")
-        return TriangleMix(**{**data, "shallow": None if shallow is None else VerticalSlash(**shallow)})
-    return VerticalSlash(**data)
+        return TriangleMix(**{**data, "shallow": None if shallow is None else _shallow_from_json(shallow)})
+    return _shallow_from_json(data)
 
 
 def wilson_interval(successes: int, n: int, z: float = Z_SCORE) -> tuple[float, float]:
@@ -259,30 +267,35 @@ def _layers(spec: str) -> list[int]:
 
 
 def _order(layout: Layout | None) -> tuple[int, int]:
-    """Report order: dense, TriangleMix by switch layer, vertical-slash, TriangleMix + vertical-slash."""
+    """Report order: dense, TriangleMix by switch layer, vertical-slash, FlexPrefill, TriangleMix +
+    vertical-slash, TriangleMix + FlexPrefill."""
     if layout is None:
         return -1, 0
-    if isinstance(layout, VerticalSlash):
-        return 1, 0
-    return (0 if layout.shallow is None else 2), layout.switch_layer
+    methods = list(METHODS)
+    if not isinstance(layout, TriangleMix):
+        return 1 + methods.index(type(layout)), 0
+    return (0 if layout.shallow is None else 1 + len(methods) + methods.index(type(layout.shallow))), layout.switch_layer
 
 
-def parse_configs(spec: str, *, triangle: dict, pattern: VerticalSlash) -> list[Layout | None]:
+def parse_configs(spec: str, *, triangle: dict, pattern: VerticalSlash, flex: FlexPrefill = FlexPrefill()
+                  ) -> list[Layout | None]:
     """``--configs``: comma-separated ``dense``, ``tm:<layer>`` (TriangleMix with the ``triangle`` sizes),
-    ``vs`` (``pattern`` in every layer) and ``tm:<layer>+vs`` (TriangleMix, ``pattern`` below it)."""
+    ``vs`` / ``fp`` (``pattern`` / ``flex`` in every layer) and ``tm:<layer>+vs`` / ``tm:<layer>+fp``
+    (TriangleMix, that method below it)."""
+    shallow = {"vs": pattern, "fp": flex}
     layouts: list[Layout | None] = []
     for item in (part.strip() for part in spec.split(",")):
         head, plus, tail = item.partition("+")
         kind, colon, layer = head.partition(":")
         if item == DENSE:
             layouts.append(None)
-        elif item == "vs":
-            layouts.append(pattern)
-        elif kind == "tm" and colon and layer.isdigit() and (not plus or tail == "vs"):
-            layouts.append(TriangleMix(int(layer), **triangle, shallow=pattern if plus else None))
+        elif item in shallow:
+            layouts.append(shallow[item])
+        elif kind == "tm" and colon and layer.isdigit() and (not plus or tail in shallow):
+            layouts.append(TriangleMix(int(layer), **triangle, shallow=shallow[tail] if plus else None))
         else:
-            raise ValueError(f"--configs: cannot read {item!r}; use dense, tm:<layer>, vs or tm:<layer>+vs "
-                             "(e.g. --configs dense,tm:22,vs,tm:22+vs)")
+            raise ValueError(f"--configs: cannot read {item!r}; use dense, tm:<layer>, vs, fp, tm:<layer>+vs or "
+                             "tm:<layer>+fp (e.g. --configs dense,tm:22,vs,tm:22+vs,tm:22+fp)")
     return layouts
 
 
@@ -299,10 +312,31 @@ def add_vertical_slash_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"vertical-slash: one selection per KV group or per head (default {default.selection})")
 
 
-def vertical_slash(args: argparse.Namespace, vertical: int, slash: int) -> VerticalSlash:
-    """A ``VerticalSlash`` with these budgets and the options of ``add_vertical_slash_arguments``."""
+def vertical_slash(args: argparse.Namespace, vertical: int, slash: int, mass: float | None = None) -> VerticalSlash:
+    """A ``VerticalSlash`` with these budgets (caps, with ``mass``) and the options of
+    ``add_vertical_slash_arguments``."""
     return VerticalSlash(vertical=vertical, slash=slash, last_q=args.last_q, force_vertical=args.force_vertical,
-                         force_slash=args.force_slash, selection=args.selection)
+                         force_slash=args.force_slash, selection=args.selection, mass=mass)
+
+
+def add_flexprefill_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``FlexPrefill`` options other than ``gamma`` and its vertical-slash caps (``tmjax eval`` and
+    ``tmjax calibrate``); its forced columns/diagonals and selection are the vertical-slash options'."""
+    default = FlexPrefill()
+    parser.add_argument("--tau", type=float, default=default.tau,
+                        help=f"flexprefill: query-aware below this sqrt-JS distance (default {default.tau})")
+    parser.add_argument("--block", type=int, default=default.block,
+                        help=f"flexprefill: block size, a multiple of 64 (default {default.block})")
+    parser.add_argument("--max-blocks", type=int, default=default.max_blocks,
+                        help=f"flexprefill: most key blocks per query block (default {default.max_blocks})")
+
+
+def flexprefill(args: argparse.Namespace, gamma: float, vertical: int, slash: int) -> FlexPrefill:
+    """A ``FlexPrefill`` with this ``gamma`` and caps and the options of ``add_flexprefill_arguments``
+    and ``add_vertical_slash_arguments``."""
+    return FlexPrefill(gamma=gamma, tau=args.tau, block=args.block, max_blocks=args.max_blocks, vertical=vertical,
+                       slash=slash, force_vertical=args.force_vertical, force_slash=args.force_slash,
+                       selection=args.selection)
 
 
 def add_task_arguments(parser: argparse.ArgumentParser, *, samples_per_task: int,
@@ -398,13 +432,20 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                              "unless --configs is given)")
     parser.add_argument("--configs", default=None,
                         help="comma-separated configurations: dense, tm:<layer> (TriangleMix), vs (vertical-slash "
-                             "in every layer), tm:<layer>+vs (TriangleMix, vertical-slash below the switch layer); "
-                             "e.g. dense,tm:22,vs,tm:22+vs")
+                             "in every layer), fp (FlexPrefill in every layer), tm:<layer>+vs and tm:<layer>+fp "
+                             "(TriangleMix, that method below the switch layer); e.g. dense,tm:22,vs,tm:22+vs,tm:22+fp")
     parser.add_argument("--vertical", type=int, default=VerticalSlash().vertical,
                         help=f"vertical-slash: kept columns (default {VerticalSlash().vertical})")
     parser.add_argument("--slash", type=int, default=VerticalSlash().slash,
                         help=f"vertical-slash: kept diagonals (default {VerticalSlash().slash})")
+    parser.add_argument("--mass", type=float, default=None,
+                        help="vertical-slash: keep columns/diagonals up to this share of the estimated attention "
+                             "mass, --vertical/--slash then being caps (default: fixed budgets)")
+    parser.add_argument("--gamma", type=float, default=FlexPrefill().gamma,
+                        help=f"flexprefill: share of the estimated attention mass kept (default {FlexPrefill().gamma}); "
+                             "--vertical/--slash cap its vertical-slash heads")
     add_vertical_slash_arguments(parser)
+    add_flexprefill_arguments(parser)
     parser.add_argument("--probe", default=None,
                         help="a probe.json: its recommended switch layer is added and marked in the report")
     parser.add_argument("--calibration", action="append", default=[],
@@ -422,7 +463,9 @@ def _eval(args: argparse.Namespace) -> int:
     triangle = dict(n_init=args.n_init, n_local=args.n_local, n_last=args.n_last)
     configs: list[int | Layout | None] = []
     if args.configs:
-        configs += parse_configs(args.configs, triangle=triangle, pattern=vertical_slash(args, args.vertical, args.slash))
+        configs += parse_configs(args.configs, triangle=triangle,
+                                 pattern=vertical_slash(args, args.vertical, args.slash, args.mass),
+                                 flex=flexprefill(args, args.gamma, args.vertical, args.slash))
     if args.switch_layers:
         configs += _layers(args.switch_layers)
     recommended = _probe_switch_layer(args.probe) if args.probe else None
