@@ -33,8 +33,12 @@ fi
 case "$what" in
   tests)
     # TESTS_K="expr" runs a part of the grid (pytest -k), for a grid longer than one call
-    TMJAX_ERRORS_JSON="$OUT/attention-gpu-errors.json" timeout 580 \
-      python3 -m pytest tests/test_gpu.py -q -x -p no:cacheprovider ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
+    # WORKERS=n runs the grid in n processes (pytest-xdist; compiling dominates, the GPU is shared, each
+    # process gets a fifth of its memory); each worker writes attention-gpu-errors-<worker>.json
+    workers=()
+    [[ -n "${WORKERS:-}" ]] && { workers=(-n "$WORKERS"); export XLA_PYTHON_CLIENT_MEM_FRACTION=0.2; }
+    TMJAX_ERRORS_JSON="$OUT/attention-gpu-errors.json" timeout "${TESTS_TIMEOUT:-580}" \
+      python3 -m pytest tests/test_gpu.py -q -x -p no:cacheprovider "${workers[@]}" ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
       | tee "$OUT/test_gpu.log" | tail -40 ;;
   bench)
     peers=()

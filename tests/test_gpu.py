@@ -45,6 +45,9 @@ _records: list[dict] = []
 def _write_records():
     yield
     path = os.environ.get("TMJAX_ERRORS_JSON")
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # under pytest-xdist each worker writes its own file
+    if path and worker:
+        path = f"{os.path.splitext(path)[0]}-{worker}.json"
     if path and _records:
         with open(path, "w") as fh:
             info = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "cases": _records}
