@@ -10,11 +10,15 @@ interpreted one on CPU in ~2-4 s; a run takes milliseconds). So a ``Signature`` 
 backend compiles for (pattern and its static keywords, B, T, Hq, Hkv, D, dtype, and the form of
 ``length``: None, a static int, a traced int32 scalar or a traced int32 ``[B]``), is compiled once per
 backend, and runs several ``Case``s that vary only what is traced: the data (seeded), the scale of q,
-the true lengths (traced forms), and NaN/Inf poisoning. T comes from a short pool (``Space.seq_lens``,
-mostly not multiples of 64); B, heads, head_dim, dtype, length form and the pattern's static keywords
-are drawn per signature. Each case's reference (and its host-side masks) is computed once and shared
-by every backend that takes the signature. Big-T signatures get few mask rows (``Space.max_mask``
-bounds ``B x mask heads x T^2``, the host's mask work and the reference's memory).
+the true lengths (traced forms; drawn from the signature's short menu, so that host-side masks are
+reused), and NaN/Inf poisoning. T comes from a short pool (``Space.seq_lens``, mostly not multiples of
+64); B, heads, head_dim, dtype, length form and the pattern's static keywords are drawn per signature.
+Each case's reference (and its host-side masks) is computed once and shared by every backend that
+takes the signature. Big-T signatures get fewer rows and heads (``Space.max_mask``, ``max_reference``,
+``max_data`` bound the host's mask work, the reference's memory and the host's random draws).
+``sweep`` runs rounds of one new signature per pattern until its time budget is spent; given a target
+count, it re-plans the cases per signature after each round from the measured cost of compiling and
+of a case, so that every backend x pattern reaches the target within the budget.
 
 **Checks per case and backend:** the rows below each row's length are finite; the worst relative L2
 error over batch rows (each row's real part, every head) is within ``REL_L2`` of its dtype
@@ -519,6 +523,8 @@ class Report:
     results: list[Result] = dataclasses.field(default_factory=list)
     first_call_s: dict[str, float] = dataclasses.field(default_factory=dict)  # "impl/pattern" -> compile + first run
     signatures: dict[str, int] = dataclasses.field(default_factory=dict)  # pattern -> signatures run
+    signatures_run: dict[str, int] = dataclasses.field(default_factory=dict)  # "impl/pattern" -> signatures
+    cases_per_signature: list[int] = dataclasses.field(default_factory=list)  # each re-plan's choice
     elapsed_s: float = 0.0
     stopped_early: bool = False
 
@@ -547,6 +553,7 @@ class Report:
             seed=self.seed, device=jax.devices()[0].device_kind, platform=jax.devices()[0].platform,
             jax=jax.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             elapsed_s=round(self.elapsed_s, 1), stopped_early=self.stopped_early, signatures=self.signatures,
+            signatures_run=self.signatures_run, cases_per_signature_replanned=self.cases_per_signature,
             cases=self.counts(), worst_rel_l2=self.worst(), bounds=REL_L2,
             first_call_s={k: round(v, 1) for k, v in self.first_call_s.items()},
             failures=[dict(implementation=r.implementation, pattern=r.case.signature.pattern, error=r.error,
@@ -562,44 +569,80 @@ def sweep(
     implementations: list[str] | None = None,
     signatures: int = 16,
     cases_per_signature: int = 20,
+    target: int | None = None,
     budget_s: float = float("inf"),
     log: Callable[[str], None] = lambda line: None,
+    progress: Callable[[Report], None] = lambda report: None,
 ) -> Report:
-    """Draw ``signatures`` signatures per pattern and ``cases_per_signature`` cases each, run every
-    available backend that takes them, and stop starting new signatures once ``budget_s`` is spent."""
+    """Up to ``signatures`` rounds, each drawing one signature per pattern and running
+    ``cases_per_signature`` cases of it on every available backend that takes it; stops once
+    ``budget_s`` is spent (checked before every case). With ``target`` (cases per backend and
+    pattern), each round re-plans its cases per signature from the measured cost of a signature's
+    first case (compilation) and of the others, so that the rounds the budget still affords reach it.
+    ``progress(report)`` is called after every signature."""
     patterns = list(patterns or PATTERNS)
-    impls = [IMPLEMENTATIONS[n] for n in (implementations or IMPLEMENTATIONS)]
-    impls = [i for i in impls if i.available()]
+    impls = [i for i in (IMPLEMENTATIONS[n] for n in (implementations or IMPLEMENTATIONS)) if i.available()]
     report, start = Report(seed), time.monotonic()
-    drawn: dict[str, int] = {}
+    setup_s = case_s = 0.0  # time in signatures' first cases (compilations) and in the other cases
+    cases_timed, per_signature = 0, cases_per_signature
     for index, sig in enumerate(draw_signatures(seed, patterns, signatures, space)):
-        drawn[sig.pattern] = drawn.get(sig.pattern, 0) + 1
-        if time.monotonic() - start > budget_s:
-            report.stopped_early = True
-            log(f"time budget of {budget_s:.0f} s spent after {index} signatures")
-            break
-        pattern = PATTERNS[sig.pattern]
+        done_rounds, pattern = index // len(patterns), PATTERNS[sig.pattern]
+        if target is not None and index % len(patterns) == 0 and done_rounds and cases_timed:
+            per_signature = _replan(report, target, per_signature, signatures - done_rounds, done_rounds,
+                                    budget_s - (time.monotonic() - start), setup_s / done_rounds,
+                                    case_s / cases_timed * len(patterns))
+            report.cases_per_signature.append(per_signature)
         here = [i for i in impls if runs(i, pattern, sig)]
         if not here:
             continue
         report.signatures[sig.pattern] = report.signatures.get(sig.pattern, 0) + 1
-        rng = np.random.default_rng([seed, _stable_id(sig.pattern), drawn[sig.pattern], 1])
-        for n in range(cases_per_signature):
+        for impl in here:
+            key = f"{impl.name}/{sig.pattern}"
+            report.signatures_run[key] = report.signatures_run.get(key, 0) + 1
+        rng = np.random.default_rng([seed, _stable_id(sig.pattern), done_rounds, 1])
+        for n in range(per_signature):
+            if time.monotonic() - start > budget_s:
+                report.stopped_early, report.elapsed_s = True, time.monotonic() - start
+                log(f"time budget of {budget_s:.0f} s spent")
+                return report
+            t0 = time.monotonic()
             prep = prepare(draw_case(rng, sig, space))
             for impl in here:
-                t0 = time.monotonic()
+                t1 = time.monotonic()
                 result = check(prep, impl.name)
                 if n == 0:
                     key = f"{impl.name}/{sig.pattern}"
-                    report.first_call_s[key] = report.first_call_s.get(key, 0.0) + time.monotonic() - t0
+                    report.first_call_s[key] = report.first_call_s.get(key, 0.0) + time.monotonic() - t1
                 report.results.append(result)
                 if not result.passed:
                     log(f"FAIL {impl.name} {sig.pattern}: {result.problem}\n  {result.reproduction()}")
-        log(f"[{time.monotonic() - start:6.1f} s] {sig.pattern} T={sig.seq_len} B={sig.batch} "
+            if n == 0:
+                setup_s += time.monotonic() - t0
+            else:
+                case_s, cases_timed = case_s + time.monotonic() - t0, cases_timed + 1
+        report.elapsed_s = time.monotonic() - start
+        log(f"[{report.elapsed_s:6.1f} s] {sig.pattern} x{per_signature} T={sig.seq_len} B={sig.batch} "
             f"H={sig.q_heads}/{sig.kv_heads} D={sig.head_dim} {sig.dtype} length={sig.length_form} "
             f"{sig.keywords} on {','.join(i.name for i in here)}")
+        progress(report)
     report.elapsed_s = time.monotonic() - start
     return report
+
+
+def _replan(report: Report, target: int, cases: int, rounds_left: int, rounds_done: int, remaining_s: float,
+            round_setup_s: float, round_case_s: float) -> int:
+    """Cases per signature for the remaining rounds: the smallest count, from the current one up, whose
+    affordable rounds (each ``round_setup_s + cases * round_case_s``) give every backend x pattern
+    its missing cases, scaled by the share of signatures it takes."""
+    counts = report.counts()
+    needs = [(target - counts.get(key, 0), max(0.5, ran / rounds_done)) for key, ran in report.signatures_run.items()]
+    while True:
+        rounds = min(rounds_left, int(remaining_s // (round_setup_s + cases * round_case_s)))
+        if all(rounds * cases * share >= need for need, share in needs):
+            return cases
+        if rounds <= 1:  # the budget affords one round at most: fill it
+            return max(cases, int((remaining_s - round_setup_s) / round_case_s))
+        cases += max(1, cases // 4)
 
 
 def main(argv: list[str] | None = None) -> int:
