@@ -16,9 +16,9 @@ reused), and NaN/Inf poisoning. T comes from a short pool (``Space.seq_lens``, m
 Each case's reference (and its host-side masks) is computed once and shared by every backend that
 takes the signature. Big-T signatures get fewer rows and heads (``Space.max_mask``, ``max_reference``,
 ``max_data`` bound the host's mask work, the reference's memory and the host's random draws).
-``sweep`` runs rounds of one new signature per pattern until its time budget is spent; given a target
-count, it re-plans the cases per signature after each round from the measured cost of compiling and
-of a case, so that every backend x pattern reaches the target within the budget.
+``sweep`` draws new signatures (interleaved over patterns) for part of its time budget, then tops up
+every backend x pattern below its target count with more cases of signatures already compiled (no
+compilation), then goes back to new signatures until the budget is spent.
 
 **Checks per case and backend:** the rows below each row's length are finite; the worst relative L2
 error over batch rows (each row's real part, every head) is within ``REL_L2`` of its dtype
@@ -220,8 +220,8 @@ def draw_vertical_slash(rng: np.random.Generator, seq_len: int) -> dict:
     last_q = 64 if u < 0.5 else (seq_len + int(rng.integers(0, 50)) if u < 0.6 else int(rng.integers(1, 129)))
     return dict(
         vertical=vertical, slash=slash, last_q=last_q,
-        force_vertical=int(rng.integers(0, min(vertical, 40) + 1)),
-        force_slash=int(rng.integers(1, min(slash, 120) + 1)),
+        force_vertical=0 if vertical == 0 or rng.random() < 0.3 else _log_uniform(rng, 1, min(vertical, 40)),
+        force_slash=_log_uniform(rng, 1, min(slash, 120)),  # few forced diagonals leave gaps to get wrong
         selection=str(rng.choice(["group", "head"])),
     )
 
@@ -524,7 +524,7 @@ class Report:
     first_call_s: dict[str, float] = dataclasses.field(default_factory=dict)  # "impl/pattern" -> compile + first run
     signatures: dict[str, int] = dataclasses.field(default_factory=dict)  # pattern -> signatures run
     signatures_run: dict[str, int] = dataclasses.field(default_factory=dict)  # "impl/pattern" -> signatures
-    cases_per_signature: list[int] = dataclasses.field(default_factory=list)  # each re-plan's choice
+    top_up_cases: int = 0  # cases run on signatures already compiled, to reach the target
     elapsed_s: float = 0.0
     stopped_early: bool = False
 
@@ -553,12 +553,37 @@ class Report:
             seed=self.seed, device=jax.devices()[0].device_kind, platform=jax.devices()[0].platform,
             jax=jax.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             elapsed_s=round(self.elapsed_s, 1), stopped_early=self.stopped_early, signatures=self.signatures,
-            signatures_run=self.signatures_run, cases_per_signature_replanned=self.cases_per_signature,
+            signatures_run=self.signatures_run, top_up_cases=self.top_up_cases,
             cases=self.counts(), worst_rel_l2=self.worst(), bounds=REL_L2,
             first_call_s={k: round(v, 1) for k, v in self.first_call_s.items()},
             failures=[dict(implementation=r.implementation, pattern=r.case.signature.pattern, error=r.error,
                            problem=r.problem, reproduction=r.reproduction()) for r in self.failures],
         )
+
+
+@dataclasses.dataclass
+class _Compiled:
+    """A signature that has run (so every backend's program for it is compiled): where its next case
+    comes from."""
+
+    sig: Signature
+    impls: list[Implementation]
+    rng: np.random.Generator
+    cases: int = 0
+
+
+def _run_case(entry: _Compiled, space: Space, report: Report, log: Callable[[str], None]) -> None:
+    prep = prepare(draw_case(entry.rng, entry.sig, space))
+    for impl in entry.impls:
+        t0 = time.monotonic()
+        result = check(prep, impl.name)
+        if entry.cases == 0:
+            key = f"{impl.name}/{entry.sig.pattern}"
+            report.first_call_s[key] = report.first_call_s.get(key, 0.0) + time.monotonic() - t0
+        report.results.append(result)
+        if not result.passed:
+            log(f"FAIL {impl.name} {entry.sig.pattern}: {result.problem}\n  {result.reproduction()}")
+    entry.cases += 1
 
 
 def sweep(
@@ -571,78 +596,70 @@ def sweep(
     cases_per_signature: int = 20,
     target: int | None = None,
     budget_s: float = float("inf"),
+    explore_share: float = 0.5,
     log: Callable[[str], None] = lambda line: None,
     progress: Callable[[Report], None] = lambda report: None,
 ) -> Report:
-    """Up to ``signatures`` rounds, each drawing one signature per pattern and running
-    ``cases_per_signature`` cases of it on every available backend that takes it; stops once
-    ``budget_s`` is spent (checked before every case). With ``target`` (cases per backend and
-    pattern), each round re-plans its cases per signature from the measured cost of a signature's
-    first case (compilation) and of the others, so that the rounds the budget still affords reach it.
-    ``progress(report)`` is called after every signature."""
+    """Draw up to ``signatures`` signatures per pattern (interleaved) and run ``cases_per_signature``
+    cases of each on every available backend that takes it; nothing new starts once ``budget_s`` is
+    spent (checked before every case).
+
+    With ``target`` (cases per backend and pattern), new signatures stop after ``explore_share`` of
+    the budget; then every backend x pattern below the target gets more cases of its signatures
+    already compiled (cheap: no compilation), the pattern furthest behind first; time left after
+    that goes to new signatures again. ``progress(report)`` is called after every signature and
+    every 20 top-up cases."""
     patterns = list(patterns or PATTERNS)
     impls = [i for i in (IMPLEMENTATIONS[n] for n in (implementations or IMPLEMENTATIONS)) if i.available()]
-    report, start = Report(seed), time.monotonic()
-    setup_s = case_s = 0.0  # time in signatures' first cases (compilations) and in the other cases
-    cases_timed, per_signature = 0, cases_per_signature
-    for index, sig in enumerate(draw_signatures(seed, patterns, signatures, space)):
-        done_rounds, pattern = index // len(patterns), PATTERNS[sig.pattern]
-        if target is not None and index % len(patterns) == 0 and done_rounds and cases_timed:
-            per_signature = _replan(report, target, per_signature, signatures - done_rounds, done_rounds,
-                                    budget_s - (time.monotonic() - start), setup_s / done_rounds,
-                                    case_s / cases_timed * len(patterns))
-            report.cases_per_signature.append(per_signature)
-        here = [i for i in impls if runs(i, pattern, sig)]
-        if not here:
-            continue
-        report.signatures[sig.pattern] = report.signatures.get(sig.pattern, 0) + 1
-        for impl in here:
-            key = f"{impl.name}/{sig.pattern}"
-            report.signatures_run[key] = report.signatures_run.get(key, 0) + 1
-        rng = np.random.default_rng([seed, _stable_id(sig.pattern), done_rounds, 1])
-        for n in range(per_signature):
-            if time.monotonic() - start > budget_s:
-                report.stopped_early, report.elapsed_s = True, time.monotonic() - start
-                log(f"time budget of {budget_s:.0f} s spent")
-                return report
-            t0 = time.monotonic()
-            prep = prepare(draw_case(rng, sig, space))
+    report, start, compiled = Report(seed), time.monotonic(), []
+    elapsed = lambda: time.monotonic() - start  # noqa: E731
+    drawn = enumerate(draw_signatures(seed, patterns, signatures, space))
+
+    def explore(until_s: float) -> None:
+        for index, sig in drawn:
+            pattern = PATTERNS[sig.pattern]
+            here = [i for i in impls if runs(i, pattern, sig)]
+            if not here:
+                continue
+            entry = _Compiled(sig, here, np.random.default_rng([seed, _stable_id(sig.pattern), index // len(patterns)]))
+            compiled.append(entry)
+            report.signatures[sig.pattern] = report.signatures.get(sig.pattern, 0) + 1
             for impl in here:
-                t1 = time.monotonic()
-                result = check(prep, impl.name)
-                if n == 0:
-                    key = f"{impl.name}/{sig.pattern}"
-                    report.first_call_s[key] = report.first_call_s.get(key, 0.0) + time.monotonic() - t1
-                report.results.append(result)
-                if not result.passed:
-                    log(f"FAIL {impl.name} {sig.pattern}: {result.problem}\n  {result.reproduction()}")
-            if n == 0:
-                setup_s += time.monotonic() - t0
-            else:
-                case_s, cases_timed = case_s + time.monotonic() - t0, cases_timed + 1
-        report.elapsed_s = time.monotonic() - start
-        log(f"[{report.elapsed_s:6.1f} s] {sig.pattern} x{per_signature} T={sig.seq_len} B={sig.batch} "
-            f"H={sig.q_heads}/{sig.kv_heads} D={sig.head_dim} {sig.dtype} length={sig.length_form} "
-            f"{sig.keywords} on {','.join(i.name for i in here)}")
-        progress(report)
-    report.elapsed_s = time.monotonic() - start
+                key = f"{impl.name}/{sig.pattern}"
+                report.signatures_run[key] = report.signatures_run.get(key, 0) + 1
+            while entry.cases < cases_per_signature and elapsed() < budget_s:
+                _run_case(entry, space, report, log)
+            report.elapsed_s = elapsed()
+            log(f"[{report.elapsed_s:6.1f} s] {sig.pattern} x{entry.cases} T={sig.seq_len} B={sig.batch} "
+                f"H={sig.q_heads}/{sig.kv_heads} D={sig.head_dim} {sig.dtype} length={sig.length_form} "
+                f"{sig.keywords} on {','.join(i.name for i in here)}")
+            progress(report)
+            if elapsed() >= until_s:
+                return
+
+    def top_up() -> None:
+        while elapsed() < budget_s:
+            counts = report.counts()
+            short = sorted((counts.get(key, 0), key) for key in report.signatures_run if counts.get(key, 0) < target)
+            if not short:
+                return
+            impl_name, pattern = short[0][1].split("/")
+            entry = min((e for e in compiled if e.sig.pattern == pattern and impl_name in [i.name for i in e.impls]),
+                        key=lambda e: e.cases)
+            _run_case(entry, space, report, log)
+            report.top_up_cases += 1
+            if report.top_up_cases % 20 == 0:
+                report.elapsed_s = elapsed()
+                progress(report)
+
+    explore(budget_s if target is None else explore_share * budget_s)
+    if target is not None:
+        top_up()
+        log(f"[{elapsed():6.1f} s] {report.top_up_cases} top-up cases")
+        explore(budget_s)
+    report.stopped_early = elapsed() >= budget_s
+    report.elapsed_s = elapsed()
     return report
-
-
-def _replan(report: Report, target: int, cases: int, rounds_left: int, rounds_done: int, remaining_s: float,
-            round_setup_s: float, round_case_s: float) -> int:
-    """Cases per signature for the remaining rounds: the smallest count, from the current one up, whose
-    affordable rounds (each ``round_setup_s + cases * round_case_s``) give every backend x pattern
-    its missing cases, scaled by the share of signatures it takes."""
-    counts = report.counts()
-    needs = [(target - counts.get(key, 0), max(0.5, ran / rounds_done)) for key, ran in report.signatures_run.items()]
-    while True:
-        rounds = min(rounds_left, int(remaining_s // (round_setup_s + cases * round_case_s)))
-        if all(rounds * cases * share >= need for need, share in needs):
-            return cases
-        if rounds <= 1:  # the budget affords one round at most: fill it
-            return max(cases, int((remaining_s - round_setup_s) / round_case_s))
-        cases += max(1, cases // 4)
 
 
 def main(argv: list[str] | None = None) -> int:

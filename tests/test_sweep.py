@@ -104,18 +104,20 @@ def test_the_checker_fails_planted_bugs(monkeypatch, capsys):
         return tmjax.triangle_attention(q, k, v, n_local=n_local + 1, **kw)
 
     def leaky(q, k, v, **kw):
-        return tmjax.causal_attention(q, k, v, **kw) + 0 * k.sum(axis=(1, 2, 3))[:, None, None, None].astype(q.dtype)
+        spill = (k.sum(axis=(1, 2, 3)) + v.sum(axis=(1, 2, 3)))[:, None, None, None].astype(q.dtype)
+        return tmjax.causal_attention(q, k, v, **kw) + 0 * spill
 
-    planted = {
-        "triangle": sc.Pattern("triangle", wide_window, sc.draw_triangle, sc.triangle_masks),
-        "causal": sc.Pattern("causal", leaky, lambda rng, t: {}, sc.causal_masks),
+    planted = {  # pattern, and what its failures must say
+        "triangle": (sc.Pattern("triangle", wide_window, lambda rng, t: dict(n_init=0, n_local=16, n_last=4),
+                                sc.triangle_masks), "relative L2"),
+        "causal": (sc.Pattern("causal", leaky, lambda rng, t: {}, sc.causal_masks), "poison reached"),
     }
-    space = sc.Space(seq_lens=(200,), head_pairs=((2, 1),), head_dims=(64,), xla_only_share=0.0,
-                     length_forms=(0, 0, 0, 1), poison_share=1.0)
-    for name, pattern in planted.items():
+    space = sc.Space(seq_lens=(100,), head_pairs=((2, 1),), head_dims=(64,), xla_only_share=0.0,
+                     length_forms=(1, 0, 0, 0), poison_share=1.0)  # length None: every row is long
+    for name, (pattern, says) in planted.items():
         monkeypatch.setitem(sc.PATTERNS, name, pattern)
-        report = sc.sweep(SEED, space, patterns=[name], implementations=["xla"], signatures=3, cases_per_signature=3)
-        assert report.failures, f"planted bug in {name} not caught"
+        report = sc.sweep(SEED, space, patterns=[name], implementations=["xla"], signatures=1, cases_per_signature=3)
+        assert report.failures and all(says in r.problem for r in report.failures), report.failures
         command = report.failures[0].reproduction().split(" ", 2)
         assert command[:2] == ["python", "tests/sweep_cases.py"]
         implementation, case = command[2].split(" ", 1)
