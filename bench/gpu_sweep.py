@@ -11,8 +11,9 @@ its record. Exit status 1 when a case failed or a backend x pattern stayed below
     python3 bench/gpu_sweep.py --out "$OUT" [--seed N] [--cases 300] [--budget-s 360]
 
 (``bash bench/gpu_check.sh sweep`` runs this on the GPU machine.) New signatures (compilations, a few
-cases each) take half the budget; then every backend x pattern below ``--cases`` gets more cases of
-its compiled signatures (no compilation); the rest of ``--budget-s`` goes to new signatures again.
+cases each) run while the budget left also covers topping up every backend x pattern to ``--cases``
+at the measured cost of a case; then the top-up runs more cases of compiled signatures (no
+compilation); the rest of ``--budget-s`` goes to new signatures again.
 """
 
 from __future__ import annotations

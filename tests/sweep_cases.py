@@ -16,9 +16,10 @@ reused), and NaN/Inf poisoning. T comes from a short pool (``Space.seq_lens``, m
 Each case's reference (and its host-side masks) is computed once and shared by every backend that
 takes the signature. Big-T signatures get fewer rows and heads (``Space.max_mask``, ``max_reference``,
 ``max_data`` bound the host's mask work, the reference's memory and the host's random draws).
-``sweep`` draws new signatures (interleaved over patterns) for part of its time budget, then tops up
-every backend x pattern below its target count with more cases of signatures already compiled (no
-compilation), then goes back to new signatures until the budget is spent.
+``sweep`` draws new signatures (interleaved over patterns) while its time budget also covers, at the
+measured cost of a case, topping up every backend x pattern to its target count; then it tops them up
+with more cases of signatures already compiled (no compilation), then goes back to new signatures
+until the budget is spent.
 
 **Checks per case and backend:** the rows below each row's length are finite; the worst relative L2
 error over batch rows (each row's real part, every head) is within ``REL_L2`` of its dtype
@@ -278,6 +279,12 @@ def selection_masks(select: Callable, mask_of: Callable[..., np.ndarray]) -> Cal
     return masks
 
 
+# A pattern whose entry point and selection function take a new keyword is a new draw, e.g.
+#   register(Pattern("vertical_slash_mass", tmjax.vertical_slash_attention,
+#                    lambda rng, t: {**draw_vertical_slash(rng, t), "mass": float(rng.uniform(0.5, 1.0))},
+#                    selection_masks(tmjax.vertical_slash_indices, reference.vertical_slash_mask),
+#                    selection_reads_keys=True))
+# and a new selecting pattern (FlexPrefill) names its own selection function and reference mask the same way.
 register(Pattern("triangle", tmjax.triangle_attention, draw_triangle, triangle_masks))
 register(Pattern("causal", tmjax.causal_attention, lambda rng, seq_len: {}, causal_masks))
 register(Pattern("vertical_slash", tmjax.vertical_slash_attention, draw_vertical_slash,
@@ -307,7 +314,7 @@ class Space:
     menu_size: int = 6
     max_mask: float = 1e8
     max_reference: float = 1.2e9
-    max_data: float = 8e6
+    max_data: float = 4e6
 
 
 # (Hq, Hkv): GQA ratios 1 to 8, odd and even groups, MHA.
@@ -572,18 +579,38 @@ class _Compiled:
     cases: int = 0
 
 
-def _run_case(entry: _Compiled, space: Space, report: Report, log: Callable[[str], None]) -> None:
+def _run_case(entry: _Compiled, space: Space, report: Report, log: Callable[[str], None]) -> float:
+    """Run the entry's next case on its backends; returns the seconds it took."""
+    t0 = time.monotonic()
     prep = prepare(draw_case(entry.rng, entry.sig, space))
     for impl in entry.impls:
-        t0 = time.monotonic()
+        t1 = time.monotonic()
         result = check(prep, impl.name)
         if entry.cases == 0:
             key = f"{impl.name}/{entry.sig.pattern}"
-            report.first_call_s[key] = report.first_call_s.get(key, 0.0) + time.monotonic() - t0
+            report.first_call_s[key] = report.first_call_s.get(key, 0.0) + time.monotonic() - t1
         report.results.append(result)
         if not result.passed:
             log(f"FAIL {impl.name} {entry.sig.pattern}: {result.problem}\n  {result.reproduction()}")
     entry.cases += 1
+    return time.monotonic() - t0
+
+
+class _Costs:
+    """Measured seconds per pattern: a signature's first case (its compilations) and its other cases."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, list[float]] = {}
+        self.case: dict[str, list[float]] = {}
+
+    def add(self, pattern: str, first: bool, seconds: float) -> None:
+        (self.first if first else self.case).setdefault(pattern, []).append(seconds)
+
+    def signature(self, pattern: str, cases: int) -> float:
+        return float(np.mean(self.first.get(pattern, [0.0]))) + (cases - 1) * self.per_case(pattern)
+
+    def per_case(self, pattern: str) -> float:
+        return float(np.mean(self.case.get(pattern, [0.0])))
 
 
 def sweep(
@@ -596,27 +623,45 @@ def sweep(
     cases_per_signature: int = 20,
     target: int | None = None,
     budget_s: float = float("inf"),
-    explore_share: float = 0.5,
     log: Callable[[str], None] = lambda line: None,
     progress: Callable[[Report], None] = lambda report: None,
 ) -> Report:
     """Draw up to ``signatures`` signatures per pattern (interleaved) and run ``cases_per_signature``
     cases of each on every available backend that takes it; nothing new starts once ``budget_s`` is
-    spent (checked before every case).
+    spent (checked before every case), nor a signature that the measured costs say would overrun it.
 
-    With ``target`` (cases per backend and pattern), new signatures stop after ``explore_share`` of
-    the budget; then every backend x pattern below the target gets more cases of its signatures
-    already compiled (cheap: no compilation), the pattern furthest behind first; time left after
-    that goes to new signatures again. ``progress(report)`` is called after every signature and
-    every 20 top-up cases."""
+    With ``target`` (cases per backend and pattern), a new signature starts only while the budget
+    left also covers topping up every backend x pattern to the target (at 1.5x the measured cost of
+    a case); then the top-up runs more cases of signatures already compiled (no compilation), the
+    backend x pattern furthest behind first; time left after that goes to new signatures again.
+    ``progress(report)`` is called after every signature and every 20 top-up cases."""
     patterns = list(patterns or PATTERNS)
     impls = [i for i in (IMPLEMENTATIONS[n] for n in (implementations or IMPLEMENTATIONS)) if i.available()]
-    report, start, compiled = Report(seed), time.monotonic(), []
+    report, start, compiled, costs = Report(seed), time.monotonic(), [], _Costs()
     elapsed = lambda: time.monotonic() - start  # noqa: E731
     drawn = enumerate(draw_signatures(seed, patterns, signatures, space))
+    put_back: list[tuple[int, Signature]] = []  # a signature explore() could not afford, for its next call
 
-    def explore(until_s: float) -> None:
-        for index, sig in drawn:
+    def missing(counts: dict[str, int]) -> dict[str, int]:
+        """Cases each pattern still needs for its furthest-behind backend to reach the target."""
+        out: dict[str, int] = {}
+        for key in report.signatures_run:
+            pattern = key.split("/")[1]
+            out[pattern] = max(out.get(pattern, 0), target - counts.get(key, 0))
+        return out
+
+    def affordable(pattern: str) -> bool:
+        left = budget_s - elapsed() - costs.signature(pattern, cases_per_signature)
+        if target is not None:
+            left -= 1.5 * sum(n * costs.per_case(p) for p, n in missing(report.counts()).items() if n > 0)
+        return left > 0
+
+    def explore() -> None:
+        while (item := put_back.pop() if put_back else next(drawn, None)) is not None:
+            index, sig = item
+            if not affordable(sig.pattern):
+                put_back.append(item)
+                return
             pattern = PATTERNS[sig.pattern]
             here = [i for i in impls if runs(i, pattern, sig)]
             if not here:
@@ -628,14 +673,12 @@ def sweep(
                 key = f"{impl.name}/{sig.pattern}"
                 report.signatures_run[key] = report.signatures_run.get(key, 0) + 1
             while entry.cases < cases_per_signature and elapsed() < budget_s:
-                _run_case(entry, space, report, log)
+                costs.add(sig.pattern, entry.cases == 0, _run_case(entry, space, report, log))
             report.elapsed_s = elapsed()
             log(f"[{report.elapsed_s:6.1f} s] {sig.pattern} x{entry.cases} T={sig.seq_len} B={sig.batch} "
                 f"H={sig.q_heads}/{sig.kv_heads} D={sig.head_dim} {sig.dtype} length={sig.length_form} "
                 f"{sig.keywords} on {','.join(i.name for i in here)}")
             progress(report)
-            if elapsed() >= until_s:
-                return
 
     def top_up() -> None:
         while elapsed() < budget_s:
@@ -652,11 +695,11 @@ def sweep(
                 report.elapsed_s = elapsed()
                 progress(report)
 
-    explore(budget_s if target is None else explore_share * budget_s)
+    explore()
     if target is not None:
         top_up()
         log(f"[{elapsed():6.1f} s] {report.top_up_cases} top-up cases")
-        explore(budget_s)
+        explore()
     report.stopped_early = elapsed() >= budget_s
     report.elapsed_s = elapsed()
     return report
