@@ -227,6 +227,14 @@ def draw_vertical_slash(rng: np.random.Generator, seq_len: int) -> dict:
     )
 
 
+def draw_vertical_slash_mass(rng: np.random.Generator, seq_len: int) -> dict:
+    """Vertical-slash budgets as caps with ``mass = gamma`` in ``(0, 1]``: 1, tiny (forced entries
+    only), or between."""
+    u = rng.random()
+    gamma = 1.0 if u < 0.15 else 1e-4 if u < 0.25 else round(float(rng.uniform(0.3, 0.99)), 3)
+    return dict(draw_vertical_slash(rng, seq_len), mass=gamma)
+
+
 # ----------------------------------------------------------------------------- reference masks
 
 
@@ -279,15 +287,14 @@ def selection_masks(select: Callable, mask_of: Callable[..., np.ndarray]) -> Cal
     return masks
 
 
-# A pattern whose entry point and selection function take a new keyword is a new draw, e.g.
-#   register(Pattern("vertical_slash_mass", tmjax.vertical_slash_attention,
-#                    lambda rng, t: {**draw_vertical_slash(rng, t), "mass": float(rng.uniform(0.5, 1.0))},
-#                    selection_masks(tmjax.vertical_slash_indices, reference.vertical_slash_mask),
-#                    selection_reads_keys=True))
-# and a new selecting pattern (FlexPrefill) names its own selection function and reference mask the same way.
+# A selecting pattern names its public selection function and the reference's per-(row, head) mask;
+# FlexPrefill, once public, registers the same way.
 register(Pattern("triangle", tmjax.triangle_attention, draw_triangle, triangle_masks))
 register(Pattern("causal", tmjax.causal_attention, lambda rng, seq_len: {}, causal_masks))
 register(Pattern("vertical_slash", tmjax.vertical_slash_attention, draw_vertical_slash,
+                 selection_masks(tmjax.vertical_slash_indices, reference.vertical_slash_mask),
+                 selection_reads_keys=True))
+register(Pattern("vertical_slash_mass", tmjax.vertical_slash_attention, draw_vertical_slash_mass,
                  selection_masks(tmjax.vertical_slash_indices, reference.vertical_slash_mask),
                  selection_reads_keys=True))
 

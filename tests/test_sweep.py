@@ -56,7 +56,7 @@ def test_generator_covers_the_documented_space():
     """Over many draws (nothing compiled), every documented corner appears: T not a multiple of 64
     and up to ~5000, B 1-3 with unequal rows, GQA ratios 1-8, head_dim 64/128 and others, every dtype
     and length form, n_init 0-70, n_local 1 and past T, n_last 0 and past T, budgets 0/1 and past T,
-    forced counts, both selections, every poison."""
+    forced counts, both selections, mass 1, tiny and between, every poison."""
     seen = collections.defaultdict(set)
     rng = np.random.default_rng(1)
     for sig in sc.draw_signatures(SEED, sorted(sc.PATTERNS), 400, sc.GPU_SPACE):
@@ -72,6 +72,8 @@ def test_generator_covers_the_documented_space():
             seen["n_init"].add(kw["n_init"])
             seen["n_local"].add("1" if kw["n_local"] == 1 else ">= T" if kw["n_local"] >= t else "between")
             seen["n_last"].add("0" if kw["n_last"] == 0 else "> T" if kw["n_last"] > t else "between")
+        if sig.pattern == "vertical_slash_mass":
+            seen["mass"].add(kw["mass"] if kw["mass"] in (1.0, 1e-4) else "between")
         if sig.pattern == "vertical_slash":
             seen["vertical"].add("0" if kw["vertical"] == 0 else ">= T" if kw["vertical"] >= t else "between")
             seen["slash"].add("1" if kw["slash"] == 1 else ">= T" if kw["slash"] >= t else "between")
@@ -91,6 +93,7 @@ def test_generator_covers_the_documented_space():
     assert seen["n_local"] == {"1", ">= T", "between"}
     assert seen["n_last"] == {"0", "> T", "between"} and seen["vertical"] == {"0", ">= T", "between"}
     assert seen["slash"] == {"1", ">= T", "between"} and seen["forced"] == {(a, b) for a in (0, 1) for b in (0, 1)}
+    assert seen["mass"] == {1.0, 1e-4, "between"}
     assert seen["selection"] == {"group", "head"} and seen["last_q > T"] == {True, False}
     assert seen["unequal rows"] == seen["length 1"] == {True, False}
     assert {v for v, _ in seen["poison"]} == set(sc.POISON_VALUES) and {t for _, t in seen["poison"]} == {"k", "v", "kv"}
