@@ -10,9 +10,11 @@
 #          and bench/ttft.py for SmolLM2 (needs the GGUF: see bench/NOTES.md, "next GPU session")
 #   ttft   bench/ttft.py at Llama-3.1-8B shapes: dense, TriangleMix(16), TriangleMix(16) + vertical-slash,
 #          composed with the vs step's one-layer results when they are in $OUT
+#   sweep  bench/gpu_sweep.py: the randomized attention sweep (issue 17), every backend x pattern, >= 300
+#          cases each, ~7 minutes (sweep-<device>-<date>.json/.md -> $OUT); [seqs] is its seed here
 #   multigpu-correct | multigpu-scale | multigpu-scaleout   bench/multigpu.py's steps (issue 12; a
 #          nvidia-h200-x2/-x4/-x8 machine; NVLink multicast stays off)
-#   bash bench/gpu_check.sh tests|bench|vs|ttft [seqs]
+#   bash bench/gpu_check.sh tests|bench|vs|ttft|sweep [seqs]
 # The device tool allows 10 minutes a call: one mode per call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,6 +57,10 @@ case "$what" in
     attn=$(ls "$OUT"/vertical-slash-*.json "$OUT"/attention-*.json 2>/dev/null | paste -sd, -)
     python3 bench/ttft.py --lengths 32768,65536,98304,131072 --configs dense,tm,tm+vs --implementation mosaic_gpu \
       ${attn:+--attention-json "$attn"} --out "$OUT" 2>&1 | tail -20 ;;
+  sweep)
+    # 370 s of sweeping (the sweep stops itself), a hard stop at 430 s: the whole call stays under 8 minutes
+    timeout 430 python3 bench/gpu_sweep.py --out "$OUT" --budget-s 370 ${2:+--seed "$2"} 2>&1 \
+      | tee "$OUT/sweep.log" | grep -v "^\[" | tail -60 ;;
   multigpu-*)
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
       python3 bench/multigpu.py --step "${what#multigpu-}" --out "$OUT" 2>&1 | grep -v "^ROW" | tail -30 ;;
