@@ -85,7 +85,7 @@ def vertical_slash(columns: jax.Array, diagonals: jax.Array, lengths: jax.Array,
     n_steps = jnp.where(live, up_to, 0).astype(jnp.int32)
     first = (count - up_to + jnp.where(use_last, nq, 0)).astype(jnp.int32)
 
-    padded_v = -(-v // COLUMN_CHUNK) * COLUMN_CHUNK
+    padded_v = max(-(-v // COLUMN_CHUNK), 1) * COLUMN_CHUNK  # vertical=0 too: one chunk that never counts
     columns = jnp.pad(columns, ((0, 0), (0, 0), (0, padded_v - v)), constant_values=seq_len).astype(jnp.int32)
     real = columns < lengths[:, None, None]  # [B, H, Vp]
     before = columns[:, :, None, :] < (qb * BLOCK)[None, None, :, None]  # [B, H, nq, Vp]

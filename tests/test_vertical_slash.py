@@ -204,6 +204,22 @@ def test_public_entry_estimates_then_attends(backend):
         assert_matches(out[b, :length], ref[b, :length], backend.dtype, f"row {b}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_no_columns_at_all(backend):
+    """``vertical=0`` (diagonals only) runs on every backend: the table then has one column chunk
+    that never counts (it used to be empty, and slicing it failed)."""
+    t, lengths = 130, (130, 95)
+    backend.require(t, 64)
+    q, k, v = random_qkv(8, 2, t, 2, 1, 64, backend.dtype)
+    budgets = dict(vertical=0, slash=3, force_vertical=0, force_slash=2, length=jnp.asarray(lengths))
+    cols, diags = tmjax.vertical_slash_indices(q, k, **budgets)
+    chex.assert_shape(cols, (2, 1, 0))
+    out = tmjax.vertical_slash_attention(q, k, v, **budgets, implementation=backend.name)
+    ref = _reference(q, k, v, np.asarray(cols), np.asarray(diags), lengths)
+    for b, length in enumerate(lengths):
+        assert_matches(out[b, :length], ref[b, :length], backend.dtype, f"row {b}")
+
+
 @pytest.mark.parametrize(
     "kwargs, needle",
     [
