@@ -11,7 +11,8 @@
 #   ttft   bench/ttft.py at Llama-3.1-8B shapes: dense, TriangleMix(16), TriangleMix(16) + vertical-slash,
 #          composed with the vs step's one-layer results when they are in $OUT
 #   sweep  bench/gpu_sweep.py: the randomized attention sweep (issue 17), every backend x pattern, >= 300
-#          cases each, ~7 minutes (sweep-<device>-<date>.json/.md -> $OUT); [seqs] is its seed here
+#          cases each, in SHARDS=4 processes side by side (seeds [seqs] .. +3), ~6 minutes, merged
+#          (sweep-<device>-<date>-merged.json/.md -> $OUT); PATTERNS=a,b limits the patterns
 #   multigpu-correct | multigpu-scale | multigpu-scaleout   bench/multigpu.py's steps (issue 12; a
 #          nvidia-h200-x2/-x4/-x8 machine; NVLink multicast stays off)
 #   bash bench/gpu_check.sh tests|bench|vs|ttft|sweep [seqs]
@@ -58,9 +59,21 @@ case "$what" in
     python3 bench/ttft.py --lengths 32768,65536,98304,131072 --configs dense,tm,tm+vs --implementation mosaic_gpu \
       ${attn:+--attention-json "$attn"} --out "$OUT" 2>&1 | tail -20 ;;
   sweep)
-    # 370 s of sweeping (the sweep stops itself), a hard stop at 430 s: the whole call stays under 8 minutes
-    timeout 430 python3 bench/gpu_sweep.py --out "$OUT" --budget-s 370 ${2:+--seed "$2"} 2>&1 \
-      | tee "$OUT/sweep.log" | grep -v "^\[" | tail -60 ;;
+    # SHARDS processes side by side (seeds seed .. seed+SHARDS-1; compiling is the cost, and the GPU
+    # machine's cores compile in parallel), each to its share of the 300 cases, SWEEP_S seconds of
+    # sweeping (hard stop 40 s later); then one merged record
+    shards="${SHARDS:-4}" seed="${2:-$(date +%Y%m%d)}" budget="${SWEEP_S:-330}"
+    pids=()
+    for i in $(seq 0 $((shards - 1))); do
+      XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.9 / $shards, 3))") \
+        timeout $((budget + 40)) python3 bench/gpu_sweep.py --out "$OUT/sweep-$i" --budget-s "$budget" \
+        --seed $((seed + i)) --cases $(( (300 + shards - 1) / shards )) --first-cases 3 ${PATTERNS:+--patterns "$PATTERNS"} \
+        > "$OUT/sweep-$i.log" 2>&1 &
+      pids+=($!)
+    done
+    wait "${pids[@]}"
+    grep -h "FAIL" -A1 "$OUT"/sweep-*.log | head -20
+    python3 bench/gpu_sweep.py --out "$OUT" --cases 300 --merge "$OUT"/sweep-*/sweep-*.json 2>&1 | tail -40 ;;
   multigpu-*)
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
       python3 bench/multigpu.py --step "${what#multigpu-}" --out "$OUT" 2>&1 | grep -v "^ROW" | tail -30 ;;

@@ -9,6 +9,8 @@ and a markdown table beside it, rewritten after every signature so that a run cu
 its record. Exit status 1 when a case failed or a backend x pattern stayed below ``--cases``.
 
     python3 bench/gpu_sweep.py --out "$OUT" [--seed N] [--cases 300] [--budget-s 360]
+    python3 bench/gpu_sweep.py --out "$OUT" --merge A.json B.json ...   # one record of several processes
+
 
 (``bash bench/gpu_check.sh sweep`` runs this on the GPU machine.) New signatures (compilations, a few
 cases each) run while the budget left also covers topping up every backend x pattern to ``--cases``
@@ -78,7 +80,11 @@ def main() -> int:
     parser.add_argument("--patterns", default=",".join(sc.PATTERNS))
     parser.add_argument("--implementations", default=",".join(sc.IMPLEMENTATIONS))
     parser.add_argument("--space", choices=("gpu", "cpu"), default="gpu", help="cpu: the CPU test's small shapes (a dry run)")
+    parser.add_argument("--merge", nargs="+", type=pathlib.Path, default=None,
+                        help="records of processes that swept side by side (own seeds): write their sum, --cases in all")
     args = parser.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out, args.cases)
 
     device = jax.devices()[0]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -107,6 +113,39 @@ def main() -> int:
     if short:
         print(f"below {args.cases} cases: {short}")
     return 1 if summary["failures"] or short else 0
+
+
+def merge(paths: list[pathlib.Path], out: pathlib.Path, target: int) -> int:
+    """One record of sweeps that ran side by side (one process per seed, compiling in parallel): cases,
+    signatures and failures summed, worst errors maxed, seeds listed; exit 1 on a failure or a backend
+    x pattern below ``target`` cases in all."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    first = parts[0]
+    total = dict(first, seed=[p["seed"] for p in parts], elapsed_s=max(p["elapsed_s"] for p in parts),
+                 stopped_early=any(p["stopped_early"] for p in parts), failures=[f for p in parts for f in p["failures"]],
+                 top_up_cases=sum(p["top_up_cases"] for p in parts), processes=len(parts), target_cases=target)
+    for field in ("signatures", "signatures_run", "cases", "first_call_s"):
+        total[field] = {}
+        for p in parts:
+            for key, value in p[field].items():
+                total[field][key] = total[field].get(key, 0) + value
+    total["worst_rel_l2"] = {}
+    for p in parts:
+        for key, value in p["worst_rel_l2"].items():
+            total["worst_rel_l2"][key] = max(total["worst_rel_l2"].get(key, 0.0), value)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"sweep-{first['device'].replace(' ', '_')}-{first['date'][:10].replace('-', '')}-merged"
+    _write(out / f"{stem}.json", json.dumps(total, indent=1))
+    text = markdown(total, target).replace(f"seed {total['seed']}", f"{len(parts)} processes side by side, seeds "
+                                           + ", ".join(map(str, total["seed"])))
+    _write(out / f"{stem}.md", text)
+    print(text)
+    short = sorted(key for key, n in total["cases"].items() if n < target)
+    short += sorted({f"{i}/{p}" for p in first["patterns"] for i in first["implementations"]
+                     if sc.runs(sc.IMPLEMENTATIONS[i], sc.PATTERNS[p], _any_signature(p))} - set(total["cases"]))
+    if short:
+        print(f"below {target} cases: {short}")
+    return 1 if total["failures"] or short else 0
 
 
 def _any_signature(pattern: str) -> sc.Signature:
