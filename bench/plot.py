@@ -3,6 +3,9 @@ HF peer (`peers.py hf`) wrote, and write the combined TTFT table.
 
     python bench/plot.py --attention bench/results/attention-...json --ttft bench/results/ttft-...json \
         --hf bench/results/peers-hf.json --out bench/results/performance-H100-20261122
+    python bench/plot.py --authors bench/results/minference-H200-20261204/minference-vs-tmjax.json \
+        --out bench/results/minference-H200-20261204/ttft-vs-authors
+(the second: our TTFT beside the authors' TriangleMix, from ``bench/peers/minference_table.py``'s JSON)
 """
 
 from __future__ import annotations
@@ -60,13 +63,37 @@ def markdown(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_authors(table: dict, out: str) -> None:
+    """TTFT vs length, ours (solid) and the authors' MInference code (dashed), one colour per configuration."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    configs = list(dict.fromkeys(r["config"] for r in table["rows"]))
+    for colour, config in zip(("C0", "C1", "C2", "C3"), configs):
+        rows = sorted((r for r in table["rows"] if r["config"] == config), key=lambda r: r["n"])
+        for side, style in (("ours", "-"), ("theirs", "--")):
+            pts = [(r["n"] / 1024, r[f"{side}_s"]) for r in rows if r.get(f"{side}_s")]
+            name = "tmjax" if side == "ours" else "authors' MInference (patched, see record)"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=colour, marker="o", label=f"{name}: {config}")
+    meta = table["ours_meta"]
+    ax.set(xlabel="tokens (K)", ylabel="seconds (median)",
+           title=f"TTFT, Llama-3.1-8B shapes (random weights), {meta['device']}, {meta['date']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(f"{out}.png", dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--attention", required=True)
-    parser.add_argument("--ttft", required=True)
-    parser.add_argument("--hf", required=True)
+    parser.add_argument("--attention")
+    parser.add_argument("--ttft")
+    parser.add_argument("--hf")
+    parser.add_argument("--authors", help="minference-vs-tmjax.json: plot ours beside the authors' code instead")
     parser.add_argument("--out", required=True, help="path prefix for .png and -ttft.md")
     args = parser.parse_args()
+    if args.authors:
+        plot_authors(json.loads(Path(args.authors).read_text()), args.out)
+        return
+    if not (args.attention and args.ttft and args.hf):
+        parser.error("--attention, --ttft and --hf are required (or --authors)")
     attention = json.loads(Path(args.attention).read_text())
     ttft = json.loads(Path(args.ttft).read_text())
     rows = ttft_rows(ttft, json.loads(Path(args.hf).read_text()))
