@@ -12,7 +12,8 @@
 #          composed with the vs step's one-layer results when they are in $OUT
 #   sweep  bench/gpu_sweep.py: the randomized attention sweep (issue 17), every backend x pattern, >= 300
 #          cases each, in SHARDS=4 processes side by side (seeds [seqs] .. +3), ~6 minutes, merged
-#          (sweep-<device>-<date>-merged.json/.md -> $OUT); PATTERNS=a,b limits the patterns
+#          (sweep-<device>-<date>-merged.json/.md -> $OUT); PATTERNS=a,b limits the patterns, SWEEP_S sets
+#          the seconds of sweeping (330), SWEEP_MEM the GPU memory share of all shards (0.9)
 #   multigpu-correct | multigpu-scale | multigpu-scaleout   bench/multigpu.py's steps (issue 12; a
 #          nvidia-h200-x2/-x4/-x8 machine; NVLink multicast stays off)
 #   bash bench/gpu_check.sh tests|bench|vs|ttft|sweep [seqs]
@@ -39,7 +40,7 @@ case "$what" in
     # WORKERS=n runs the grid in n processes (pytest-xdist; compiling dominates, the GPU is shared, each
     # process gets a fifth of its memory); each worker writes attention-gpu-errors-<worker>.json
     workers=()
-    [[ -n "${WORKERS:-}" ]] && { workers=(-n "$WORKERS"); export XLA_PYTHON_CLIENT_MEM_FRACTION=0.2; }
+    [[ -n "${WORKERS:-}" ]] && { workers=(-n "$WORKERS"); export XLA_PYTHON_CLIENT_MEM_FRACTION=${GRID_MEM:-0.2}; }
     TMJAX_ERRORS_JSON="$OUT/attention-gpu-errors.json" timeout "${TESTS_TIMEOUT:-580}" \
       python3 -m pytest tests/test_gpu.py -q -x -p no:cacheprovider "${workers[@]}" ${TESTS_K:+-k "$TESTS_K"} 2>&1 \
       | tee "$OUT/test_gpu.log" | tail -40 ;;
@@ -65,7 +66,7 @@ case "$what" in
     shards="${SHARDS:-4}" seed="${2:-$(date +%Y%m%d)}" budget="${SWEEP_S:-330}"
     pids=()
     for i in $(seq 0 $((shards - 1))); do
-      XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(0.9 / $shards, 3))") \
+      XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(${SWEEP_MEM:-0.9} / $shards, 3))") \
         timeout $((budget + 40)) python3 bench/gpu_sweep.py --out "$OUT/sweep-$i" --budget-s "$budget" \
         --seed $((seed + i)) --cases $(( (300 + shards - 1) / shards )) --first-cases 3 ${PATTERNS:+--patterns "$PATTERNS"} \
         > "$OUT/sweep-$i.log" 2>&1 &
