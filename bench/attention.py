@@ -158,7 +158,8 @@ def tuning_record(implementation: str | None, pattern: str, tuning, q, k) -> dic
 
 def write_tuning(path: str, rows: list[dict], device: str) -> None:
     """The mosaic_gpu tuning table with, for each pattern timed here, the fastest row's tuning at this
-    device, head_dim and group (replacing an entry of the same key), every other entry kept."""
+    device, head_dim and group (replacing an entry of the same key), every other entry and the density
+    thresholds kept."""
     from tmjax.pallas_kernels import tuning as tuning_tables
 
     key = dict(device=device, head_dim=D, group=HQ // HKV)
@@ -178,7 +179,8 @@ def write_tuning(path: str, rows: list[dict], device: str) -> None:
                                    f"summed medians {sum(by_tuning[best]):.3f} ms"))
     with open(path, "w") as fh:
         json.dump(dict(backend="mosaic_gpu", about="written by bench/attention.py --write-tuning; see "
-                       "tmjax.pallas_kernels.tuning", entries=entries), fh, indent=1)
+                       "tmjax.pallas_kernels.tuning", entries=entries,
+                       density=list(tuning_tables.table("mosaic_gpu", "density"))), fh, indent=1)
 
 
 def dump_hlo(out_dir: str, n: int) -> None:

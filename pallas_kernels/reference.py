@@ -45,6 +45,25 @@ def vertical_slash_mask(seq_len: int, length: int, columns, diagonals, block: in
     return mask
 
 
+def guarded_mask(mask: np.ndarray, length: int, dense_above: float, block: int = 64) -> np.ndarray:
+    """``mask`` (bool ``[T, T]`` of one sequence and head, rows past ``length`` empty) under the density
+    guard, straight from its rule (``tmjax.pallas_kernels.density``): over the ``block``-row query
+    blocks holding a real row, the share of causal (query block, key block) pairs in which some row
+    sees some key; above ``dense_above`` every real row sees every earlier key. O(T^2), for tests."""
+    t = mask.shape[0]
+    n = -(-t // block)
+    padded = np.zeros((n * block, n * block), bool)
+    padded[:t, :t] = mask
+    seen = padded.reshape(n, block, n, block).any(axis=(1, 3))
+    live = np.arange(n) * block < length
+    causal = np.tril(np.ones((n, n), bool)) & live[:, None]
+    if seen[causal].sum() / causal.sum() <= dense_above:
+        return mask
+    out = causal_mask(t)
+    out[length:] = False
+    return out
+
+
 def masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | np.ndarray) -> jax.Array:
     """Dense attention in float32 with an explicit bool mask ``[T, S]`` (every sequence and head) or
     ``[B, Hq, T, S]`` (one per sequence and query head); GQA by repeating K/V.

@@ -8,6 +8,9 @@ every entry that matches it, less specific (fewer keys given) first, so a specif
 only the fields it names. ``source`` says which recorded run measured the entry (``bench/attention.py
 --write-tuning`` writes entries from a sweep). The Pallas interpreter (CPU, or
 ``TMJAX_PALLAS_INTERPRET=1``) is looked up as device ``"interpret"``.
+
+A table's ``density`` list, in the same entry format with ``{"dense_above": x}`` as its fields, holds
+the density guard's thresholds (``pallas_kernels.density``; ``dense_above``).
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ INTERPRETED = ("triton", "tpu")  # backends that run in the Pallas interpreter o
 
 
 @functools.lru_cache(maxsize=None)
-def table(backend: str) -> tuple[dict, ...]:
-    """The entries of ``backend``'s table (empty when it has none)."""
+def table(backend: str, part: str = "entries") -> tuple[dict, ...]:
+    """The entries of ``backend``'s table (``part="density"``: its density thresholds; empty when it has none)."""
     path = resources.files("tmjax.pallas_kernels").joinpath("tuning_tables", f"{backend}.json")
     if not path.is_file():
         return ()
-    return tuple(json.loads(path.read_text())["entries"])
+    return tuple(json.loads(path.read_text()).get(part, ()))
 
 
 def device_key(backend: str) -> str:
@@ -60,3 +63,10 @@ def choose(backend: ModuleType, name: str, *, q_heads: int, kv_heads: int, head_
     """The ``backend.Tuning`` a call of these shapes runs: its defaults updated by the table."""
     found = fields(table(name), device=device_key(name), head_dim=head_dim, group=q_heads // kv_heads, pattern=pattern)
     return dataclasses.replace(backend.Tuning(), **found)
+
+
+def dense_above(name: str, *, q_heads: int, kv_heads: int, head_dim: int, pattern: str) -> float:
+    """The density guard's threshold for backend ``name`` (1.0, never dense, where its table sets none)."""
+    found = fields(table(name, "density"), device=device_key(name), head_dim=head_dim, group=q_heads // kv_heads,
+                   pattern=pattern)
+    return float(found.get("dense_above", 1.0))

@@ -117,7 +117,7 @@ def test_vertical_slash_rows_equal_their_prompt_alone(models):
     """Vertical-slash estimates its pattern from each row's own last queries: in a batch padded to
     640, every row gets the logits and greedy tokens of its prompt alone (padded to its own bucket)."""
     _, params = models("llama")
-    pattern = VerticalSlash(vertical=8, slash=2, last_q=64, force_vertical=2, force_slash=1)
+    pattern = VerticalSlash(vertical=8, slash=2, last_q=64, force_vertical=2, force_slash=1, guard=False)
     layout = TriangleMix(switch_layer=2, n_init=4, n_local=32, n_last=16, shallow=pattern)
     prompts = _prompts(9, (600, 400, 250))
     logits, _ = api.prefill(params, prompts, layout, max_new_tokens=4)

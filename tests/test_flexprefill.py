@@ -219,12 +219,10 @@ def test_layout_defaults_and_shallow_use():
     assert fp.attention_at(5) is fp
 
 
-def test_decoder_refuses_flexprefill_until_it_runs_it():
-    """The decoder would otherwise run these layers dense without a word."""
-    for layout in (tmjax.FlexPrefill(), tmjax.TriangleMix(2, shallow=tmjax.FlexPrefill())):
-        with pytest.raises(ValueError, match="FlexPrefill layers do not run in the decoder"):
-            layout.check_layers(4)
-    tmjax.TriangleMix(2, shallow=tmjax.VerticalSlash()).check_layers(4)
+def test_every_model_takes_flexprefill_layers():
+    for layout in (tmjax.FlexPrefill(), tmjax.TriangleMix(2, shallow=tmjax.FlexPrefill()),
+                   tmjax.TriangleMix(2, shallow=tmjax.VerticalSlash())):
+        layout.check_layers(4)
 
 
 @pytest.mark.parametrize(

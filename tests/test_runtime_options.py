@@ -78,7 +78,7 @@ def test_vertical_slash_default_runs_the_kernels_validated_on_hardware(monkeypat
     keys = jax.random.split(jax.random.key(1), 3)
     q = jax.random.normal(keys[0], (1, t, 4, 64)).astype(jnp.bfloat16)
     k, v = (jax.random.normal(key, (1, t, 2, 64)).astype(jnp.bfloat16) for key in keys[1:])
-    pattern = tmjax.VerticalSlash(vertical=8, slash=16, last_q=16, force_vertical=2, force_slash=4)
+    pattern = tmjax.VerticalSlash(vertical=8, slash=16, last_q=16, force_vertical=2, force_slash=4, guard=False)
     out = attention.vertical_slash(q, k, v, pattern)
     columns, diagonals = tmjax.vertical_slash_indices(q, k, vertical=8, slash=16, last_q=16, force_vertical=2,
                                                       force_slash=4)

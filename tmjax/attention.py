@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tmjax.layout import VerticalSlash
+from tmjax.layout import FlexPrefill, VerticalSlash
 
 IMPLEMENTATIONS = ("xla", "triton", "mosaic_gpu", "tpu")
 # Vertical-slash kernels not yet run on their hardware: the tpu kernel passes in the CPU interpreter
@@ -270,6 +270,32 @@ def _select(q: jax.Array, k: jax.Array, pattern: VerticalSlash, lengths: jax.Arr
     )
 
 
+def _dense_above(run: Kernel, guard: bool, q: jax.Array, k: jax.Array) -> float | None:
+    """The density guard's threshold for this call (None: no guard)."""
+    from tmjax.pallas_kernels import tuning as tuning_tables
+
+    if not guard:
+        return None
+    return tuning_tables.dense_above(run.name, q_heads=q.shape[2], kv_heads=k.shape[2], head_dim=q.shape[3],
+                                     pattern="vertical_slash")
+
+
+def _run_dynamic(run: Kernel, q: jax.Array, k: jax.Array, v: jax.Array, table, lengths: jax.Array, guarded: bool,
+                 implementation: str | None) -> jax.Array:
+    """A dynamic table on ``run``; when guarded and the table is the full causal one everywhere,
+    ``causal_attention`` on the caller's ``implementation`` instead (``density.choose``)."""
+    from tmjax.pallas_kernels import density
+
+    def sparse() -> jax.Array:
+        kg, vg = run.guard(k, v, lengths)
+        return run.run(q, kg, vg, table, lengths)
+
+    if not guarded:
+        return sparse()
+    return density.choose(table, lengths, sparse,
+                          lambda: causal_attention(q, k, v, length=lengths, implementation=implementation))
+
+
 def vertical_slash(
     q: jax.Array, k: jax.Array, v: jax.Array, pattern: VerticalSlash, *,
     length: int | jax.Array | None = None, implementation: str | None = None, tuning: object = None,
@@ -282,9 +308,43 @@ def vertical_slash(
     lengths = _lengths(length, q)
     columns, diagonals = _select(q, k, pattern, lengths)  # estimate and select, on device
     run = kernel(implementation, "vertical_slash", q, k, v, tuning)
-    k, v = run.guard(k, v, lengths)
-    table = dynamic_tables.vertical_slash(columns, diagonals, lengths, round_up(q.shape[1], dynamic_tables.BLOCK))
-    return run.run(q, k, v, table, lengths)
+    dense_above = _dense_above(run, pattern.guard, q, k)
+    table = dynamic_tables.vertical_slash(columns, diagonals, lengths, round_up(q.shape[1], dynamic_tables.BLOCK),
+                                          dense_above)
+    return _run_dynamic(run, q, k, v, table, lengths, dense_above is not None, implementation)
+
+
+def flexprefill_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, pattern: FlexPrefill, *,
+    length: int | jax.Array | None = None, implementation: str | None = None, tuning: object = None,
+    return_selection: bool = False,
+):
+    """FlexPrefill (``tmjax.FlexPrefill``): estimate and select on device
+    (``pallas_kernels.flexprefill.select``), one table of 64-token key-block lists for every head
+    (``dynamic_tables.flexprefill``), then the backend's kernel.
+
+    Same layouts, dtypes and ``length`` rules as ``triangle_attention``. Query ``i`` sees key ``j``
+    as ``pallas_kernels.flexprefill.mask`` says, except that with ``pattern.guard`` a head above the
+    density threshold sees every ``j <= i`` (``pallas_kernels.density``). ``return_selection``: also
+    return the ``FlexSelection`` the call made (tests, inspection).
+    """
+    from tmjax.pallas_kernels import dynamic_tables, flexprefill
+    from tmjax.pallas_kernels.lengths import round_up
+
+    if not isinstance(pattern, FlexPrefill):
+        raise TypeError(f"pattern must be a tmjax.FlexPrefill, got {type(pattern).__name__}")
+    _check_shapes(q, k, v)
+    lengths = _lengths(length, q)
+    selection = flexprefill.select(
+        q, k, gamma=pattern.gamma, tau=pattern.tau, block=pattern.block, max_blocks=pattern.max_blocks,
+        vertical=pattern.vertical, slash=pattern.slash, force_vertical=pattern.force_vertical,
+        force_slash=pattern.force_slash, length=lengths, selection=pattern.selection)
+    run = kernel(implementation, "vertical_slash", q, k, v, tuning)  # the dynamic tables' kernel
+    dense_above = _dense_above(run, pattern.guard, q, k)
+    table = dynamic_tables.flexprefill(selection, lengths, round_up(q.shape[1], dynamic_tables.BLOCK), pattern.block,
+                                       dense_above)
+    out = _run_dynamic(run, q, k, v, table, lengths, dense_above is not None, implementation)
+    return (out, selection) if return_selection else out
 
 
 def vertical_slash_attention(
@@ -300,6 +360,7 @@ def vertical_slash_attention(
     length: int | jax.Array | None = None,
     selection: str = "group",
     mass: float | None = None,
+    guard: bool = True,
     implementation: str | None = None,
     tuning: object = None,
 ) -> jax.Array:
@@ -310,9 +371,10 @@ def vertical_slash_attention(
     sequence give dense causal attention (budgets beyond it are clipped to it); ``mass`` as in
     ``tmjax.VerticalSlash``. Query ``i`` sees key ``j <= i`` iff ``j`` is a kept column or lies in a
     64-key block that a kept diagonal crosses within ``i``'s 64-row query block
-    (``tmjax.pallas_kernels.dynamic_tables``).
+    (``tmjax.pallas_kernels.dynamic_tables``). ``guard`` as in ``tmjax.VerticalSlash``: a head above
+    the backend's density threshold sees every ``j <= i``.
     """
-    pattern = VerticalSlash(vertical, slash, last_q, force_vertical, force_slash, selection, mass)
+    pattern = VerticalSlash(vertical, slash, last_q, force_vertical, force_slash, selection, mass, guard)
     return vertical_slash(q, k, v, pattern, length=length, implementation=implementation, tuning=tuning)
 
 

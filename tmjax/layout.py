@@ -6,7 +6,7 @@
   (MInference alone).
 - ``FlexPrefill(...)``: FlexPrefill's per-head choice between query-aware key blocks and
   vertical-slash, both sized by the attention mass (alone or as ``TriangleMix(s, shallow=...)``).
-  Its estimator is ``tmjax.pallas_kernels.flexprefill``; the decoder does not run it yet.
+  Its estimator is ``tmjax.pallas_kernels.flexprefill``; ``tmjax.flexprefill_attention`` runs it.
 - ``None``: dense causal attention everywhere.
 
 ``attention_at(layer)`` answers for one layer: ``None`` (dense), a ``TriangleMix`` (its triangle), a
@@ -52,6 +52,11 @@ def _check_forced(owner: str, vertical: int, slash: int, force_vertical: int, fo
                          "forced diagonals count within the budget")
 
 
+def _check_guard(owner: str, guard: object) -> None:
+    if not isinstance(guard, bool):
+        raise ValueError(f"{owner}.guard must be a bool, got {guard!r}")
+
+
 def _check_selection(owner: str, selection: object) -> None:
     if selection not in SELECTIONS:
         raise ValueError(f"{owner}.selection must be one of {SELECTIONS}, got {selection!r}")
@@ -75,6 +80,9 @@ class VerticalSlash:
     ``selection="group"`` (default) sums the scores over the query heads of a KV group, so the group
     shares one selection and each K/V tile is read once for all its heads; ``"head"`` selects per
     query head, as MInference does.
+
+    ``guard`` (default on): a head that keeps more than the backend's ``dense_above`` share of its
+    causal key blocks runs dense causal instead (``tmjax.pallas_kernels.density``; docs/CONTRACTS.md).
     """
 
     vertical: int = 1000
@@ -84,11 +92,13 @@ class VerticalSlash:
     force_slash: int = 100
     selection: str = "group"
     mass: float | None = None
+    guard: bool = True
 
     def __post_init__(self) -> None:
         _check_forced("VerticalSlash", self.vertical, self.slash, self.force_vertical, self.force_slash)
         _check_int("VerticalSlash", "last_q", self.last_q, 1)
         _check_selection("VerticalSlash", self.selection)
+        _check_guard("VerticalSlash", self.guard)
         if self.mass is not None:
             _check_number("VerticalSlash", "mass", self.mass, 0, 1, low_open=True)
 
@@ -111,9 +121,8 @@ class FlexPrefill:
     row's pooled mass, at most ``max_blocks`` in all; otherwise it is *vertical-slash*: columns and
     diagonals kept by ``VerticalSlash``'s mass rule with ``mass=gamma`` (forced ``force_vertical`` /
     ``force_slash``, caps ``vertical`` / ``slash``). ``tmjax.pallas_kernels.flexprefill`` computes it;
-    docs/CONTRACTS.md states the rules. ``selection`` as in ``VerticalSlash``.
-
-    The decoder does not run FlexPrefill layers yet: prefill refuses such a layout (``check_layers``).
+    docs/CONTRACTS.md states the rules. ``selection`` and ``guard`` as in ``VerticalSlash``.
+    ``tmjax.flexprefill_attention`` runs it (key-block lists of 64 tokens for every head).
     """
 
     gamma: float = 0.9
@@ -125,6 +134,7 @@ class FlexPrefill:
     force_vertical: int = 30
     force_slash: int = 100
     selection: str = "group"
+    guard: bool = True
 
     def __post_init__(self) -> None:
         _check_number("FlexPrefill", "gamma", self.gamma, 0, 1, low_open=True)
@@ -135,12 +145,10 @@ class FlexPrefill:
         _check_int("FlexPrefill", "max_blocks", self.max_blocks, 2)  # key block 0 and the diagonal block
         _check_forced("FlexPrefill", self.vertical, self.slash, self.force_vertical, self.force_slash)
         _check_selection("FlexPrefill", self.selection)
+        _check_guard("FlexPrefill", self.guard)
 
     def check_layers(self, num_layers: int) -> None:
-        """Refuse: the decoder cannot run FlexPrefill layers yet (it would silently run them dense)."""
-        raise ValueError(
-            "FlexPrefill layers do not run in the decoder yet; tmjax.pallas_kernels.flexprefill.select "
-            "estimates them")
+        """Every model accepts FlexPrefill in all its layers."""
 
     def attention_at(self, layer: int) -> FlexPrefill:
         """FlexPrefill in every layer."""

@@ -16,18 +16,18 @@ import dataclasses
 import jax
 
 from tmjax import attention
-from tmjax.layout import Layout, TriangleMix, VerticalSlash
+from tmjax.layout import FlexPrefill, Layout, TriangleMix, VerticalSlash
 from tmjax.models import decoder
 from tmjax.models.config import ModelConfig
 from tmjax.models.params import Params
 
-KINDS = ("causal", "window", "triangle", "vertical_slash")
+KINDS = ("causal", "window", "triangle", "vertical_slash", "flexprefill")
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerAttention:
-    """How a layer attends in prefill: ``causal``, ``window`` (sliding window), ``triangle`` or
-    ``vertical_slash`` (``pattern`` holds its budgets), on ``implementation`` (None: the platform's).
+    """How a layer attends in prefill: ``causal``, ``window`` (sliding window), ``triangle``,
+    ``vertical_slash`` or ``flexprefill`` (``pattern`` holds its budgets or options), on ``implementation`` (None: the platform's).
     Called as ``attend(layer, q, k, v, length)`` (the layer index is unused: the run decides)."""
 
     kind: str
@@ -35,7 +35,7 @@ class LayerAttention:
     n_init: int = 0
     n_local: int = 0
     n_last: int = 0
-    pattern: VerticalSlash | None = None
+    pattern: VerticalSlash | FlexPrefill | None = None
     implementation: str | None = None
 
     def __call__(self, layer: jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, length: jax.Array) -> jax.Array:
@@ -45,6 +45,8 @@ class LayerAttention:
                                                 length=length, implementation=impl)
         if self.kind == "vertical_slash":
             return attention.vertical_slash(q, k, v, self.pattern, length=length, implementation=impl)
+        if self.kind == "flexprefill":
+            return attention.flexprefill_attention(q, k, v, self.pattern, length=length, implementation=impl)
         if self.kind == "window":  # a window is a triangle without sinks or dense rows
             return attention.triangle_attention(q, k, v, n_init=0, n_local=self.window, n_last=0, length=length,
                                                 implementation=impl)
@@ -58,8 +60,8 @@ def layer_runs(config: ModelConfig, layout: Layout | None, seq_len: int, impleme
                ) -> tuple[Run, ...]:
     """Runs ``(start, stop, attend)`` of consecutive layers that attend alike, for a padded length ``seq_len``.
 
-    A window of at least ``seq_len`` hides nothing and counts as causal. A Triangle or vertical-slash
-    layer ignores its sliding window: ``check_windows`` has made sure, on the true prompt lengths,
+    A window of at least ``seq_len`` hides nothing and counts as causal. A Triangle, vertical-slash or
+    FlexPrefill layer ignores its sliding window: ``check_windows`` has made sure, on the true prompt lengths,
     that the window hides nothing there (the plan is static per bucket and cannot see those lengths).
     The layout is taken as valid (the API checked it).
     """
@@ -73,6 +75,8 @@ def layer_runs(config: ModelConfig, layout: Layout | None, seq_len: int, impleme
             how = LayerAttention("triangle", n_init=sparse.n_init, n_local=sparse.n_local, n_last=sparse.n_last)
         elif isinstance(sparse, VerticalSlash):
             how = LayerAttention("vertical_slash", pattern=sparse)
+        elif isinstance(sparse, FlexPrefill):
+            how = LayerAttention("flexprefill", pattern=sparse)
         elif window is not None:
             how = LayerAttention("window", window=window)
         else:
@@ -88,7 +92,7 @@ def layer_runs(config: ModelConfig, layout: Layout | None, seq_len: int, impleme
 
 
 def check_windows(config: ModelConfig, layout: Layout | None, longest: int) -> None:
-    """Raise ``ValueError`` if a sparse-layout layer (Triangle or vertical-slash) has a sliding
+    """Raise ``ValueError`` if a sparse-layout layer (Triangle, vertical-slash, FlexPrefill) has a sliding
     window shorter than the longest true prompt length ``longest``.
 
     The intersection of a window with those patterns is neither of them, and dropping either would
@@ -101,7 +105,7 @@ def check_windows(config: ModelConfig, layout: Layout | None, longest: int) -> N
     for layer in range(config.num_layers):
         window, sparse = config.layer_window(layer), layout.attention_at(layer)
         if window is not None and window < longest and sparse is not None:
-            name = "Triangle" if isinstance(sparse, TriangleMix) else "vertical-slash"
+            name = {TriangleMix: "Triangle", VerticalSlash: "vertical-slash", FlexPrefill: "FlexPrefill"}[type(sparse)]
             raise ValueError(
                 f"layer {layer} has a sliding window of {window} < the prompt length {longest} and is a {name} "
                 f"layer; sparse layouts on a windowed layer take prompts of at most {window} tokens"
