@@ -5,10 +5,10 @@ blocks the dense causal kernel is faster for the same work. The rule (docs/CONTR
 ``b`` of length ``L`` and selection head ``h``, over the ``block``-row query blocks ``qb`` that hold
 a real row (``qb * block < L``):
 
-    kept fraction = #{(qb, kb): kb <= qb, some real row of qb sees some key of kb}
-                    / #{(qb, kb): kb <= qb}
+    kept fraction = kept / causal, kept = #{(qb, kb): kb <= qb, some real row of qb sees some key of kb},
+                    causal = #{(qb, kb): kb <= qb}
 
-A head whose fraction is above ``dense_above`` runs dense causal attention (its table rows become the
+A head whose fraction is above ``dense_above`` (``kept > dense_above * causal`` in float32) runs dense causal attention (its table rows become the
 full causal lists); when every head of every sequence does, the layer runs the dense causal kernel
 instead of the table (``choose``). Thresholds are data: ``tuning.dense_above``.
 """
@@ -38,8 +38,12 @@ def kept_fraction(kept: jax.Array, lengths: jax.Array, block: int) -> jax.Array:
 
 
 def dense_heads(kept: jax.Array, lengths: jax.Array, block: int, dense_above: float) -> jax.Array:
-    """Bool ``[B, H]``: the heads whose kept fraction is above ``dense_above``."""
-    return kept_fraction(kept, lengths, block) > dense_above
+    """Bool ``[B, H]``: the heads whose kept fraction is above ``dense_above``, compared as
+    ``kept > dense_above * causal`` (float32; no division to round)."""
+    nq = kept.shape[-1]
+    live = _live(lengths, nq, block)
+    causal = jnp.sum(jnp.where(live, jnp.arange(1, nq + 1), 0), axis=-1).astype(jnp.float32)
+    return jnp.sum(jnp.where(live, kept, 0), axis=-1).astype(jnp.float32) > jnp.float32(dense_above) * causal
 
 
 def all_causal(table: Table, lengths: jax.Array) -> jax.Array:

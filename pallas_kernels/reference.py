@@ -45,21 +45,27 @@ def vertical_slash_mask(seq_len: int, length: int, columns, diagonals, block: in
     return mask
 
 
-def guarded_mask(mask: np.ndarray, length: int, dense_above: float, block: int = 64) -> np.ndarray:
-    """``mask`` (bool ``[T, T]`` of one sequence and head, rows past ``length`` empty) under the density
-    guard, straight from its rule (``tmjax.pallas_kernels.density``): over the ``block``-row query
-    blocks holding a real row, the share of causal (query block, key block) pairs in which some row
-    sees some key; above ``dense_above`` every real row sees every earlier key. O(T^2), for tests."""
+def block_density(mask: np.ndarray, length: int, block: int = 64) -> tuple[int, int]:
+    """The density guard's ``(kept, causal)`` of one sequence and head, straight from its rule
+    (``tmjax.pallas_kernels.density``): over the ``block``-row query blocks holding a real row, the
+    causal (query block, key block) pairs in which some row sees some key of ``mask [T, T]``, and all of them."""
     t = mask.shape[0]
     n = -(-t // block)
     padded = np.zeros((n * block, n * block), bool)
     padded[:t, :t] = mask
     seen = padded.reshape(n, block, n, block).any(axis=(1, 3))
-    live = np.arange(n) * block < length
-    causal = np.tril(np.ones((n, n), bool)) & live[:, None]
-    if seen[causal].sum() / causal.sum() <= dense_above:
+    causal = np.tril(np.ones((n, n), bool)) & (np.arange(n) * block < length)[:, None]
+    return int(seen[causal].sum()), int(causal.sum())
+
+
+def guarded_mask(mask: np.ndarray, length: int, dense_above: float, block: int = 64) -> np.ndarray:
+    """``mask`` (one sequence and head, rows past ``length`` empty) under the density guard: above
+    ``dense_above`` (``kept > dense_above * causal`` of ``block_density``, in float32) every real row
+    sees every earlier key. O(T^2), for tests."""
+    kept, causal = block_density(mask, length, block)
+    if not np.float32(kept) > np.float32(dense_above) * np.float32(causal):
         return mask
-    out = causal_mask(t)
+    out = causal_mask(mask.shape[0])
     out[length:] = False
     return out
 
