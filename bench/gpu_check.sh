@@ -14,9 +14,18 @@
 #          cases each, in SHARDS=4 processes side by side (seeds [seqs] .. +3), ~6 minutes, merged
 #          (sweep-<device>-<date>-merged.json/.md -> $OUT); PATTERNS=a,b limits the patterns, SWEEP_S sets
 #          the seconds of sweeping (330), SWEEP_MEM the GPU memory share of all shards (0.9)
+#   dynamic [parts]  the dynamic methods (FlexPrefill, the density guard), parts comma-separated, in this order
+#          (default all; each part stops at the time left of DYNAMIC_S, default 540 s):
+#          tests     tests/test_gpu.py -k "flexprefill or density_guard" (mosaic_gpu, triton, xla)
+#          accuracy  tmjax eval on SmolLM2 at 8K: dense, tm:22, tm:22+vs, tm:22+fp, then tm:22+vs with --mass
+#                    (a second run: one vertical-slash pattern per run); SAMPLES per task (default 15:
+#                    105 over the seven tasks)
+#          ttft      bench/ttft.py SmolLM2 32K/128K: dense, tm, tm+vs, tm+fp
+#          layer     bench/dynamic_layer.py: one Llama-3.1-8B-shaped layer at 32K/128K
+#          e.g. bash bench/gpu_check.sh dynamic accuracy,ttft,layer
 #   multigpu-correct | multigpu-scale | multigpu-scaleout   bench/multigpu.py's steps (issue 12; a
 #          nvidia-h200-x2/-x4/-x8 machine; NVLink multicast stays off)
-#   bash bench/gpu_check.sh tests|bench|vs|ttft|sweep [seqs]
+#   bash bench/gpu_check.sh tests|bench|vs|ttft|sweep|dynamic [seqs|parts]
 # The device tool allows 10 minutes a call: one mode per call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -75,6 +84,32 @@ case "$what" in
     wait "${pids[@]}"
     grep -h "FAIL" -A1 "$OUT"/sweep-*.log | head -20
     python3 bench/gpu_sweep.py --out "$OUT" --cases 300 --merge "$OUT"/sweep-*/sweep-*.json 2>&1 | tail -40 ;;
+  dynamic)
+    parts="${2:-tests,accuracy,ttft,layer}"
+    stop=$(( $(date +%s) + ${DYNAMIC_S:-540} ))
+    left() { echo $(( stop - $(date +%s) )); }
+    for part in tests accuracy ttft layer; do
+      [[ ",$parts," == *",$part,"* ]] || continue
+      (( $(left) > 20 )) || { echo "dynamic: no time left for $part"; continue; }
+      echo "== dynamic $part ($(left) s left)"
+      case "$part" in
+        tests)
+          TMJAX_ERRORS_JSON="$OUT/dynamic-gpu-errors.json" timeout "$(left)" \
+            python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -k "flexprefill or density_guard" 2>&1 \
+            | tee "$OUT/dynamic-test_gpu.log" | tail -15 ;;
+        accuracy)
+          common=(--max-tokens 8192 --samples-per-task "${SAMPLES:-15}" --gamma 0.9)
+          timeout "$(left)" python3 -m tmjax eval "${common[@]}" --configs dense,tm:22,tm:22+vs,tm:22+fp \
+            --out "$OUT/accuracy-dynamic" 2>&1 | tail -15
+          timeout "$(left)" python3 -m tmjax eval "${common[@]}" --configs tm:22+vs --mass 0.9 \
+            --out "$OUT/accuracy-dynamic-mass" 2>&1 | tail -8 ;;
+        ttft)
+          timeout "$(left)" python3 bench/ttft.py --model smollm2 --lengths 32768,131072 --switch-layer 22 \
+            --configs dense,tm,tm+vs,tm+fp --out "$OUT/smollm2-dynamic" 2>&1 | tail -12 ;;
+        layer)
+          timeout "$(left)" python3 bench/dynamic_layer.py --seqs 32768,131072 --out "$OUT" 2>&1 | grep -v "^ROW" | tail -25 ;;
+      esac
+    done ;;
   multigpu-*)
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
       python3 bench/multigpu.py --step "${what#multigpu-}" --out "$OUT" 2>&1 | grep -v "^ROW" | tail -30 ;;

@@ -5,7 +5,8 @@ Llama-3.1-8B's shapes with random weights (vertical-slash picks then scatter: th
 ``--model smollm2``: the real SmolLM2-135M-Instruct on the demo's haystack prompt (beyond its trained
 8K positions at these lengths: fine for timing). ``--configs`` names what to run: ``dense``, ``tm``
 (TriangleMix(switch)), ``vs`` (vertical-slash in every layer), ``tm+vs`` (TriangleMix(switch,
-shallow=vertical-slash)). With ``--attention-json`` (the one-layer results of ``bench/vertical_slash.py``
+shallow=vertical-slash)), ``fp`` / ``tm+fp`` (the same with FlexPrefill, ``--gamma``; its vertical-slash
+caps are ``--vertical`` / ``--slash``). With ``--attention-json`` (the one-layer results of ``bench/vertical_slash.py``
 and ``bench/attention.py`` from the same run) the markdown adds a *composed* TTFT: the measured
 non-attention time (dense TTFT minus layers x dense attention) plus, per layer, the one-layer time of
 what that layer runs. Writes JSON + markdown under --out (default $OUT or bench/results). Run the
@@ -73,15 +74,20 @@ def time_prefill(params, tokens: np.ndarray, layout, repeats: int, implementatio
 def layouts(args) -> dict:
     """Configuration name -> layout, for the names in ``--configs``."""
     shallow = tmjax.VerticalSlash(vertical=args.vertical, slash=args.slash, selection=args.selection)
+    flex = tmjax.FlexPrefill(gamma=args.gamma, vertical=args.vertical, slash=args.slash, selection=args.selection)
     every = {
         "dense": None,
         "tm": tmjax.TriangleMix(args.switch_layer),
         "vs": shallow,
         "tm+vs": tmjax.TriangleMix(args.switch_layer, shallow=shallow),
+        "fp": flex,
+        "tm+fp": tmjax.TriangleMix(args.switch_layer, shallow=flex),
     }
     vs = "vertical-slash" if args.selection == "group" else f"vertical-slash ({args.selection} selection)"
+    fp = f"FlexPrefill(gamma={args.gamma})"
     names = {"dense": "dense", "tm": f"TriangleMix({args.switch_layer})", "vs": vs,
-             "tm+vs": f"TriangleMix({args.switch_layer}) + {vs}"}
+             "tm+vs": f"TriangleMix({args.switch_layer}) + {vs}", "fp": fp,
+             "tm+fp": f"TriangleMix({args.switch_layer}) + {fp}"}
     return {names[c]: every[c] for c in args.configs.split(",")}
 
 
@@ -162,6 +168,7 @@ def main() -> None:
     parser.add_argument("--configs", default="dense,tm")
     parser.add_argument("--vertical", type=int, default=1000)
     parser.add_argument("--slash", type=int, default=6096)
+    parser.add_argument("--gamma", type=float, default=0.9, help="FlexPrefill's kept mass (configs fp, tm+fp)")
     parser.add_argument("--selection", choices=("group", "head"), default="group",
                         help="vertical-slash selection: per KV group (ours) or per query head (MInference's)")
     parser.add_argument("--dtype", default="bfloat16")

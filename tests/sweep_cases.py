@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import tmjax
-from tmjax.pallas_kernels import reference
+from tmjax.pallas_kernels import flexprefill, reference, tuning
 from attention_fixtures import REL_L2
 
 LENGTH_FORMS = ("none", "int", "scalar", "array")
@@ -224,6 +224,7 @@ def draw_vertical_slash(rng: np.random.Generator, seq_len: int) -> dict:
         force_vertical=0 if vertical == 0 or rng.random() < 0.3 else _log_uniform(rng, 1, min(vertical, 40)),
         force_slash=_log_uniform(rng, 1, min(slash, 120)),  # few forced diagonals leave gaps to get wrong
         selection=str(rng.choice(["group", "head"])),
+        guard=False,  # exact masks; the guarded patterns below sweep the guard
     )
 
 
@@ -233,6 +234,30 @@ def draw_vertical_slash_mass(rng: np.random.Generator, seq_len: int) -> dict:
     u = rng.random()
     gamma = 1.0 if u < 0.15 else 1e-4 if u < 0.25 else round(float(rng.uniform(0.3, 0.99)), 3)
     return dict(draw_vertical_slash(rng, seq_len), mass=gamma)
+
+
+def draw_vertical_slash_guarded(rng: np.random.Generator, seq_len: int) -> dict:
+    """Vertical-slash with the density guard on; small budgets half the time, so that heads fall on
+    both sides of the backend's threshold."""
+    drawn = dict(draw_vertical_slash(rng, seq_len), guard=True)
+    if rng.random() < 0.5:
+        drawn.update(vertical=min(drawn["vertical"], 2), slash=min(drawn["slash"], 3),
+                     force_vertical=min(drawn["force_vertical"], 1), force_slash=1)
+    return drawn
+
+
+def draw_flexprefill(rng: np.random.Generator, seq_len: int) -> dict:
+    """FlexPrefill's options: tau 0 (every head vertical-slash), 1 (every head query-aware) or between
+    (sqrt-JS distances lie in [0, 0.83]), blocks of 64-256, vertical-slash caps as drawn for it."""
+    u = rng.random()
+    tau = 0.0 if u < 0.2 else 1.0 if u < 0.4 else round(float(rng.uniform(0.05, 0.6)), 3)
+    vs = draw_vertical_slash(rng, seq_len)
+    return dict(
+        gamma=1.0 if rng.random() < 0.1 else round(float(rng.uniform(0.3, 0.99)), 3), tau=tau,
+        block=int(rng.choice([64, 128, 192, 256])), max_blocks=_log_uniform(rng, 2, 40),
+        vertical=vs["vertical"], slash=vs["slash"], force_vertical=vs["force_vertical"], force_slash=vs["force_slash"],
+        selection=vs["selection"], guard=False,
+    )
 
 
 # ----------------------------------------------------------------------------- reference masks
@@ -287,16 +312,63 @@ def selection_masks(select: Callable, mask_of: Callable[..., np.ndarray]) -> Cal
     return masks
 
 
-# A selecting pattern names its public selection function and the reference's per-(row, head) mask;
-# FlexPrefill, once public, registers the same way.
+def flexprefill_attention(q, k, v, *, length, implementation, **options) -> jax.Array:
+    """``tmjax.flexprefill_attention`` with the pattern's options as keywords (the sweep's calling form)."""
+    return tmjax.flexprefill_attention(q, k, v, tmjax.FlexPrefill(**options), length=length,
+                                       implementation=implementation)
+
+
+def _flexprefill_select(q, k, *, length=None, guard: bool, **options):
+    return flexprefill.select(q, k, length=length, **options)
+
+
+def flexprefill_masks(q, k, length, lengths, static) -> np.ndarray:
+    """``flexprefill.mask`` of the selection ``flexprefill.select`` makes on the same inputs."""
+    if isinstance(length, jax.Array):
+        picked = _jitted(_flexprefill_select, tuple(sorted(static.items())))(q, k, length=length)
+    else:
+        picked = _jitted(_flexprefill_select, tuple(sorted({**static, "length": length}.items())))(q, k)
+    return flexprefill.mask(picked, lengths, q.shape[1], static["block"])
+
+
+def dense_above(implementation: str) -> float:
+    """The density guard's threshold the backend reads here (its tuning table; shapes do not matter yet)."""
+    return tuning.dense_above(implementation, q_heads=1, kv_heads=1, head_dim=64, pattern="vertical_slash")
+
+
+def guarded_masks(masks: Callable[..., np.ndarray], threshold: float) -> Callable[..., np.ndarray]:
+    """``masks`` under the density guard at ``threshold`` (``reference.guarded_mask``, per row and head)."""
+
+    def guarded(q, k, length, lengths, static) -> np.ndarray:
+        out = masks(q, k, length, lengths, static)
+        for b, n in enumerate(lengths):
+            for h in range(out.shape[1]):
+                out[b, h] = reference.guarded_mask(out[b, h], n, threshold)
+        return out
+
+    return guarded
+
+
+# A selecting pattern names its public selection function and the reference's per-(row, head) mask.
 register(Pattern("triangle", tmjax.triangle_attention, draw_triangle, triangle_masks))
 register(Pattern("causal", tmjax.causal_attention, lambda rng, seq_len: {}, causal_masks))
-register(Pattern("vertical_slash", tmjax.vertical_slash_attention, draw_vertical_slash,
-                 selection_masks(tmjax.vertical_slash_indices, reference.vertical_slash_mask),
+def _vertical_slash_indices(q, k, *, guard: bool, **budgets):
+    return tmjax.vertical_slash_indices(q, k, **budgets)  # the unguarded picks; guarded_masks adds the guard
+
+
+_VS_MASKS = selection_masks(_vertical_slash_indices, reference.vertical_slash_mask)
+register(Pattern("vertical_slash", tmjax.vertical_slash_attention, draw_vertical_slash, _VS_MASKS,
                  selection_reads_keys=True))
-register(Pattern("vertical_slash_mass", tmjax.vertical_slash_attention, draw_vertical_slash_mass,
-                 selection_masks(tmjax.vertical_slash_indices, reference.vertical_slash_mask),
+register(Pattern("vertical_slash_mass", tmjax.vertical_slash_attention, draw_vertical_slash_mass, _VS_MASKS,
                  selection_reads_keys=True))
+register(Pattern("flexprefill", flexprefill_attention, draw_flexprefill, flexprefill_masks, selection_reads_keys=True))
+# The guard's threshold is the backend's: one guarded pattern per threshold, run by the backends that read it.
+_BY_THRESHOLD: dict[float, list[str]] = {}
+for _name in ("xla", "triton", "tpu", "mosaic_gpu"):
+    _BY_THRESHOLD.setdefault(dense_above(_name), []).append(_name)
+for _threshold, _names in sorted(_BY_THRESHOLD.items()):
+    register(Pattern(f"vertical_slash_guard{_threshold:g}", tmjax.vertical_slash_attention, draw_vertical_slash_guarded,
+                     guarded_masks(_VS_MASKS, _threshold), selection_reads_keys=True, implementations=tuple(_names)))
 
 
 # ----------------------------------------------------------------------------- the space

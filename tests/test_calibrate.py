@@ -203,7 +203,7 @@ def test_search_certificate_on_random_predicates():
 
 
 def test_budgets_must_grow():
-    args = argparse.Namespace(last_q=64, force_vertical=30, force_slash=100, selection="group")
+    args = argparse.Namespace(last_q=64, force_vertical=30, force_slash=100, selection="group", guard=True)
     budgets = calibrate.parse_budgets("50:200, 100:200,100:400", args)
     assert [(b.vertical, b.slash) for b in budgets] == [(50, 200), (100, 200), (100, 400)]
     with pytest.raises(ValueError, match="--budgets must grow: 100:300"):
@@ -216,7 +216,7 @@ def test_budgets_must_grow():
 
 def ladder_args(shallow: str, masses: str | None, budgets: str = "50:200,100:400") -> argparse.Namespace:
     return argparse.Namespace(shallow=shallow, masses=masses, budgets=budgets, last_q=64, force_vertical=30,
-                              force_slash=100, selection="group", tau=0.1, block=128, max_blocks=64)
+                              force_slash=100, selection="group", tau=0.1, block=128, max_blocks=64, guard=True)
 
 
 def test_mass_ladders():
@@ -241,8 +241,8 @@ def test_mass_ladders():
 
 
 def test_search_over_a_flexprefill_ladder():
-    """The shallow search on FlexPrefill layouts with an injected divergence (the decoder does not run
-    FlexPrefill yet): the smallest passing gamma, each measured once, labelled with its gamma."""
+    """The shallow search on FlexPrefill layouts with an injected divergence: the smallest passing
+    gamma, each measured once, labelled with its gamma."""
     ladder = [TriangleMix(3, shallow=f) for f in calibrate.shallow_ladder(ladder_args("flexprefill", "0.5,0.7,0.8,0.9,0.95"))]
 
     def divergence(layout: TriangleMix, k: int) -> tuple[bool, float]:

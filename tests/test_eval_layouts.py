@@ -67,7 +67,7 @@ def test_eval_cli_runs_layouts_side_by_side(tmp_path):
     code = evaluate.eval_main([
         "--checkpoint", str(folder), "--tasks", "niah_single,prose_recall", "--samples-per-task", "1",
         "--max-tokens", "1000", "--configs", "vs,tm:2+vs,tm:2", "--vertical", "60", "--slash", "200",
-        "--force-vertical", "8", "--force-slash", "16", "--calibration", str(calibration),
+        "--force-vertical", "8", "--force-slash", "16", "--no-guard", "--calibration", str(calibration),
         "--n-init", "4", "--n-local", "64", "--n-last", "32", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "accuracy.json").read_text())
@@ -83,7 +83,7 @@ def test_eval_cli_runs_layouts_side_by_side(tmp_path):
         assert (r["identical_count"], r["samples"]) == (sum(same), len(same))
         assert r["identical_to_dense_interval"] == pytest.approx(wilson_lower_upper(sum(same), len(same)), abs=1e-9)
     # vertical-slash in every layer with 60 columns and 200 diagonals of ~950-token prompts drops much
-    # of the middle: the first token's distribution must move
+    # of the middle (unguarded: the guard would run these heads dense): the first token's distribution must move
     assert report["results"]["vertical-slash"]["first_token_kl_mean"] > 1e-6
 
 

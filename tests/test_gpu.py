@@ -220,6 +220,67 @@ def test_block_lists(impl, shape):
         _check("block_lists_T%d_H%d_KV%d_D%d_sel%d" % shape + f"_row{b}", impl, "bf16", out[b:b + 1], ref[b:b + 1], length)
 
 
+FLEX_SHAPES = [(4000, 32, 8, 128, 128, "group"), (3000, 9, 3, 64, 64, "head"), (2500, 7, 1, 128, 192, "group")]
+
+
+@pytest.mark.parametrize("shape", FLEX_SHAPES, ids=lambda s: "T%d_H%d_KV%d_D%d_b%d_%s" % s)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_flexprefill(impl, shape):
+    """``flexprefill_attention`` (guard off) vs dense float32 attention under ``flexprefill.mask`` of the
+    selection it returns; tau between the heads' distances so that both classes run; B = 2, the second
+    sequence right-padded with NaN."""
+    from tmjax.pallas_kernels import flexprefill
+
+    t, hq, hkv, d, block, selection = shape
+    lengths = jnp.asarray((t, t - 333))
+    q, k, v = random_qkv(6, 2, t, hq, hkv, d, jnp.bfloat16)
+    dist = np.sort(np.asarray(flexprefill.distances(q, k, block=block, length=lengths, selection=selection)).ravel())
+    pattern = tmjax.FlexPrefill(gamma=0.7, tau=float(dist[len(dist) // 2 - 1] + dist[len(dist) // 2]) / 2,
+                                block=block, max_blocks=8, vertical=100, slash=200, force_vertical=4,
+                                force_slash=8, selection=selection, guard=False)
+    pad = (np.arange(t)[None, :] >= np.asarray(lengths)[:, None])[:, :, None, None]
+    poisoned = [jnp.where(pad, jnp.nan, x) for x in (q, k, v)]
+    out, sel = jax.jit(lambda q, k, v: tmjax.flexprefill_attention(
+        q, k, v, pattern, length=lengths, implementation=impl, return_selection=True))(*poisoned)
+    kinds = np.asarray(sel.query_aware)
+    assert kinds.any() and not kinds.all(), "both head classes must run"
+    masks = flexprefill.mask(sel, np.asarray(lengths), t, block)
+    ref = _reference(q, k, v, np.repeat(masks, hq // masks.shape[1], axis=1))
+    for b, length in enumerate(np.asarray(lengths).tolist()):
+        _check("flexprefill_T%d_H%d_KV%d_D%d_b%d_%s" % shape + f"_row{b}", impl, "bf16", out[b:b + 1], ref[b:b + 1],
+               length)
+
+
+@pytest.mark.parametrize("kind", ["vertical_slash", "flexprefill"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_density_guard(impl, kind):
+    """The guard at the backend's own threshold: dense float32 attention under ``reference.guarded_mask``
+    of the recomputed mask; the short second row keeps every causal block, so heads lie on both sides."""
+    from tmjax.pallas_kernels import flexprefill, tuning
+
+    t, lengths, hq, hkv, d = 3000, (3000, 100), 8, 2, 128
+    q, k, v = random_qkv(4, 2, t, hq, hkv, d, jnp.bfloat16)
+    threshold = tuning.dense_above(impl, q_heads=hq, kv_heads=hkv, head_dim=d, pattern="vertical_slash")
+    if kind == "flexprefill":
+        pattern = tmjax.FlexPrefill(gamma=0.5, tau=1.0, block=64, max_blocks=2, vertical=2, slash=3,
+                                    force_vertical=1, force_slash=1)
+        out, sel = jax.jit(lambda q, k, v: tmjax.flexprefill_attention(
+            q, k, v, pattern, length=jnp.asarray(lengths), implementation=impl, return_selection=True))(q, k, v)
+        masks = flexprefill.mask(sel, lengths, t, 64)
+    else:
+        budgets = dict(vertical=1, slash=1, force_vertical=1, force_slash=1, length=jnp.asarray(lengths))
+        out = jax.jit(lambda q, k, v: tmjax.vertical_slash_attention(q, k, v, **budgets, implementation=impl))(q, k, v)
+        cols, diags = (np.asarray(x) for x in tmjax.vertical_slash_indices(q, k, **budgets))
+        masks = np.stack([np.stack([reference.vertical_slash_mask(t, n, cols[b, h], diags[b, h])
+                                    for h in range(cols.shape[1])]) for b, n in enumerate(lengths)])
+    guarded = np.stack([np.stack([reference.guarded_mask(masks[b, h], n, threshold) for h in range(masks.shape[1])])
+                        for b, n in enumerate(lengths)])
+    assert (guarded != masks).any(), "no head was above the threshold"
+    ref = _reference(q, k, v, np.repeat(guarded, hq // guarded.shape[1], axis=1))
+    for b, length in enumerate(lengths):
+        _check(f"guard_{kind}_row{b}", impl, "bf16", out[b:b + 1], ref[b:b + 1], length)
+
+
 @pytest.mark.parametrize("impl", IMPLS + ["cudnn"])
 def test_values_a_row_cannot_see_never_reach_it(impl):
     """NaN in K and V at positions >= length and at one real key (seen by rows 300..811 of the

@@ -19,8 +19,13 @@ import sweep_cases as sc
 
 SEED = int(os.environ.get("TMJAX_SWEEP_SEED", "20261204"))
 CPU_IMPLEMENTATIONS = ["xla", "triton", "tpu"]
-# Per pattern: 5 signatures (one compilation per backend each, ~3-8 s interpreted), 5 cases each.
-SIGNATURES, CASES = 5, 5
+# Per pattern: 4 signatures (one compilation per backend each, ~3-8 s interpreted; FlexPrefill's estimator
+# compiles longer: 2), 5 cases each.
+SIGNATURES, CASES = {"flexprefill": 2}, 5
+
+
+def _signatures(pattern: str) -> int:
+    return SIGNATURES.get(pattern, 4)
 
 
 def _failure_lines(report: sc.Report) -> str:
@@ -30,13 +35,17 @@ def _failure_lines(report: sc.Report) -> str:
 
 @pytest.mark.parametrize("pattern", sorted(sc.PATTERNS))
 def test_sweep_matches_dense_reference(pattern):
-    report = sc.sweep(SEED, sc.CPU_SPACE, patterns=[pattern], implementations=CPU_IMPLEMENTATIONS,
-                      signatures=SIGNATURES, cases_per_signature=CASES)
+    has = sc.PATTERNS[pattern].implementations
+    impls = [i for i in CPU_IMPLEMENTATIONS if has is None or i in has]  # a guarded pattern: its threshold's backends
+    report = sc.sweep(SEED, sc.CPU_SPACE, patterns=[pattern], implementations=impls,
+                      signatures=_signatures(pattern), cases_per_signature=CASES)
     assert not report.failures, f"seed {SEED}: {len(report.failures)} failing cases\n{_failure_lines(report)}"
     counts = report.counts()
-    assert counts.get(f"xla/{pattern}", 0) == SIGNATURES * CASES, counts  # xla takes every signature
-    for impl in CPU_IMPLEMENTATIONS[1:]:
-        assert counts.get(f"{impl}/{pattern}", 0) >= CASES, f"{impl} ran too few cases: {counts}"
+    for impl in impls:
+        if impl == "xla":  # xla takes every signature
+            assert counts.get(f"xla/{pattern}", 0) == _signatures(pattern) * CASES, counts
+        else:
+            assert counts.get(f"{impl}/{pattern}", 0) >= CASES, f"{impl} ran too few cases: {counts}"
 
 
 def test_generator_is_seeded_and_reproductions_rebuild_the_case():
@@ -56,7 +65,8 @@ def test_generator_covers_the_documented_space():
     """Over many draws (nothing compiled), every documented corner appears: T not a multiple of 64
     and up to ~5000, B 1-3 with unequal rows, GQA ratios 1-8, head_dim 64/128 and others, every dtype
     and length form, n_init 0-70, n_local 1 and past T, n_last 0 and past T, budgets 0/1 and past T,
-    forced counts, both selections, mass 1, tiny and between, every poison."""
+    forced counts, both selections, mass 1, tiny and between, FlexPrefill's tau 0 / 1 / between and
+    every block, the guard on, every poison."""
     seen = collections.defaultdict(set)
     rng = np.random.default_rng(1)
     for sig in sc.draw_signatures(SEED, sorted(sc.PATTERNS), 400, sc.GPU_SPACE):
@@ -74,6 +84,11 @@ def test_generator_covers_the_documented_space():
             seen["n_last"].add("0" if kw["n_last"] == 0 else "> T" if kw["n_last"] > t else "between")
         if sig.pattern == "vertical_slash_mass":
             seen["mass"].add(kw["mass"] if kw["mass"] in (1.0, 1e-4) else "between")
+        if sig.pattern == "flexprefill":
+            seen["tau"].add(kw["tau"] if kw["tau"] in (0.0, 1.0) else "between")
+            seen["block"].add(kw["block"])
+        if sig.pattern.startswith("vertical_slash_guard"):
+            seen["guard"].add(kw["guard"])
         if sig.pattern == "vertical_slash":
             seen["vertical"].add("0" if kw["vertical"] == 0 else ">= T" if kw["vertical"] >= t else "between")
             seen["slash"].add("1" if kw["slash"] == 1 else ">= T" if kw["slash"] >= t else "between")
@@ -94,6 +109,7 @@ def test_generator_covers_the_documented_space():
     assert seen["n_last"] == {"0", "> T", "between"} and seen["vertical"] == {"0", ">= T", "between"}
     assert seen["slash"] == {"1", ">= T", "between"} and seen["forced"] == {(a, b) for a in (0, 1) for b in (0, 1)}
     assert seen["mass"] == {1.0, 1e-4, "between"}
+    assert seen["tau"] == {0.0, 1.0, "between"} and seen["block"] == {64, 128, 192, 256} and seen["guard"] == {True}
     assert seen["selection"] == {"group", "head"} and seen["last_q > T"] == {True, False}
     assert seen["unequal rows"] == seen["length 1"] == {True, False}
     assert {v for v, _ in seen["poison"]} == set(sc.POISON_VALUES) and {t for _, t in seen["poison"]} == {"k", "v", "kv"}

@@ -310,13 +310,16 @@ def add_vertical_slash_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"vertical-slash: first diagonals always kept (default {default.force_slash})")
     parser.add_argument("--selection", choices=SELECTIONS, default=default.selection,
                         help=f"vertical-slash: one selection per KV group or per head (default {default.selection})")
+    parser.add_argument("--no-guard", dest="guard", action="store_false",
+                        help="vertical-slash and flexprefill: no density guard (a head keeping most of its causal "
+                             "blocks stays sparse instead of running dense)")
 
 
 def vertical_slash(args: argparse.Namespace, vertical: int, slash: int, mass: float | None = None) -> VerticalSlash:
     """A ``VerticalSlash`` with these budgets (caps, with ``mass``) and the options of
     ``add_vertical_slash_arguments``."""
     return VerticalSlash(vertical=vertical, slash=slash, last_q=args.last_q, force_vertical=args.force_vertical,
-                         force_slash=args.force_slash, selection=args.selection, mass=mass)
+                         force_slash=args.force_slash, selection=args.selection, mass=mass, guard=args.guard)
 
 
 def add_flexprefill_arguments(parser: argparse.ArgumentParser) -> None:
@@ -336,7 +339,7 @@ def flexprefill(args: argparse.Namespace, gamma: float, vertical: int, slash: in
     and ``add_vertical_slash_arguments``."""
     return FlexPrefill(gamma=gamma, tau=args.tau, block=args.block, max_blocks=args.max_blocks, vertical=vertical,
                        slash=slash, force_vertical=args.force_vertical, force_slash=args.force_slash,
-                       selection=args.selection)
+                       selection=args.selection, guard=args.guard)
 
 
 def add_task_arguments(parser: argparse.ArgumentParser, *, samples_per_task: int,
