@@ -22,6 +22,8 @@
 #                    105 over the seven tasks)
 #          ttft      bench/ttft.py SmolLM2 32K/128K: dense, tm, tm+vs, tm+fp
 #          layer     bench/dynamic_layer.py: one Llama-3.1-8B-shaped layer at 32K/128K
+#          replay    (not in the default) SmolLM2's picks at 32K/128K (bench/smollm2_vs_indices.py), replayed
+#                    in a Llama-3.1-8B-shaped prefill: bench/ttft.py --replay-picks (tm+vs-decoder, tm+vs-replay)
 #          e.g. bash bench/gpu_check.sh dynamic accuracy,ttft,layer
 #   multigpu-correct | multigpu-scale | multigpu-scaleout   bench/multigpu.py's steps (issue 12; a
 #          nvidia-h200-x2/-x4/-x8 machine; NVLink multicast stays off)
@@ -88,7 +90,7 @@ case "$what" in
     parts="${2:-tests,accuracy,ttft,layer}"
     stop=$(( $(date +%s) + ${DYNAMIC_S:-540} ))
     left() { echo $(( stop - $(date +%s) )); }
-    for part in tests accuracy ttft layer; do
+    for part in tests accuracy ttft layer replay; do
       [[ ",$parts," == *",$part,"* ]] || continue
       (( $(left) > 20 )) || { echo "dynamic: no time left for $part"; continue; }
       echo "== dynamic $part ($(left) s left)"
@@ -108,6 +110,10 @@ case "$what" in
             --configs dense,tm,tm+vs,tm+fp --out "$OUT/smollm2-dynamic" 2>&1 | tail -12 ;;
         layer)
           timeout "$(left)" python3 bench/dynamic_layer.py --seqs 32768,131072 --out "$OUT" 2>&1 | grep -v "^ROW" | tail -25 ;;
+        replay)
+          timeout "$(left)" python3 bench/smollm2_vs_indices.py --lengths 32768,131072 --out "$OUT" 2>&1 | tail -2
+          timeout "$(left)" python3 bench/ttft.py --lengths 32768,131072 --configs tm+vs-decoder,tm+vs-replay \
+            --replay-picks "$OUT/smollm2-vs-indices.npz" --out "$OUT/llama-replay" 2>&1 | tail -8 ;;
       esac
     done ;;
   multigpu-*)

@@ -14,6 +14,15 @@ Hugging Face peer (`peers.py hf`) on the same GPU, back to back, for the transfo
 
     python3 bench/ttft.py --lengths 32768,65536,98304,131072 --repeats 3
     python3 bench/ttft.py --model smollm2 --switch-layer 22 --configs dense,tm,vs,tm+vs --vertical 1000 --slash 6096
+
+*Realistic picks* (``--replay-picks smollm2-vs-indices.npz``, from ``bench/smollm2_vs_indices.py`` at the
+same lengths): random Llama weights make vertical-slash pick scattered columns and diagonals (the worst
+case); SmolLM2's own layers pick what a trained model picks. Config ``tm+vs-replay`` runs
+TriangleMix(switch) whose layers below the switch estimate their picks as usual (the cost stays) but
+attend with SmolLM2's picks of layer ``l`` (its 3 KV groups tiled over the model's KV heads), in one
+jitted prefill through the decoder; ``tm+vs-decoder`` is the same path with the estimated picks (the
+row to compare it with: both skip ``tmjax.prefill``'s bucketing and cache return). ``--tiny-llama N``:
+Llama-3.1-8B's attention heads with N layers and a small MLP and vocabulary (CPU dry runs).
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import tmjax
+from tmjax import attention, plan
+from tmjax.models import decoder
 from tmjax.models.config import ModelConfig
 from tmjax.models.params import init_params
 
@@ -88,7 +99,7 @@ def layouts(args) -> dict:
     names = {"dense": "dense", "tm": f"TriangleMix({args.switch_layer})", "vs": vs,
              "tm+vs": f"TriangleMix({args.switch_layer}) + {vs}", "fp": fp,
              "tm+fp": f"TriangleMix({args.switch_layer}) + {fp}"}
-    return {names[c]: every[c] for c in args.configs.split(",")}
+    return {names[c]: every[c] for c in args.configs.split(",") if c in every}
 
 
 def model(args):
@@ -106,11 +117,70 @@ def model(args):
             return np.asarray(tok.encode(text, add_special_tokens=False)[:n], np.int32)[None]
 
         return params, tokens, f"SmolLM2-135M-Instruct (real weights, {args.dtype}, haystack prompt)"
-    config = ModelConfig.from_hf(LLAMA_31_8B)
+    shape = LLAMA_31_8B if not args.tiny_llama else dict(
+        LLAMA_31_8B, num_hidden_layers=args.tiny_llama, intermediate_size=512, vocab_size=1024)
+    config = ModelConfig.from_hf(shape)
     params = init_params(config, jax.random.key(0), jnp.dtype(args.dtype))
     rng = np.random.default_rng(0)
     return params, lambda n: rng.integers(0, config.vocab_size, size=(1, n), dtype=np.int32), \
-        f"Llama-3.1-8B shapes (RANDOM weights, {args.dtype})"
+        f"Llama-3.1-8B shapes{f' (tiny: {args.tiny_llama} layers)' if args.tiny_llama else ''} (RANDOM weights, {args.dtype})"
+
+
+class Replay:
+    """A layer's attention that estimates vertical-slash picks (their cost) but attends with recorded
+    ones: ``columns`` / ``diagonals`` ``[layers, 1, H, budget]``, indexed by the (traced) layer."""
+
+    def __init__(self, columns: np.ndarray, diagonals: np.ndarray, pattern, implementation: str | None):
+        self.columns, self.diagonals, self.pattern, self.implementation = columns, diagonals, pattern, implementation
+
+    def __call__(self, layer, q, k, v, length):
+        estimated = attention._select(q, k, self.pattern, length)
+        # 0, which XLA cannot prove: the estimation stays in the program
+        keep = sum((x[..., :1] < 0).astype(jnp.int32) for x in estimated)
+        columns = jnp.asarray(self.columns)[layer] + keep
+        diagonals = jnp.asarray(self.diagonals)[layer] + keep
+        return attention.attend_picks(q, k, v, columns, diagonals, length, guard=self.pattern.guard,
+                                      implementation=self.implementation)
+
+
+def tiled(picks: np.ndarray, heads: int) -> np.ndarray:
+    """``[1, G, budget]`` recorded picks over ``heads`` selection heads (group ``h % G`` for head ``h``)."""
+    return picks[:, np.arange(heads) % picks.shape[1]]
+
+
+def decoder_prefill(params, tokens: np.ndarray, runs, repeats: int) -> dict:
+    """Median seconds of one jitted prefill through ``decoder.prefill_hidden`` with ``runs`` (last logits)."""
+    fn = jax.jit(lambda p, t: decoder.logits(p, decoder.prefill_hidden(p, t, t.shape[1], runs=runs)[0][:, -1]))
+    t0 = time.perf_counter()
+    logits = jax.block_until_ready(fn(params, tokens))
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        logits = jax.block_until_ready(fn(params, tokens))
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "times_s": times, "first_call_s": first,
+            "finite": bool(jnp.all(jnp.isfinite(logits)))}
+
+
+def replay_rows(args, params, tokens: np.ndarray, picks: dict) -> dict:
+    """``tm+vs-decoder`` and ``tm+vs-replay`` rows (module docstring), by config name."""
+    c, n = params.config, tokens.shape[1]
+    shallow = tmjax.VerticalSlash(vertical=args.vertical, slash=args.slash, selection=args.selection)
+    estimated = plan.layer_runs(c, tmjax.TriangleMix(args.switch_layer, shallow=shallow), n, args.implementation)
+    recorded = sorted(int(key.rsplit("_", 1)[1]) for key in picks if key.startswith(f"columns_{n}_"))
+    if not recorded:
+        raise ValueError(f"--replay-picks has no picks at length {n}")
+    heads = c.num_kv_heads if args.selection == "group" else c.num_heads
+    layers = range(args.switch_layer)
+    columns, diagonals = (np.stack([tiled(picks[f"{name}_{n}_{recorded[layer % len(recorded)]}"], heads)
+                                    for layer in layers]) for name in ("columns", "diagonals"))
+    replay = Replay(columns, diagonals, shallow, args.implementation)
+    triangle = [r for r in plan.layer_runs(c, tmjax.TriangleMix(args.switch_layer), n, args.implementation)
+                if r[0] >= args.switch_layer]
+    runs = {"tm+vs-decoder": estimated, "tm+vs-replay": ((0, args.switch_layer, replay), *triangle)}
+    return {name: decoder_prefill(params, tokens, runs[name], args.repeats) for name in args.configs.split(",")
+            if name in runs}
 
 
 def composed(rows: list[dict], attention_json: str, num_layers: int, switch_layer: int) -> list[str]:
@@ -175,6 +245,9 @@ def main() -> None:
     parser.add_argument("--implementation", default=None, help="attention backend (default: platform's)")
     parser.add_argument("--attention-json", default=None, help="one-layer result JSONs (comma-separated) to compose")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    parser.add_argument("--replay-picks", default=None, help="npz of bench/smollm2_vs_indices.py (configs "
+                        "tm+vs-replay, tm+vs-decoder)")
+    parser.add_argument("--tiny-llama", type=int, default=0, help="Llama heads with this many layers (CPU dry run)")
     parser.add_argument("--rows-json", default=None,
                         help="a finished run's ttft.json: redo only its markdown (and the composition) under --out")
     args = parser.parse_args()
@@ -203,6 +276,15 @@ def main() -> None:
             r.update(system=f"tmjax {name}", n=n, peak_gib=peak_gib())
             rows.append(r)
             print("ROW", json.dumps(r), flush=True)
+        if args.replay_picks:
+            try:
+                replayed = replay_rows(args, params, tokens, dict(np.load(args.replay_picks)))
+            except Exception as ex:  # keep the other rows: report what failed
+                replayed = {"tm+vs-replay": {"median_s": None, "error": repr(ex)[:400]}}
+            for name, r in replayed.items():
+                r.update(system=f"tmjax {name}", n=n, peak_gib=peak_gib())
+                rows.append(r)
+                print("ROW", json.dumps(r), flush=True)
     for r in rows:
         d = next((x for x in rows if x["n"] == r["n"] and x["system"] == "tmjax dense"), None)
         if d and d["median_s"] and r["median_s"] and r is not d:

@@ -19,13 +19,14 @@ import sweep_cases as sc
 
 SEED = int(os.environ.get("TMJAX_SWEEP_SEED", "20261204"))
 CPU_IMPLEMENTATIONS = ["xla", "triton", "tpu"]
-# Per pattern: 4 signatures (one compilation per backend each, ~3-8 s interpreted; FlexPrefill's estimator
-# compiles longer: 2), 5 cases each.
-SIGNATURES, CASES = {"flexprefill": 2}, 5
+# Per pattern: 3 signatures (one compilation per backend each, ~3-8 s interpreted), 2 for FlexPrefill (its
+# estimator compiles longer) and the guarded vertical-slash (one per backend threshold), 5 cases each:
+# with the two new patterns the file takes about what it took with 5 signatures of four patterns.
+CASES = 5
 
 
 def _signatures(pattern: str) -> int:
-    return SIGNATURES.get(pattern, 4)
+    return 2 if pattern == "flexprefill" or pattern.startswith("vertical_slash_guard") else 3
 
 
 def _failure_lines(report: sc.Report) -> str:

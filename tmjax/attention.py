@@ -301,14 +301,22 @@ def vertical_slash(
     length: int | jax.Array | None = None, implementation: str | None = None, tuning: object = None,
 ) -> jax.Array:
     """``vertical_slash_attention`` with the budgets of a ``VerticalSlash`` (what the layer plan calls)."""
-    from tmjax.pallas_kernels import dynamic_tables
-    from tmjax.pallas_kernels.lengths import round_up
-
     _check_shapes(q, k, v)
     lengths = _lengths(length, q)
     columns, diagonals = _select(q, k, pattern, lengths)  # estimate and select, on device
+    return attend_picks(q, k, v, columns, diagonals, lengths, guard=pattern.guard, implementation=implementation,
+                        tuning=tuning)
+
+
+def attend_picks(q: jax.Array, k: jax.Array, v: jax.Array, columns: jax.Array, diagonals: jax.Array,
+                 lengths: jax.Array, *, guard: bool, implementation: str | None, tuning: object = None) -> jax.Array:
+    """Vertical-slash attention on picks made elsewhere (``vertical_slash_indices``' format; ``lengths``
+    int32 ``[B]``): the table, the density guard, the kernel (also for benchmarks replaying picks)."""
+    from tmjax.pallas_kernels import dynamic_tables
+    from tmjax.pallas_kernels.lengths import round_up
+
     run = kernel(implementation, "vertical_slash", q, k, v, tuning)
-    dense_above = _dense_above(run, pattern.guard, q, k)
+    dense_above = _dense_above(run, guard, q, k)
     table = dynamic_tables.vertical_slash(columns, diagonals, lengths, round_up(q.shape[1], dynamic_tables.BLOCK),
                                           dense_above)
     return _run_dynamic(run, q, k, v, table, lengths, dense_above is not None, implementation)
