@@ -15,16 +15,18 @@ rule: causal, and the band's ``j < n_init or i - j < n_local`` when ``n_local`` 
   its last block (a pipeline that re-requests the block it holds issues no new copy).
 - Dynamic tables: device arrays ``[B, H, ...]``, one row set per sequence ``b`` and selection head
   ``h`` (``h`` reads KV head ``h * Hkv // H``). Vertical-slash stores offsets (``relative``);
-  explicit block lists (FlexPrefill's query-aware heads) store absolute blocks.
-- Column phase (vertical-slash): after its key blocks, query block ``qb`` visits ``n_chunks[qb]``
+  explicit block lists (FlexPrefill, every head) store absolute blocks.
+- Column phase (vertical-slash, FlexPrefill's vertical-slash heads): after its key blocks, query block ``qb`` visits ``n_chunks[qb]``
   chunks of 64 gathered columns (``columns [B, H, Vp]``, ascending, padded with ``T``); bit ``c`` of
   word ``w`` of ``column_bits[qb]`` says whether column ``32 w + c`` counts for ``qb``.
 
 Memory (why vertical-slash keeps offsets): at 128K tokens in 64-blocks (nq = 2048) with 6096
 diagonals, a row can cross every offset, so explicit lists need ``nq x nq`` int32 = 16 MiB per
 (sequence, head): 128 MiB a layer for 8 KV heads, 512 MiB for 32 query heads, beside 512 MiB of K and
-V; offsets need ``2 nq`` entries plus three ``[nq]`` arrays, 40 KiB per head. FlexPrefill's lists at
-block 128 (``nq x K``, K <= 1024: 4 MiB per head) are the estimator's own output, reshaped, not a copy.
+V; offsets need ``2 nq`` entries plus three ``[nq]`` arrays, 40 KiB per head. FlexPrefill's lists
+(``dynamic_tables.flexprefill``, 64-token blocks, ``nq x W`` with ``W <= nq``) take up to those 16 MiB
+per selection head: the price of one table format for its two head classes (8 KV groups at 128K:
+128 MiB a layer, transient).
 """
 
 from __future__ import annotations
