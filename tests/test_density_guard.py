@@ -76,6 +76,35 @@ def test_every_head_dense_takes_the_causal_kernel():
     assert not bool(density.all_causal(dynamic_tables.vertical_slash(*picks, lengths, PADDED), lengths))
 
 
+def guarded_run(kind: str, inputs, clean, lengths: tuple[int, ...], implementation: str):
+    """The guard test's pattern (a short row that keeps every causal block beside a sparse long one) on
+    ``implementation`` at its own threshold: ``(output, guarded masks [B, H, T, T])``, after checking that
+    heads lie on both sides of the threshold (also used by tests/test_gpu.py)."""
+    q, k = clean[:2]
+    t, hq, hkv, d = q.shape[1], q.shape[2], k.shape[2], q.shape[3]
+    length = jnp.asarray(lengths)
+    threshold = tuning.dense_above(implementation, q_heads=hq, kv_heads=hkv, head_dim=d, pattern="vertical_slash")
+    if kind == "flexprefill":
+        pattern = tmjax.FlexPrefill(gamma=0.5, tau=1.0, block=64, max_blocks=2, vertical=2, slash=3,
+                                    force_vertical=1, force_slash=1)
+        out, sel = jax.jit(lambda q, k, v: tmjax.flexprefill_attention(
+            q, k, v, pattern, length=length, implementation=implementation, return_selection=True))(*inputs)
+        masks = flexprefill.mask(sel, lengths, t, 64)
+    else:
+        budgets = dict(vertical=1, slash=1, force_vertical=1, force_slash=1, length=length)
+        out = jax.jit(lambda q, k, v: tmjax.vertical_slash_attention(q, k, v, **budgets,
+                                                                      implementation=implementation))(*inputs)
+        cols, diags = (np.asarray(x) for x in tmjax.vertical_slash_indices(q, k, **budgets))
+        masks = np.stack([np.stack([reference.vertical_slash_mask(t, n, cols[b, h], diags[b, h])
+                                    for h in range(cols.shape[1])]) for b, n in enumerate(lengths)])
+    kept = np.asarray([[np.divide(*reference.block_density(masks[b, h], n)) for h in range(masks.shape[1])]
+                       for b, n in enumerate(lengths)])
+    assert (kept > threshold).any() and (kept < threshold).any(), f"no heads on both sides of {threshold}: {kept}"
+    guarded = np.stack([np.stack([reference.guarded_mask(masks[b, h], n, threshold) for h in range(masks.shape[1])])
+                        for b, n in enumerate(lengths)])
+    return out, guarded
+
+
 @pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
 @pytest.mark.parametrize("kind", ["vertical_slash", "flexprefill"])
 def test_guarded_attention_follows_the_guarded_mask(backend, kind):
@@ -83,28 +112,9 @@ def test_guarded_attention_follows_the_guarded_mask(backend, kind):
     under ``reference.guarded_mask`` of the recomputed mask; NaN past each row's length is never seen."""
     backend.require(T, D)
     q, k, v = random_qkv(4, len(SHORT), T, HQ, HKV, D, backend.dtype)
-    lengths = jnp.asarray(SHORT)
     pad = (np.arange(T)[None, :] >= np.asarray(SHORT)[:, None])[:, :, None, None]
     poisoned = [jnp.where(pad, jnp.nan, x) for x in (q, k, v)]
-    threshold = tuning.dense_above(backend.name, q_heads=HQ, kv_heads=HKV, head_dim=D, pattern="vertical_slash")
-    if kind == "flexprefill":
-        pattern = tmjax.FlexPrefill(gamma=0.5, tau=0.5, block=64, max_blocks=2, vertical=2, slash=3,
-                                    force_vertical=1, force_slash=1)
-        out, sel = jax.jit(lambda q, k, v: tmjax.flexprefill_attention(
-            q, k, v, pattern, length=lengths, implementation=backend.name, return_selection=True))(*poisoned)
-        masks = flexprefill.mask(sel, SHORT, T, 64)
-    else:
-        budgets = dict(vertical=1, slash=1, force_vertical=1, force_slash=1, length=lengths)
-        out = jax.jit(lambda q, k, v: tmjax.vertical_slash_attention(q, k, v, **budgets,
-                                                                      implementation=backend.name))(*poisoned)
-        cols, diags = (np.asarray(x) for x in tmjax.vertical_slash_indices(q, k, **budgets))
-        masks = np.stack([np.stack([reference.vertical_slash_mask(T, n, cols[b, h], diags[b, h])
-                                    for h in range(cols.shape[1])]) for b, n in enumerate(SHORT)])
-    guarded = np.stack([np.stack([reference.guarded_mask(masks[b, h], n, threshold) for h in range(masks.shape[1])])
-                        for b, n in enumerate(SHORT)])
-    kept = np.asarray([[np.divide(*reference.block_density(masks[b, h], n)) for h in range(masks.shape[1])]
-                       for b, n in enumerate(SHORT)])
-    assert (kept > threshold).any() and (kept < threshold).any(), f"no heads on both sides of {threshold}: {kept}"
+    out, guarded = guarded_run(kind, poisoned, (q, k), SHORT, backend.name)
     ref = reference.masked_attention(*(x.astype(jnp.float32) for x in (q, k, v)),
                                      np.repeat(guarded, HQ // guarded.shape[1], axis=1))
     for b, n in enumerate(SHORT):

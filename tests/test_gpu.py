@@ -256,28 +256,11 @@ def test_flexprefill(impl, shape):
 def test_density_guard(impl, kind):
     """The guard at the backend's own threshold: dense float32 attention under ``reference.guarded_mask``
     of the recomputed mask; the short second row keeps every causal block, so heads lie on both sides."""
-    from tmjax.pallas_kernels import flexprefill, tuning
+    from test_density_guard import guarded_run
 
     t, lengths, hq, hkv, d = 3000, (3000, 100), 8, 2, 128
     q, k, v = random_qkv(4, 2, t, hq, hkv, d, jnp.bfloat16)
-    threshold = tuning.dense_above(impl, q_heads=hq, kv_heads=hkv, head_dim=d, pattern="vertical_slash")
-    if kind == "flexprefill":
-        pattern = tmjax.FlexPrefill(gamma=0.5, tau=1.0, block=64, max_blocks=2, vertical=2, slash=3,
-                                    force_vertical=1, force_slash=1)
-        out, sel = jax.jit(lambda q, k, v: tmjax.flexprefill_attention(
-            q, k, v, pattern, length=jnp.asarray(lengths), implementation=impl, return_selection=True))(q, k, v)
-        masks = flexprefill.mask(sel, lengths, t, 64)
-    else:
-        budgets = dict(vertical=1, slash=1, force_vertical=1, force_slash=1, length=jnp.asarray(lengths))
-        out = jax.jit(lambda q, k, v: tmjax.vertical_slash_attention(q, k, v, **budgets, implementation=impl))(q, k, v)
-        cols, diags = (np.asarray(x) for x in tmjax.vertical_slash_indices(q, k, **budgets))
-        masks = np.stack([np.stack([reference.vertical_slash_mask(t, n, cols[b, h], diags[b, h])
-                                    for h in range(cols.shape[1])]) for b, n in enumerate(lengths)])
-    guarded = np.stack([np.stack([reference.guarded_mask(masks[b, h], n, threshold) for h in range(masks.shape[1])])
-                        for b, n in enumerate(lengths)])
-    kept = np.asarray([[np.divide(*reference.block_density(masks[b, h], n)) for h in range(masks.shape[1])]
-                       for b, n in enumerate(lengths)])
-    assert (kept > threshold).any() and (kept < threshold).any(), f"no heads on both sides of {threshold}: {kept}"
+    out, guarded = guarded_run(kind, (q, k, v), (q, k), lengths, impl)
     ref = _reference(q, k, v, np.repeat(guarded, hq // guarded.shape[1], axis=1))
     for b, length in enumerate(lengths):
         _check(f"guard_{kind}_row{b}", impl, "bf16", out[b:b + 1], ref[b:b + 1], length)
