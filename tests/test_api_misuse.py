@@ -100,6 +100,18 @@ def test_bad_max_new_tokens(params, count, error):
         tmjax.generate(params, TOKENS, count)
 
 
+def test_max_new_tokens_past_the_models_positions_is_refused(params):
+    """The documented cap: at most max_position_embeddings (300 here) new tokens, refused before any
+    model work (10**9 used to end in XLA's out-of-memory error)."""
+    needle = r"max_new_tokens must be at most the model's max_position_embeddings \(300\), got "
+    for count in (301, 10**9):
+        with pytest.raises(ValueError, match=needle + str(count)):
+            tmjax.prefill(params, TOKENS, max_new_tokens=count)
+        with pytest.raises(ValueError, match=needle + str(count)):
+            tmjax.generate(params, TOKENS, count)
+    assert tmjax.generate(params, TOKENS[:, :2], 300).shape == (2, 300)  # the cap itself is allowed
+
+
 def test_other_arguments_are_named(params):
     cases = [
         (lambda: tmjax.generate(params, TOKENS, 2, temperature=0.5, key="seed"), TypeError, "key must be a PRNG key"),
@@ -110,6 +122,8 @@ def test_other_arguments_are_named(params):
         (lambda: tmjax.prefill(params, TOKENS, lengths=[3]), ValueError, r"lengths must have shape \[2\]"),
         (lambda: tmjax.prefill(params, TOKENS, lengths=[3, 13]), ValueError, r"lengths must be in \[1, 12\]"),
         (lambda: tmjax.prefill(params, TOKENS, lengths=[3.0, 4.0]), TypeError, "lengths must be integers"),
+        (lambda: tmjax.prefill(params, TOKENS, lengths=[True, 12]), TypeError, "lengths must be integers, not booleans"),
+        (lambda: tmjax.prefill(params, TOKENS, lengths=(np.True_, 12)), TypeError, "not booleans"),
         (lambda: tmjax.prefill(params, [TOKENS[0], []]), ValueError, r"tokens\[1\] is empty"),
         (lambda: tmjax.prefill(params, [TOKENS[0], TOKENS[1, :3]], lengths=[1, 2]), ValueError, "lengths: a list"),
     ]

@@ -262,6 +262,26 @@ def test_jsonl_keys_that_the_output_writes_are_refused(tiny, tmp_path):
             _jsonl_prompts(tmp_path / f"{key}.jsonl")
 
 
+def test_seed_and_max_new_tokens_out_of_range_are_one_line_before_loading(tiny, capsys):
+    """Through the CLI: a seed jax cannot take (was an OverflowError traceback) and more new tokens than
+    the model's positions (was XLA's out-of-memory traceback), each one line naming the argument."""
+    _, ckpt = tiny
+    positions = checkpoint.read_config(ckpt).max_position_embeddings
+    cases = [(["--seed", "99999999999999999999", "--temperature", "1"],
+              "--seed must be in [-2**63, 2**63 - 1] (a 64-bit integer), got 99999999999999999999"),
+             (["--max-new-tokens", "1000000000"], f"--max-new-tokens must be at most the model's "
+                                                  f"max_position_embeddings ({positions}), got 1000000000")]
+    for extra, needle in cases:
+        proc = subprocess.run([sys.executable, "-m", "tmjax.cli", "generate", str(ckpt), "--prompt", "w3", *extra],
+                              capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+        assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+        assert proc.stderr == f"tmjax generate: error: {needle}\n"
+    for seed in (-(2**63), 2**63 - 1):  # the extremes are taken
+        code, _, err = _run([ckpt, "--prompt", "w3 w4", "--max-new-tokens", 2, "--temperature", 1, "--seed", seed],
+                            capsys)
+        assert code == 0, err
+
+
 def test_smollm2_one_prompt_and_a_jsonl(capsys, tmp_path):
     """The real model: a chat prompt streamed, and a JSONL of mixed lengths in batches, each line the
     same text as transformers' greedy generation from the GGUF (its own loader) for that prompt alone."""

@@ -118,6 +118,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for name, low in (("max_new_tokens", 1), ("batch_size", 1), ("n_init", 0), ("n_local", 1), ("n_last", 0)):
         if getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if not -2**63 <= args.seed < 2**63:  # what jax.random.key takes
+        raise ValueError(f"--seed must be in [-2**63, 2**63 - 1] (a 64-bit integer), got {args.seed}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.out is not None:
@@ -354,11 +356,13 @@ def main(argv: list[str] | None = None) -> int:
 def _generate(args: argparse.Namespace, run: Run) -> None:
     """Check every input, then load the model and run the prompts."""
     from tmjax import checkpoint
+    from tmjax.api import check_new_tokens
 
     _check_args(args)
     run.prompts = _prompts(args)
     checkpoint.read_meta(args.checkpoint)
     config = checkpoint.read_config(args.checkpoint)
+    check_new_tokens(config, args.max_new_tokens, "--max-new-tokens")
     layout = _layout(args, config.num_layers)
     tokenizer = checkpoint.tokenizer(args.checkpoint)
     _tokenize(tokenizer, run.prompts, args.chat)
