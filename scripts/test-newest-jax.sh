@@ -8,8 +8,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${TMJAX_NEWEST_PYTHON:-}"
 if [ -z "$python" ]; then
+  # a pyenv shim named python3.12 may exist without 3.12 being active: take the first that runs as 3.12
   for candidate in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 /root/.pyenv/versions/3.12*/bin/python3.12; do
-    if command -v "$candidate" >/dev/null 2>&1; then python="$(command -v "$candidate")"; break; fi
+    if "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' >/dev/null 2>&1; then
+      python="$candidate"; break
+    fi
   done
 fi
 if [ -z "$python" ]; then
