@@ -69,8 +69,9 @@ def _is_conversion_leftover(folder: Path) -> bool:
 def model_config(dtype: str = "float32") -> ModelConfig:
     """The default model's config (layer count, positions), read without converting it: from the
     cached checkpoint's config, else from the GGUF file's metadata (which also checks that file is readable)."""
+    cached = _cached(dtype)  # a cache folder that names a file is reported as such, not read around
     try:
-        return checkpoint.read_config(_cached(dtype))
+        return checkpoint.read_config(cached)
     except ValueError:
         from tmjax.convert.gguf_source import GGUFSource
 
