@@ -4,6 +4,7 @@ means the same as the Python value, and a prompt past max_position_embeddings wa
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import jax
@@ -100,16 +101,19 @@ def test_bad_max_new_tokens(params, count, error):
         tmjax.generate(params, TOKENS, count)
 
 
-def test_max_new_tokens_past_the_models_positions_is_refused(params):
-    """The documented cap: at most max_position_embeddings (300 here) new tokens, refused before any
+def test_max_new_tokens_past_the_cap_is_refused(params):
+    """The documented cap: max_position_embeddings (300 here) or 1024 if larger, refused before any
     model work (10**9 used to end in XLA's out-of-memory error)."""
-    needle = r"max_new_tokens must be at most the model's max_position_embeddings \(300\), got "
-    for count in (301, 10**9):
+    needle = r"max_new_tokens must be at most 1024 \(the model's max_position_embeddings 300, or 1024 if larger\), got "
+    for count in (1025, 10**9):
         with pytest.raises(ValueError, match=needle + str(count)):
             tmjax.prefill(params, TOKENS, max_new_tokens=count)
         with pytest.raises(ValueError, match=needle + str(count)):
             tmjax.generate(params, TOKENS, count)
-    assert tmjax.generate(params, TOKENS[:, :2], 300).shape == (2, 300)  # the cap itself is allowed
+    assert tmjax.prefill(params, TOKENS, max_new_tokens=1024)[1].max_length >= 12 + 1024  # the cap itself runs
+    big = dataclasses.replace(CONFIG, max_position_embeddings=2000)  # a model with more positions: its own cap
+    with pytest.raises(ValueError, match=r"at most 2000 \(the model's max_position_embeddings 2000"):
+        tmjax.prefill(init_params(big, jax.random.key(0)), TOKENS, max_new_tokens=2001)
 
 
 def test_other_arguments_are_named(params):

@@ -269,8 +269,9 @@ def test_seed_and_max_new_tokens_out_of_range_are_one_line_before_loading(tiny, 
     positions = checkpoint.read_config(ckpt).max_position_embeddings
     cases = [(["--seed", "99999999999999999999", "--temperature", "1"],
               "--seed must be in [-2**63, 2**63 - 1] (a 64-bit integer), got 99999999999999999999"),
-             (["--max-new-tokens", "1000000000"], f"--max-new-tokens must be at most the model's "
-                                                  f"max_position_embeddings ({positions}), got 1000000000")]
+             (["--max-new-tokens", "1000000000"], f"--max-new-tokens must be at most {max(positions, 1024)} (the "
+                                                  f"model's max_position_embeddings {positions}, or 1024 if larger), "
+                                                  "got 1000000000")]
     for extra, needle in cases:
         proc = subprocess.run([sys.executable, "-m", "tmjax.cli", "generate", str(ckpt), "--prompt", "w3", *extra],
                               capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)

@@ -145,12 +145,18 @@ def _rows(tokens: object, lengths: object, vocab_size: int) -> tuple[np.ndarray,
     return np.where(real, arr, 0).astype(np.int32), lens, squeeze
 
 
+# The cap on max_new_tokens is never below this (check_new_tokens).
+NEW_TOKENS_FLOOR = 1024
+
+
 def check_new_tokens(config: ModelConfig, new: int, name: str) -> None:
-    """Refuse more new tokens than the model has positions (the documented cap): the cache grows by
+    """Refuse more new tokens than the documented cap, the model's ``max_position_embeddings`` or
+    ``NEW_TOKENS_FLOOR`` if larger (so that the defaults run on small test models): the cache grows by
     ``new`` rows, and a request like ``10**9`` would otherwise end in an out-of-memory error from XLA."""
-    if new > config.max_position_embeddings:
-        raise ValueError(f"{name} must be at most the model's max_position_embeddings "
-                         f"({config.max_position_embeddings}), got {new}")
+    cap = max(config.max_position_embeddings, NEW_TOKENS_FLOOR)
+    if new > cap:
+        raise ValueError(f"{name} must be at most {cap} (the model's max_position_embeddings "
+                         f"{config.max_position_embeddings}, or {NEW_TOKENS_FLOOR} if larger), got {new}")
 
 
 def _warn_beyond_positions(config: ModelConfig, longest: int) -> None:
