@@ -129,13 +129,13 @@ def main(argv: list[str] | None = None) -> int:
                    "--seed", str(CALIBRATION_SEED), "--identical", args.identical, "--max-kl", args.max_kl,
                    "--dtype", args.dtype, *implementation]
     if "calibrate" in steps:
-        code = calibrate_main([*calibration, "--out", str(calibration_dir)])
+        code = calibrate_main([*calibration, "--out", str(calibration_dir), "--force"])  # a rerun replaces it
         if code:
             return code
     if "shallow" in steps:
         layer = json.loads((calibration_dir / "calibration.json").read_text())["recommended_switch_layer"]
         code = calibrate_main([*calibration, "--shallow", "vertical-slash", "--switch-layer", str(layer),
-                               *(["--budgets", args.budgets] if args.budgets else []), "--out", str(shallow_dir)])
+                               *(["--budgets", args.budgets] if args.budgets else []), "--out", str(shallow_dir), "--force"])
         if code:
             return code
     if "eval" in steps:

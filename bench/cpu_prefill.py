@@ -5,14 +5,20 @@ transformers' Llama loaded from the same GGUF file with SDPA attention, ``use_ca
 the last position's logits (``logits_to_keep=1``), with as many threads as JAX uses. Each system
 gets a warm-up, then the systems take turns for ``--repeats`` rounds (interleaved, so that a noisy
 neighbour hits them alike); medians. With ``--breakdown`` it also times tmjax's prefill with the
-attention replaced by the identity (non-attention time) and one layer's attention alone.
+attention replaced by the identity (non-attention time) and one layer's attention alone. With
+``--chunks 128,192,256`` tmjax's systems run once per XLA row chunk (the ``chunk`` of
+``pallas_kernels/tuning_tables/xla.json``, 192 as shipped: query and key rows per step of the causal
+and last-rows passes), each a system of its own in the same interleaved rounds, to see whether the
+shipped chunk is this machine's best.
 
     python bench/cpu_prefill.py --out bench/results
+    python bench/cpu_prefill.py --chunks 128,192,256,384 --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -20,16 +26,19 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 import numpy as np
 
 import tmjax
+from tmjax import api
 from tmjax.checkpoint import tokenizer as load_tokenizer
 from tmjax.default_model import smollm2_checkpoint, smollm2_gguf
 from tmjax.demo import build_prompt
 from tmjax.models import decoder
+from tmjax.pallas_kernels import tuning
 
 
 def torch_model(threads: int):
@@ -50,14 +59,34 @@ def torch_model(threads: int):
     return run
 
 
+@contextlib.contextmanager
+def xla_chunk(chunk: int | None) -> Iterator[None]:
+    """Within this block, the xla backend's tuning table sets ``chunk`` for every call (nothing when None)."""
+    if chunk is None:
+        yield
+        return
+    shipped = tuning.table
+    entry = {"device": "*", "head_dim": "*", "group": "*", "pattern": "*", "tuning": {"chunk": chunk}}
+    tuning.table = lambda backend: shipped(backend) + ((entry,) if backend == "xla" else ())
+    try:
+        yield
+    finally:
+        tuning.table = shipped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt-tokens", type=int, default=4000, help="the demo's target (3858 tokens)")
     parser.add_argument("--switch-layer", type=int, default=22)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--breakdown", action="store_true")
+    parser.add_argument("--chunks", default=None,
+                        help="comma-separated XLA row chunks to time tmjax with (default: the tuning table's)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = parser.parse_args()
+    chunks = [None] if args.chunks is None else [int(c) for c in args.chunks.split(",")]
+    if any(c is not None and (c < 8 or c % 8) for c in chunks):
+        parser.error(f"--chunks must be multiples of 8, got {args.chunks}")
 
     path = smollm2_checkpoint("float32")
     params, tok = tmjax.load(path), load_tokenizer(path)
@@ -66,17 +95,25 @@ def main() -> None:
     n = tokens.shape[1]
     threads = os.cpu_count() or 1
 
-    def tmjax_run(layout):
-        def run(t):
-            logits, _ = tmjax.prefill(params, t, layout, max_new_tokens=0)
-            return np.asarray(logits)
-        return run
+    def tmjax_run(layout, chunk: int | None):
+        """``tmjax.prefill``, or with a ``chunk`` the same program compiled ahead under that XLA row chunk
+        (caches cleared first, so nothing traced under another chunk is reused); the compiled programs
+        then take turns without retracing."""
+        if chunk is None:
+            return lambda t: np.asarray(tmjax.prefill(params, t, layout, max_new_tokens=0)[0])
+        _, batch, lens, _, cache_size, _ = api._prepare(params, tokens, None, layout, None, 0, minimum=0)
+        jax.clear_caches()
+        with xla_chunk(chunk):
+            compiled = jax.jit(lambda p, t, n: api._prefill_logits(p, t, n, layout, None, cache_size, None)[0]
+                               ).lower(params, batch, lens).compile()
+        return lambda t: np.asarray(compiled(params, batch, lens))  # t is ``tokens``, already in ``batch``
 
-    systems = {
-        "tmjax dense": tmjax_run(None),
-        f"tmjax TriangleMix({args.switch_layer})": tmjax_run(tmjax.TriangleMix(args.switch_layer)),
-        "transformers PyTorch SDPA": torch_model(threads),
-    }
+    systems = {}
+    for chunk in chunks:
+        tag = "" if chunk is None else f" chunk {chunk}"
+        systems[f"tmjax dense{tag}"] = tmjax_run(None, chunk)
+        systems[f"tmjax TriangleMix({args.switch_layer}){tag}"] = tmjax_run(tmjax.TriangleMix(args.switch_layer), chunk)
+    systems["transformers PyTorch SDPA"] = torch_model(threads)
     if args.breakdown:
         no_attention = jax.jit(lambda p, t: decoder.prefill_hidden(
             p, t, t.shape[1], runs=((0, p.config.num_layers, lambda i, q, k, v, L: q),))[0][:, -1])
@@ -94,7 +131,8 @@ def main() -> None:
             run(tokens)
             times[name].append(time.perf_counter() - t0)
     torch_s = statistics.median(times["transformers PyTorch SDPA"])
-    agree = float(np.max(np.abs(outputs["tmjax dense"] - outputs["transformers PyTorch SDPA"])))
+    dense = next(name for name in systems if name.startswith("tmjax dense"))
+    agree = float(np.max(np.abs(outputs[dense] - outputs["transformers PyTorch SDPA"])))
     rows = [dict(system=name, median_s=statistics.median(t), times_s=t, vs_pytorch=statistics.median(t) / torch_s)
             for name, t in times.items()]
     meta = dict(machine=f"{platform.node()} ({threads} CPUs)", date=datetime.date.today().isoformat(), jax=jax.__version__,

@@ -12,7 +12,9 @@ import errno
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -46,6 +48,19 @@ def open_source(src: Path) -> SafetensorsSource | GGUFSource:
 def _names(names: list[str]) -> str:
     shown = ", ".join(repr(n) for n in names[:_LISTED])
     return shown + (f" and {len(names) - _LISTED} more" if len(names) > _LISTED else "")
+
+
+def untie_a_distinct_head(hf_config: dict, names: list[str], get_tensor: Callable[[str], Any]) -> dict | None:
+    """The config to convert with when ``config.json`` says ``tie_word_embeddings`` but the source
+    also holds an ``lm_head.weight`` that differs from the embedding: the same config with the flag
+    false, as transformers 5 does when it loads such a folder (it keeps the distinct head and warns).
+    ``None`` when there is nothing to untie (no such head, or one equal to the embedding)."""
+    if hf_config.get("tie_word_embeddings") is not True or not {"lm_head.weight", "model.embed_tokens.weight"} <= set(names):
+        return None
+    head, embed = get_tensor("lm_head.weight"), get_tensor("model.embed_tokens.weight")
+    if head.shape == embed.shape and np.array_equal(head, embed):
+        return None
+    return {**hf_config, "tie_word_embeddings": False}
 
 
 def check_tensor_names(config: ModelConfig, names: list[str], src: Path) -> None:
@@ -96,6 +111,12 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", force:
         except ValueError as err:
             raise ValueError(f"{src}: cannot map its config: {err}") from None
         names = source.names()
+        hf_config = source.hf_config
+        untied = untie_a_distinct_head(hf_config, names, source.get_tensor)
+        if untied is not None:
+            print(f"tmjax convert: note: {src}/config.json says tie_word_embeddings true, but lm_head.weight differs "
+                  "from the embedding: keeping it (untied), as transformers does", file=sys.stderr)
+            hf_config, config = untied, ModelConfig.from_hf(untied)
         check_tensor_names(config, names, src)
         writer.check_free_space(dst, config, dtype)
         interrupts.check()
@@ -104,7 +125,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", force:
                 weights = weights_from_hf(config, source.get_tensor, dtype, on_tensor=advance)
             writer.save_weights(staging, weights)
             del weights
-            writer.write_config(staging, source.hf_config)
+            writer.write_config(staging, hf_config)
             source.write_side_files(staging)
             interrupts.check()
             writer.write_meta(staging, dtype=dtype, source=str(src), source_format=source.FORMAT)

@@ -4,6 +4,7 @@ means the same as the Python value, and a prompt past max_position_embeddings wa
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import jax
@@ -100,6 +101,21 @@ def test_bad_max_new_tokens(params, count, error):
         tmjax.generate(params, TOKENS, count)
 
 
+def test_max_new_tokens_past_the_cap_is_refused(params):
+    """The documented cap: max_position_embeddings (300 here) or 1024 if larger, refused before any
+    model work (10**9 used to end in XLA's out-of-memory error)."""
+    needle = r"max_new_tokens must be at most 1024 \(the model's max_position_embeddings 300, or 1024 if larger\), got "
+    for count in (1025, 10**9):
+        with pytest.raises(ValueError, match=needle + str(count)):
+            tmjax.prefill(params, TOKENS, max_new_tokens=count)
+        with pytest.raises(ValueError, match=needle + str(count)):
+            tmjax.generate(params, TOKENS, count)
+    assert tmjax.prefill(params, TOKENS, max_new_tokens=1024)[1].max_length >= 12 + 1024  # the cap itself runs
+    big = dataclasses.replace(CONFIG, max_position_embeddings=2000)  # a model with more positions: its own cap
+    with pytest.raises(ValueError, match=r"at most 2000 \(the model's max_position_embeddings 2000"):
+        tmjax.prefill(init_params(big, jax.random.key(0)), TOKENS, max_new_tokens=2001)
+
+
 def test_other_arguments_are_named(params):
     cases = [
         (lambda: tmjax.generate(params, TOKENS, 2, temperature=0.5, key="seed"), TypeError, "key must be a PRNG key"),
@@ -110,6 +126,8 @@ def test_other_arguments_are_named(params):
         (lambda: tmjax.prefill(params, TOKENS, lengths=[3]), ValueError, r"lengths must have shape \[2\]"),
         (lambda: tmjax.prefill(params, TOKENS, lengths=[3, 13]), ValueError, r"lengths must be in \[1, 12\]"),
         (lambda: tmjax.prefill(params, TOKENS, lengths=[3.0, 4.0]), TypeError, "lengths must be integers"),
+        (lambda: tmjax.prefill(params, TOKENS, lengths=[True, 12]), TypeError, "lengths must be integers, not booleans"),
+        (lambda: tmjax.prefill(params, TOKENS, lengths=(np.True_, 12)), TypeError, "not booleans"),
         (lambda: tmjax.prefill(params, [TOKENS[0], []]), ValueError, r"tokens\[1\] is empty"),
         (lambda: tmjax.prefill(params, [TOKENS[0], TOKENS[1, :3]], lengths=[1, 2]), ValueError, "lengths: a list"),
     ]

@@ -288,6 +288,59 @@ def test_values_a_row_cannot_see_never_reach_it(backend, value):
         assert_only_seeing_rows_change(_causal(q, k, v, traced, implementation=backend.name), causal, sees, lengths)
 
 
+def poison_entries(x: jax.Array, entries: list[tuple[int, int, int, int]], value: float) -> jax.Array:
+    """``x [B, T, H, D]`` with single entries ``(b, t, h, d)`` set to ``value`` (not whole head vectors)."""
+    x = np.array(x)
+    for entry in entries:
+        x[entry] = value
+    return jnp.asarray(x)
+
+
+def assert_only_seeing_heads_change(clean, out, sees: np.ndarray, lengths, heads: np.ndarray) -> None:
+    """Like ``assert_only_seeing_rows_change`` for one poisoned KV head: in the query ``heads`` (bool
+    ``[Hq]``, its GQA group) each row that sees the key turns non-finite (a NaN key poisons the whole
+    row; one NaN value entry may poison only its own output column, as dense attention does); every
+    other row and head is bit-for-bit ``clean``."""
+    clean, out = np.asarray(clean, np.float32), np.asarray(out, np.float32)
+    for b, length in enumerate(lengths):
+        hit = sees[b, :length][:, None] & heads[None, :]  # [rows, Hq]
+        np.testing.assert_array_equal(out[b, :length][~hit], clean[b, :length][~hit])
+        poisoned = ~np.isfinite(out[b, :length]).all(axis=-1)  # [rows, Hq]
+        assert poisoned[hit].all(), "a head that sees one NaN/Inf entry stayed finite"
+
+
+# (tensor, value): one entry of V NaN or Inf, or one entry of K NaN.
+SINGLE_ENTRIES = [("v", np.nan), ("v", np.inf), ("k", np.nan)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.name)
+def test_one_non_finite_entry_reaches_exactly_the_rows_that_see_it(backend):
+    """A single NaN/Inf entry (one of D) in V or K at a real key that only some rows see, and another at
+    a padded position: the rows that see the key turn non-finite in the query heads of that KV head;
+    every other row and head is unchanged bit for bit. (Whole poisoned head vectors, as above, cannot
+    tell a guard that checks one entry from one that needs all of them.)"""
+    c, dtype = PADDED, backend.dtype
+    backend.require(c.seq_len, c.head_dim)
+    lengths, key, kv_head = (237, 300), 100, 1
+    group = c.q_heads // c.kv_heads
+    q, k, v = random_qkv(21, 2, c.seq_len, c.q_heads, c.kv_heads, c.head_dim, dtype)
+    entries = [(0, key, kv_head, 5), (1, key, kv_head, 5), (0, 250, 0, 3)]  # 250 >= 237: padding of row 0
+    heads = np.arange(c.q_heads) // group == kv_head
+    sizes = dict(n_init=c.n_init, n_local=c.n_local, n_last=c.n_last)
+    traced = jnp.asarray(lengths, jnp.int32)
+    tri_sees = np.stack([np.pad(reference.triangle_mask(L, **sizes)[:, key], (0, c.seq_len - L)) for L in lengths])
+    causal_sees = np.broadcast_to(np.arange(c.seq_len) >= key, (2, c.seq_len))
+    clean_tri = _triangle(q, k, v, traced, implementation=backend.name, **sizes)
+    clean_causal = _causal(q, k, v, traced, implementation=backend.name)
+    for name, value in SINGLE_ENTRIES:
+        bad = {"q": q, "k": k, "v": v}
+        bad[name] = poison_entries(bad[name], entries, value)
+        tri = _triangle(bad["q"], bad["k"], bad["v"], traced, implementation=backend.name, **sizes)
+        assert_only_seeing_heads_change(clean_tri, tri, tri_sees, lengths, heads)
+        causal = _causal(bad["q"], bad["k"], bad["v"], traced, implementation=backend.name)
+        assert_only_seeing_heads_change(clean_causal, causal, causal_sees, lengths, heads)
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
 def test_guarded_values_protect_a_kernel_that_multiplies_v_as_it_is(value):
     """mosaic_gpu and cuDNN use V as it is inside partial tiles; ``guards.guard_values`` prepares K and

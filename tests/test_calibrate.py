@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -214,7 +215,7 @@ def test_budgets_must_grow():
         calibrate.parse_budgets("10:200", args)  # fewer columns than the forced 30
 
 
-def ladder_args(shallow: str, masses: str | None, budgets: str = "50:200,100:400") -> argparse.Namespace:
+def ladder_args(shallow: str, masses: str | None, budgets: str | None = "50:200,100:400") -> argparse.Namespace:
     return argparse.Namespace(shallow=shallow, masses=masses, budgets=budgets, last_q=64, force_vertical=30,
                               force_slash=100, selection="group", tau=0.1, block=128, max_blocks=64, guard=True)
 
@@ -228,7 +229,10 @@ def test_mass_ladders():
                         ("", "--masses is empty")):
         with pytest.raises(ValueError, match=needle):
             calibrate.parse_masses(bad)
-    assert calibrate.shallow_ladder(ladder_args("dense", None)) == []
+    assert calibrate.shallow_ladder(ladder_args("dense", None, budgets=None)) == []
+    for budgets, masses, flag in (("50:200", None, "--budgets"), (None, "0.5", "--masses")):
+        with pytest.raises(ValueError, match=f"{flag} needs --shallow vertical-slash or flexprefill"):
+            calibrate.shallow_ladder(ladder_args("dense", masses, budgets=budgets))
     assert [(b.vertical, b.slash, b.mass) for b in calibrate.shallow_ladder(ladder_args("vertical-slash", None))] == \
         [(50, 200, None), (100, 400, None)]
     masses = calibrate.shallow_ladder(ladder_args("vertical-slash", "0.6,0.9"))
@@ -372,3 +376,44 @@ def test_calibrate_cli_refuses_bad_input_before_loading(tmp_path, capsys):
     assert calibrate.calibrate_main([missing, "--probe", str(probe_file), "--out", str(tmp_path / "out")]) == 1
     assert "lacks ['middle_normalised', 'threshold']" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_calibrate_refuses_bad_arguments_before_any_model_work(tiny, tmp_path, capsys, monkeypatch):
+    """Each case one line naming the argument, before the model loads or the probe runs: through the CLI
+    in a child process for two of them, in-process with the loading replaced by a failure for all."""
+    import subprocess
+    import sys
+
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "calibration.json").write_text("{}")
+    base = [str(tiny), "--samples", "80", "--out", str(tmp_path / "out")]
+    cases = [
+        (["--shallow", "vertical-slash", "--budgets", "\u00b2:4"], "--budgets: cannot read '\u00b2:4'"),
+        (["--shallow", "vertical-slash", "--budgets", "50:200,100:x"], "--budgets: cannot read '100:x'"),
+        (["--budgets", "50:200"], "--budgets needs --shallow vertical-slash or flexprefill"),
+        (["--masses", "0.5,0.9"], "--masses needs --shallow vertical-slash or flexprefill"),
+        (["--shallow", "vertical-slash", "--switch-layer", "99"],
+         f"--switch-layer must be in 0..{TINY_LAYERS} (the model has {TINY_LAYERS} layers), got 99"),
+        (["--out", str(done)], f"--out {done} already holds a calibration.json; pass --force to replace it"),
+    ]
+    for extra, needle in cases[:1] + cases[4:5]:
+        proc = subprocess.run([sys.executable, "-m", "tmjax.cli", "calibrate", *base, *extra], capture_output=True,
+                              text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert proc.returncode == 1 and proc.stderr.startswith("tmjax calibrate: error: "), proc.stderr
+        assert needle in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "tmjax.cli", "calibrate", *base, "--implementation", "bogus"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2 and "--implementation: invalid choice: 'bogus'" in proc.stderr, proc.stderr
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(calibrate, "load_model", loaded)
+    for extra, needle in cases:
+        assert calibrate.calibrate_main([*base, *extra]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("tmjax calibrate: error: ") and needle in err and err.count("\n") == 1, err
+    with pytest.raises(AssertionError, match="the model was loaded"):  # --force passes the check
+        calibrate.calibrate_main([*base, "--out", str(done), "--force"])
+    assert (done / "calibration.json").read_text() == "{}"

@@ -24,6 +24,7 @@ import pytest
 import torch
 from safetensors.numpy import save_file
 from transformers import (
+    AutoModelForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     Qwen2Config,
@@ -32,6 +33,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
+import tmjax
 import tmjax.checkpoint as ckpt
 from tmjax.convert import cli, writer
 
@@ -466,3 +468,38 @@ def test_console_script_exit_code(models, tmp_path):
                           capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 1
     assert str(dst) in proc.stderr
+
+
+def test_tied_config_with_a_distinct_lm_head_keeps_the_head_like_transformers(models, tmp_path):
+    """config.json says tie_word_embeddings but the folder holds its own lm_head.weight: transformers 5
+    keeps that head (untied), so the conversion must too, and say so; logits against transformers'."""
+    model = tiny_model("llama_bias")
+    src = tmp_path / "src"
+    model.save_pretrained(src, safe_serialization=True)
+    config = json.loads((src / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (src / "config.json").write_text(json.dumps(config))
+    proc = subprocess.run([sys.executable, "-m", "tmjax.cli", "convert", str(src), str(tmp_path / "dst"), "--quiet",
+                           "--dtype", "float32"], capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr
+    assert "lm_head.weight differs from the embedding: keeping it (untied)" in proc.stderr
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, attn_implementation="eager").eval()
+    assert hf.lm_head.weight.data_ptr() != hf.model.embed_tokens.weight.data_ptr()  # transformers untied it
+    params = ckpt.load(tmp_path / "dst")
+    assert not params.config.tie_word_embeddings
+    assert_matches_torch(params, hf)
+    ids = np.random.default_rng(0).integers(0, SMALL["vocab_size"], size=12).astype(np.int32)
+    with torch.no_grad():
+        want = hf(torch.as_tensor(ids[None].astype(np.int64))).logits[0, -1].numpy()
+    got = np.asarray(tmjax.prefill(params, ids, None)[0])
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_tied_config_with_an_equal_lm_head_stays_tied(models, tmp_path):
+    """A saved copy of the tied head (equal to the embedding) is the harmless duplicate: still tied."""
+    _, single, _ = models["qwen2"]
+    tensors = _state(single)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+    assert run(_variant(single, tmp_path, tensors), tmp_path / "dst", "--dtype", "float32") == 0
+    assert ckpt.load(tmp_path / "dst").config.tie_word_embeddings

@@ -1,6 +1,11 @@
 """The demo's haystack prompt (the pass key appears once, at the requested depth, near the target length)
 and a whole ``tmjax demo`` run on a tiny model."""
 
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from test_evaluate import tiny_checkpoint
@@ -65,3 +70,29 @@ def test_demo_runs_dense_and_the_requested_trianglemix(tmp_path, monkeypatch, ca
     for name, ids in answers.items():
         assert f"{name:>12}: answer {tok.decode(ids, skip_special_tokens=True).strip()!r}" in out, out
     assert "TriangleMix answer identical to dense: False" in out
+    # the warm prefill medians and their ratio, from the per-run lines above
+    times = {name: float(re.search(rf"{name:>12}: .* prefill ([0-9.]+) s", out).group(1))
+             for name in ("dense", "TriangleMix")}
+    line = re.search(r"warm prefill \(median of 3 runs after compiling\): dense ([0-9.]+) s, TriangleMix ([0-9.]+) s; "
+                     r"TriangleMix / dense = ([0-9.]+) \(speed-up ([0-9.]+)x\)", out)
+    assert line, out
+    dense_s, tm_s, ratio, speedup = map(float, line.groups())
+    assert abs(dense_s - times["dense"]) <= 0.006 and abs(tm_s - times["TriangleMix"]) <= 0.006
+    half = 0.0005  # the printed times' rounding; the ratios are printed to 0.005
+    assert (tm_s - half) / (dense_s + half) - 0.005 <= ratio <= (tm_s + half) / (dense_s - half) + 0.005
+    assert (dense_s - half) / (tm_s + half) - 0.005 <= speedup <= (dense_s + half) / (tm_s - half) + 0.005
+
+
+def test_a_prompt_beyond_the_models_positions_is_refused_before_model_work():
+    """--prompt-tokens (with the answer's --max-new-tokens) past SmolLM2's positions: one line naming the
+    argument and the limit, at once (it used to build the prompt and run until the OOM killer came)."""
+    from tmjax.convert.gguf_source import GGUFSource
+
+    with GGUFSource(default_model.smollm2_gguf()) as source:  # the model's own file, not our reading of it
+        positions = int(source.hf_config["max_position_embeddings"])
+    for argv in (["--prompt-tokens", "100000000"], ["--prompt-tokens", str(positions - 10), "--max-new-tokens", "11"]):
+        proc = subprocess.run([sys.executable, "-m", "tmjax.cli", "demo", *argv], capture_output=True, text=True,
+                              timeout=90, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+        assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("tmjax demo: error: --prompt-tokens")
+        assert f"at most the model's {positions} positions" in proc.stderr

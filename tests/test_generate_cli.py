@@ -22,6 +22,7 @@ import hf_fixtures
 import tmjax
 from tmjax import checkpoint
 from tmjax.convert.cli import main as convert_main
+from tmjax.generate_cli import OUTPUT_KEYS
 from tmjax.generate_cli import main as generate_main
 
 EOS = 1
@@ -120,6 +121,7 @@ def test_jsonl_of_mixed_lengths(tiny, capsys, tmp_path):
         assert (record["prompt_tokens"], record["new_tokens"]) == (lengths[i], len(expected))
         assert record["finish"] == ("eos" if expected[-1] == EOS else "length")
         assert record["prefill_s"] > 0 and record["batch_size"] in (1, 2, 3)
+        assert set(record) == {"id", *OUTPUT_KEYS}
     # batches by bucket: the four 128-bucket prompts in batches of 3 and 1, the two 256-bucket ones together
     assert sorted(r["batch_size"] for r in records) == [1, 2, 2, 3, 3, 3]
 
@@ -197,6 +199,88 @@ def test_bad_input_is_one_line_before_loading(tiny, capsys, tmp_path, monkeypatc
         assert err.count("\n") == 1 and err.startswith("tmjax generate: error: ") and needle in err, (argv, err)
     code, _, err = _run([ckpt, "--prompt", "w3", "--jsonl", tmp_path / "bad.jsonl"], capsys)
     assert code == 2 and "not allowed with argument" in err  # argparse: one source only
+
+
+# Runs `tmjax generate` in a child process whose prefill first does ACTION: stop or crash after the model
+# loaded and before any line is finished.
+_STOPPING_CHILD = """
+import os, signal, sys
+import tmjax, tmjax.api
+from tmjax.generate_cli import main
+def prefill(*args, **kwargs):
+    if sys.argv[1] == "crash":
+        raise RuntimeError("crashed in prefill")
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    raise AssertionError("the signal did not stop the run")
+tmjax.prefill = tmjax.api.prefill = prefill
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("action, source", [("SIGINT", "prompt"), ("SIGTERM", "jsonl"), ("crash", "jsonl")])
+def test_out_is_created_only_with_its_first_line(tiny, tmp_path, action, source):
+    """A run stopped (or crashed) after the model loaded, before any prompt finished, leaves no --out
+    file, so that the same command runs again; that rerun writes it whole."""
+    _, ckpt = tiny
+    (tmp_path / "in.jsonl").write_text(json.dumps({"prompt": "w3 w4", "id": 7}) + "\n")
+    out = tmp_path / "out.jsonl"
+    argv = [str(ckpt), "--max-new-tokens", "2", "--quiet", "--out", str(out)]
+    argv += ["--prompt", "w3 w4"] if source == "prompt" else ["--jsonl", str(tmp_path / "in.jsonl")]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", _STOPPING_CHILD, action, *argv], capture_output=True, text=True,
+                          env=env, timeout=300)
+    if action == "crash":
+        assert proc.returncode == 1 and "crashed in prefill" in proc.stderr, proc.stderr
+    else:
+        assert proc.returncode == 128 + getattr(signal, action), proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == "tmjax generate: interrupted after 0 of 1 prompts"
+    assert not out.exists()
+    proc = subprocess.run([sys.executable, "-m", "tmjax.cli", "generate", *argv], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["line"] == 1 and record["prompt_tokens"] == 2 and record.get("id", 7) == 7
+
+
+def test_jsonl_keys_that_the_output_writes_are_refused(tiny, tmp_path):
+    """An input object's own "text" (or any key the output line writes) would be overwritten: refused up
+    front, naming the key and the line, before the weights load; other keys are copied (see above)."""
+    _, ckpt = tiny
+    for key in OUTPUT_KEYS:
+        source = tmp_path / f"{key}.jsonl"
+        source.write_text('"w3"\n' + json.dumps({"prompt": "w3", "id": 1, key: "mine"}) + "\n")
+        if key != "line":
+            continue  # one run through the CLI; the others in-process below
+        proc = subprocess.run([sys.executable, "-m", "tmjax.cli", "generate", str(ckpt), "--jsonl", str(source)],
+                              capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+        assert proc.returncode == 1 and proc.stdout == ""
+        assert proc.stderr == f"tmjax generate: error: {source}:2: key 'line' is one the output line writes " \
+            f"(with {', '.join(OUTPUT_KEYS)}); rename it so that it is copied, not overwritten\n"
+    from tmjax.generate_cli import _jsonl_prompts
+    for key in OUTPUT_KEYS:
+        with pytest.raises(ValueError, match=f"{key}.jsonl:2: key '{key}' is one the output line writes"):
+            _jsonl_prompts(tmp_path / f"{key}.jsonl")
+
+
+def test_seed_and_max_new_tokens_out_of_range_are_one_line_before_loading(tiny, capsys):
+    """Through the CLI: a seed jax cannot take (was an OverflowError traceback) and more new tokens than
+    the model's positions (was XLA's out-of-memory traceback), each one line naming the argument."""
+    _, ckpt = tiny
+    positions = checkpoint.read_config(ckpt).max_position_embeddings
+    cases = [(["--seed", "99999999999999999999", "--temperature", "1"],
+              "--seed must be in [-2**63, 2**63 - 1] (a 64-bit integer), got 99999999999999999999"),
+             (["--max-new-tokens", "1000000000"], f"--max-new-tokens must be at most {max(positions, 1024)} (the "
+                                                  f"model's max_position_embeddings {positions}, or 1024 if larger), "
+                                                  "got 1000000000")]
+    for extra, needle in cases:
+        proc = subprocess.run([sys.executable, "-m", "tmjax.cli", "generate", str(ckpt), "--prompt", "w3", *extra],
+                              capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+        assert proc.returncode == 1 and proc.stdout == "", proc.stderr
+        assert proc.stderr == f"tmjax generate: error: {needle}\n"
+    for seed in (-(2**63), 2**63 - 1):  # the extremes are taken
+        code, _, err = _run([ckpt, "--prompt", "w3 w4", "--max-new-tokens", 2, "--temperature", 1, "--seed", seed],
+                            capsys)
+        assert code == 0, err
 
 
 def test_smollm2_one_prompt_and_a_jsonl(capsys, tmp_path):

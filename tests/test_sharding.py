@@ -174,3 +174,45 @@ def test_meshes_that_do_not_fit_the_model_are_refused(models):
         sharding.param_shardings(params.config, jax.make_mesh((2, 4), ("batch", "tensor")))
     with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
         sharding.param_shardings(params.config, "1x8")
+
+
+# Every weight's mesh axes on a (data, model) mesh, written out by hand from the rule table's meaning
+# (heads, the MLP hidden size and the vocabulary over "model"; nothing over "data"; layers, hidden size
+# and head_dim replicated), independent of sharding.RULES and params.weight_specs.
+EXPECTED_SPECS = {
+    "embed_tokens/embedding": P("model", None),
+    "lm_head/kernel": P(None, "model"),
+    "norm/scale": P(None),
+    "layers/input_layernorm/scale": P(None, None),
+    "layers/post_attention_layernorm/scale": P(None, None),
+    "layers/self_attn/q_proj/kernel": P(None, None, "model", None),
+    "layers/self_attn/k_proj/kernel": P(None, None, "model", None),
+    "layers/self_attn/v_proj/kernel": P(None, None, "model", None),
+    "layers/self_attn/o_proj/kernel": P(None, "model", None, None),
+    "layers/self_attn/q_norm/scale": P(None, None),
+    "layers/self_attn/k_norm/scale": P(None, None),
+    "layers/mlp/gate_proj/kernel": P(None, None, "model"),
+    "layers/mlp/up_proj/kernel": P(None, None, "model"),
+    "layers/mlp/down_proj/kernel": P(None, "model", None),
+}
+
+
+@needs_devices
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_every_weight_and_the_cache_follow_the_rule_table(models, name):
+    """Each weight's ``.sharding`` (and the cache's) against the hand-written table above on a 2x4 mesh:
+    a vocabulary axis put on ``data`` keeps the logits equal, so only the placement shows it."""
+    _, params = models(name)
+    sharded = sharding.shard_params(params, _mesh((2, 4)))
+    seen = set()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(sharded.weights)[0]:
+        key = "/".join(str(getattr(p, "key", p)) for p in path)
+        assert key in EXPECTED_SPECS, key
+        expected = jax.sharding.NamedSharding(leaf.sharding.mesh, EXPECTED_SPECS[key])
+        assert leaf.sharding.is_equivalent_to(expected, leaf.ndim), (key, leaf.sharding.spec, EXPECTED_SPECS[key])
+        seen.add(key)
+    assert "lm_head/kernel" in seen and "embed_tokens/embedding" in seen
+    _, cache = api.prefill(sharded, _prompts(), None)
+    for array in (cache.k, cache.v):
+        expected = jax.sharding.NamedSharding(array.sharding.mesh, P(None, "data", None, "model", None))
+        assert array.sharding.is_equivalent_to(expected, array.ndim), array.sharding.spec

@@ -131,6 +131,8 @@ def _rows(tokens: object, lengths: object, vocab_size: int) -> tuple[np.ndarray,
     if lengths is None:
         lens = np.full(batch, width, np.int32)
     else:
+        if isinstance(lengths, (list, tuple)) and any(isinstance(n, (bool, np.bool_)) for n in lengths):
+            raise TypeError(f"lengths must be integers, not booleans (numpy would read True as 1), got {lengths!r}")
         lens = _int_array(lengths, "lengths")
         lens = lens.reshape(-1) if squeeze else lens  # one prompt: an int or [1]
         if lens.shape != (batch,):
@@ -141,6 +143,20 @@ def _rows(tokens: object, lengths: object, vocab_size: int) -> tuple[np.ndarray,
     real = np.arange(width)[None, :] < lens[:, None]
     _check_ids(arr[real], "tokens", vocab_size)
     return np.where(real, arr, 0).astype(np.int32), lens, squeeze
+
+
+# The cap on max_new_tokens is never below this (check_new_tokens).
+NEW_TOKENS_FLOOR = 1024
+
+
+def check_new_tokens(config: ModelConfig, new: int, name: str) -> None:
+    """Refuse more new tokens than the documented cap, the model's ``max_position_embeddings`` or
+    ``NEW_TOKENS_FLOOR`` if larger (so that the defaults run on small test models): the cache grows by
+    ``new`` rows, and a request like ``10**9`` would otherwise end in an out-of-memory error from XLA."""
+    cap = max(config.max_position_embeddings, NEW_TOKENS_FLOOR)
+    if new > cap:
+        raise ValueError(f"{name} must be at most {cap} (the model's max_position_embeddings "
+                         f"{config.max_position_embeddings}, or {NEW_TOKENS_FLOOR} if larger), got {new}")
 
 
 def _warn_beyond_positions(config: ModelConfig, longest: int) -> None:
@@ -167,6 +183,7 @@ def _prepare(params: object, tokens: object, lengths: object, layout: object, im
         layout.check_layers(config.num_layers)
     arr, lens, squeeze = _rows(tokens, lengths, config.vocab_size)
     new = _int(max_new_tokens, "max_new_tokens", minimum)
+    check_new_tokens(config, new, "max_new_tokens")
     longest = int(lens.max())
     plan.check_windows(config, layout, longest)
     _warn_beyond_positions(config, longest)

@@ -42,6 +42,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import shlex
 import sys
 import time
@@ -50,12 +51,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tmjax import tasks
+from tmjax import checkpoint, tasks
 from tmjax import probe as probe_
 from tmjax.evaluate import (
     CONFIDENCE, Z_SCORE, add_flexprefill_arguments, add_vertical_slash_arguments, config_name, flexprefill, greedy,
     kl_divergence, layout_from_json, load_model, output_folder, run_cli, task_list, vertical_slash, wilson_interval,
 )
+from tmjax.attention import IMPLEMENTATIONS
 from tmjax.layout import FlexPrefill, Layout, TriangleMix, VerticalSlash
 from tmjax.models.params import Params
 
@@ -165,10 +167,13 @@ def parse_budgets(spec: str, args: argparse.Namespace) -> list[VerticalSlash]:
     options; each pair must keep at least the columns and diagonals of the one before it."""
     budgets: list[VerticalSlash] = []
     for item in (part.strip() for part in spec.split(",") if part.strip()):
-        vertical, colon, slash = item.partition(":")
-        if not (colon and vertical.isdigit() and slash.isdigit()):
+        if not re.fullmatch(r"[0-9]+:[0-9]+", item):  # ASCII digits: str.isdigit() also takes "²"
             raise ValueError(f"--budgets: cannot read {item!r}; use vertical:slash pairs, e.g. {DEFAULT_BUDGETS}")
-        budget = vertical_slash(args, int(vertical), int(slash))
+        vertical, _, slash = item.partition(":")
+        try:
+            budget = vertical_slash(args, int(vertical), int(slash))
+        except ValueError as err:
+            raise ValueError(f"--budgets {item}: {err}") from None
         if budgets and (budget.vertical < budgets[-1].vertical or budget.slash < budgets[-1].slash):
             raise ValueError(f"--budgets must grow: {item} keeps fewer columns or diagonals than the pair before "
                              "it (the search needs each budget to keep a superset of the previous one)")
@@ -201,8 +206,11 @@ def shallow_ladder(args: argparse.Namespace) -> list[VerticalSlash | FlexPrefill
     """The shallow candidates of ``--shallow``, cheapest first: the ``--budgets`` ladder, or with
     ``--masses`` (always for flexprefill) a mass ladder capped by the last ``--budgets`` pair."""
     if args.shallow == "dense":
+        for flag, value in (("--budgets", args.budgets), ("--masses", args.masses)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --shallow vertical-slash or flexprefill (it would be ignored)")
         return []
-    budgets = parse_budgets(args.budgets, args)
+    budgets = parse_budgets(DEFAULT_BUDGETS if args.budgets is None else args.budgets, args)
     if args.shallow == "vertical-slash" and args.masses is None:
         return budgets
     caps = budgets[-1]
@@ -503,7 +511,7 @@ def calibrate_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--switch-layer", type=int, default=None,
                         help="with --shallow vertical-slash: skip the switch-layer search and calibrate the budgets "
                              "at this layer (e.g. an earlier calibration's)")
-    parser.add_argument("--budgets", default=DEFAULT_BUDGETS,
+    parser.add_argument("--budgets", default=None,
                         help=f"with --shallow vertical-slash: vertical:slash budgets, cheapest first, each "
                              f"keeping at least the previous one's (default {DEFAULT_BUDGETS}); with --masses "
                              "or flexprefill the last pair caps every step")
@@ -514,8 +522,10 @@ def calibrate_main(argv: Sequence[str] | None = None) -> int:
     add_flexprefill_arguments(parser)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="compute dtype (default: the checkpoint's)")
-    parser.add_argument("--implementation", default=None, help="attention backend (default: the platform's)")
+    parser.add_argument("--implementation", default=None, choices=IMPLEMENTATIONS,
+                        help="attention backend (default: the platform's)")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
+    parser.add_argument("--force", action="store_true", help="replace a calibration.json already in --out")
     command = ["tmjax", "calibrate", *(sys.argv[1:] if argv is None else argv)]
     parser.set_defaults(command=" ".join(shlex.quote(part) for part in command))
     return run_cli("tmjax calibrate", parser, _calibrate_cli, argv)
@@ -537,9 +547,16 @@ def _calibrate_cli(args: argparse.Namespace) -> int:
     if args.probe_samples < 1:
         raise ValueError(f"--probe-samples must be >= 1, got {args.probe_samples}")
     out = output_folder(args.out)
+    if (out / "calibration.json").exists() and not args.force:
+        raise ValueError(f"--out {args.out} already holds a calibration.json; pass --force to replace it, or "
+                         "choose another --out")
     probe_curve = _read_probe(args.probe) if args.probe else None
     if not Path(args.checkpoint).is_dir():
         raise ValueError(f"checkpoint {args.checkpoint} is not a folder; convert a model with tmjax convert")
+    layers = checkpoint.read_config(args.checkpoint).num_layers
+    if args.switch_layer is not None and args.switch_layer > layers:
+        raise ValueError(f"--switch-layer must be in 0..{layers} (the model has {layers} layers), "
+                         f"got {args.switch_layer}")
     started = time.perf_counter()
     params, tokenizer, name = load_model(args.checkpoint, args.dtype)
     num_layers = params.config.num_layers

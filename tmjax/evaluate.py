@@ -23,6 +23,7 @@ from statistics import NormalDist
 import numpy as np
 
 from tmjax import api, tasks
+from tmjax.attention import IMPLEMENTATIONS
 from tmjax.layout import SELECTIONS, FlexPrefill, Layout, TriangleMix, VerticalSlash, check_layout
 from tmjax.models.params import Params
 
@@ -456,7 +457,8 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                              "calibrated, and checked against the targets (repeat for several)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="compute dtype (default: the checkpoint's)")
-    parser.add_argument("--implementation", default=None, help="attention backend (default: the platform's)")
+    parser.add_argument("--implementation", default=None, choices=IMPLEMENTATIONS,
+                        help="attention backend (default: the platform's)")
     return run_cli("tmjax eval", parser, _eval, argv)
 
 

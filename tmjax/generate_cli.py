@@ -26,6 +26,9 @@ from typing import Any, TextIO
 from tmjax import interrupts
 
 PROG = "tmjax generate"
+# The keys of each output line; an input object's other keys are copied beside them, so these are refused.
+OUTPUT_KEYS = ("line", "text", "prompt_tokens", "new_tokens", "finish", "prefill_s", "decode_tokens_per_s",
+               "batch_size", "includes_compile")
 
 
 @dataclasses.dataclass
@@ -47,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt-file", type=Path, help="a UTF-8 file holding one prompt")
     source.add_argument("--jsonl", type=Path,
                         help='one prompt per line: a JSON string, or an object with a "prompt" string (its other '
-                             "keys are copied to the output line)")
+                             "keys are copied to the output line; keys the output writes are refused)")
     parser.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     parser.add_argument("--switch-layer", type=int, default=None,
                         help="first Triangle layer (TriangleMix); default: dense attention in every layer")
@@ -94,6 +97,10 @@ def _jsonl_prompts(path: Path) -> list[Prompt]:
             if not isinstance(text, str):
                 raise ValueError(f'{path}:{number}: the object needs a "prompt" string')
             extra = {key: value for key, value in item.items() if key != "prompt"}
+            clash = [key for key in OUTPUT_KEYS if key in extra]
+            if clash:
+                raise ValueError(f"{path}:{number}: key {clash[0]!r} is one the output line writes (with "
+                                 f"{', '.join(OUTPUT_KEYS)}); rename it so that it is copied, not overwritten")
         elif isinstance(item, str):
             text, extra = item, {}
         else:
@@ -111,6 +118,8 @@ def _check_args(args: argparse.Namespace) -> None:
     for name, low in (("max_new_tokens", 1), ("batch_size", 1), ("n_init", 0), ("n_local", 1), ("n_last", 0)):
         if getattr(args, name) < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+    if not -2**63 <= args.seed < 2**63:  # what jax.random.key takes
+        raise ValueError(f"--seed must be in [-2**63, 2**63 - 1] (a 64-bit integer), got {args.seed}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.out is not None:
@@ -168,20 +177,24 @@ def _check_lengths(config: Any, layout: Any, prompts: list[Prompt]) -> None:
 
 class LineWriter:
     """Writes whole JSON lines: to a new file with one ``write`` call per line (a signal cannot split
-    it), or to stdout, flushed."""
+    it), or to stdout, flushed. The file is created with its first line, so a run stopped or crashed
+    before any prompt finished leaves no empty file behind (and its rerun is not refused)."""
 
     def __init__(self, path: Path | None, stream: TextIO) -> None:
-        self._fd = None if path is None else os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+        self._path = path
+        self._fd: int | None = None
         self._stream = stream
         self.written = 0
 
     def write(self, record: dict) -> None:
         line = json.dumps(record, ensure_ascii=False) + "\n"
         with interrupts.deferred():  # a signal takes effect once the line is out and counted
-            if self._fd is None:
+            if self._path is None:
                 self._stream.write(line)
                 self._stream.flush()
             else:
+                if self._fd is None:
+                    self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
                 data = line.encode("utf-8")
                 while data:
                     data = data[os.write(self._fd, data):]
@@ -190,6 +203,7 @@ class LineWriter:
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
+            self._fd = None
 
 
 def _finished(tokens: list[int], eos: int | None) -> tuple[list[int], str]:
@@ -201,10 +215,11 @@ def _finished(tokens: list[int], eos: int | None) -> tuple[list[int], str]:
 
 def _record(prompt: Prompt, text: str, new_tokens: int, finish: str, prefill_s: float,
             tokens_per_s: float | None, batch: int, compiled: bool) -> dict:
-    return {**prompt.extra, "line": prompt.line, "text": text, "prompt_tokens": len(prompt.ids),
-            "new_tokens": new_tokens, "finish": finish, "prefill_s": round(prefill_s, 4),
+    ours = {"line": prompt.line, "text": text, "prompt_tokens": len(prompt.ids), "new_tokens": new_tokens,
+            "finish": finish, "prefill_s": round(prefill_s, 4),
             "decode_tokens_per_s": None if tokens_per_s is None else round(tokens_per_s, 2),
             "batch_size": batch, "includes_compile": compiled}
+    return {**prompt.extra, **ours}
 
 
 # --- running --------------------------------------------------------------------------------------------
@@ -341,11 +356,13 @@ def main(argv: list[str] | None = None) -> int:
 def _generate(args: argparse.Namespace, run: Run) -> None:
     """Check every input, then load the model and run the prompts."""
     from tmjax import checkpoint
+    from tmjax.api import check_new_tokens
 
     _check_args(args)
     run.prompts = _prompts(args)
     checkpoint.read_meta(args.checkpoint)
     config = checkpoint.read_config(args.checkpoint)
+    check_new_tokens(config, args.max_new_tokens, "--max-new-tokens")
     layout = _layout(args, config.num_layers)
     tokenizer = checkpoint.tokenizer(args.checkpoint)
     _tokenize(tokenizer, run.prompts, args.chat)
