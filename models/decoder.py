@@ -205,26 +205,25 @@ def logits(params: Params, hidden: jax.Array) -> jax.Array:
     return jnp.einsum("...h,hv->...v", x, w["lm_head"]["kernel"], preferred_element_type=jnp.float32)
 
 
-def _over_chunks(step: Callable[[object, jax.Array | int, int], object], carry: object, seq_len: int,
+def _over_chunks(step: Callable[[object, jax.Array, jax.Array], object], carry: object, seq_len: int,
                  chunk: int) -> object:
-    """``carry = step(carry, start, size)`` over the token chunks ``[start, start + size)`` of
-    ``seq_len`` positions: whole chunks of ``chunk`` in a ``fori_loop`` (traced ``start``), then the
-    remainder, if any, as one step of its own static size (no padding, no overlap)."""
-    full, tail = divmod(seq_len, chunk)
-    if full == 1:
-        carry = step(carry, 0, chunk)
-    elif full:
-        carry = lax.fori_loop(0, full, lambda j, carry: step(carry, j * chunk, chunk), carry)
-    if tail:
-        carry = step(carry, full * chunk, tail)
-    return carry
+    """``carry = step(carry, start, fresh)`` over chunks ``[start, start + chunk)`` covering ``seq_len``
+    positions, in one ``fori_loop``. Every step has the same static size, so every chunk runs the same
+    compiled code (a smaller last chunk could get other kernels, and results an ulp apart): when
+    ``chunk`` does not divide ``seq_len`` the last chunk ends at ``seq_len`` and overlaps the one before;
+    ``fresh`` (bool ``[chunk]``) marks its rows that no earlier step covered."""
+    def body(j: jax.Array, carry: object) -> object:
+        start = jnp.minimum(j * chunk, seq_len - chunk)
+        return step(carry, start, start + jnp.arange(chunk) >= j * chunk)
+
+    return lax.fori_loop(0, -(-seq_len // chunk), body, carry)
 
 
-def _slice(x: jax.Array, start: jax.Array | int, size: int, axis: int = 1) -> jax.Array:
+def _slice(x: jax.Array, start: jax.Array, size: int, axis: int = 1) -> jax.Array:
     return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
 
 
-def _put(buffer: jax.Array, value: jax.Array, start: jax.Array | int, axis: int = 1) -> jax.Array:
+def _put(buffer: jax.Array, value: jax.Array, start: jax.Array, axis: int = 1) -> jax.Array:
     return lax.dynamic_update_slice_in_dim(buffer, value.astype(buffer.dtype), start, axis=axis)
 
 
@@ -283,22 +282,28 @@ def prefill_hidden(
             x, cache = carry
             weights = {"params": _layer(w["layers"], i)}
 
-            def project(carry: tuple, start: jax.Array | int, size: int) -> tuple:
+            def project(carry: tuple, start: jax.Array, fresh: jax.Array) -> tuple:
+                # an overlapping last chunk rewrites its older rows with the same values: no mask needed
                 q_all, k_all, v_all, cache = carry
-                q, k, v = layer.apply(weights, _slice(x, start, size), *rope(start, size), method="qkv")
+                q, k, v = layer.apply(weights, _slice(x, start, chunk), *rope(start, chunk), method="qkv")
                 return _put(q_all, q, start), _put(k_all, k, start), _put(v_all, v, start), cache.put(i, start, k, v)
 
             buffers = [jnp.zeros((batch, seq_len, heads, c.head_dim), like.dtype)
                        for heads, like in ((c.num_heads, q_like), (c.num_kv_heads, k_like), (c.num_kv_heads, k_like))]
             q, k, v, cache = _over_chunks(project, (*buffers, cache), seq_len, chunk)
+            # The attention reads q, k, v and its output is read back materialised, as with chunks:
+            # fusing RoPE into the attention (or the attention into the output projection) when
+            # there is one chunk would round differently, and the result would depend on the chunking.
+            q, k, v = lax.optimization_barrier((q, k, v))
             op = functools.partial(fn, i)
             if mesh is not None:
                 op = sharding.shard_attention(op, mesh)
-            attended = op(q, k, v, length)
+            attended = lax.optimization_barrier(op(q, k, v, length))
 
-            def finish(x: jax.Array, start: jax.Array | int, size: int) -> jax.Array:
-                out = layer.apply(weights, _slice(x, start, size), _slice(attended, start, size), method="finish")
-                return _put(x, out, start)
+            def finish(x: jax.Array, start: jax.Array, fresh: jax.Array) -> jax.Array:
+                rows = _slice(x, start, chunk)  # older rows of an overlapping last chunk are done: keep them
+                out = layer.apply(weights, rows, _slice(attended, start, chunk), method="finish")
+                return _put(x, jnp.where(fresh[None, :, None], out, rows), start)
 
             return _over_chunks(finish, x, seq_len, chunk), cache
 

@@ -1,7 +1,7 @@
 """An fp8 KV cache: keys and values stored as ``float8_e4m3fn`` with one float32 scale per vector.
 
 Every key and every value vector (one position of one KV head, ``head_dim`` numbers) gets its own
-scale ``amax(|x|) / 448`` (448 is e4m3's largest finite value), so the vector's largest entry lands on
+scale ``amax(|x|) * (1 / 448)`` (448 is e4m3's largest finite value), so the vector's largest entry lands on
 e4m3's top and a position with large activations costs no precision to the others. An all-zero
 vector (the cache's unwritten positions) gets scale 1. Decoding never materialises a dequantized
 cache: attention multiplies each key's score by its key scale and each probability by its value
@@ -30,7 +30,7 @@ def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``x [..., D]`` -> (``float8_e4m3fn [..., D]``, float32 scales ``[...]``) with ``x ~ q * scale``."""
     x32 = x.astype(jnp.float32)
     amax = jnp.max(jnp.abs(x32), axis=-1)
-    scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+    scale = jnp.where(amax > 0, amax * (1 / FP8_MAX), 1.0)  # a product: XLA would turn a division into one
     return (x32 / scale[..., None]).astype(jnp.float8_e4m3fn), scale
 
 

@@ -332,7 +332,8 @@ def prefill(
     """
     params, batch, lens, new, cache_size, squeeze = _prepare(params, tokens, lengths, layout, implementation,
                                                               max_new_tokens, minimum=0)
-    chunk, kv_dtype = memory.preflight(params, batch.shape[0], int(lens.max()), layout, new, chunk, kv_dtype)
+    chunk, kv_dtype = memory.preflight(params, batch.shape[0], int(lens.max()), layout, implementation, new, chunk,
+                                       kv_dtype)
     mesh = sharding.params_mesh(params)
     _check_batch_splits(mesh, batch.shape[0], "tokens")
     out, cache = _prefill(params, *_place(mesh, batch, lens), layout, implementation, cache_size, mesh, chunk,
@@ -394,7 +395,8 @@ def generate(
     """
     params, batch, lens, new, cache_size, squeeze = _prepare(params, tokens, lengths, layout, implementation,
                                                               max_new_tokens, minimum=1)
-    chunk, kv_dtype = memory.preflight(params, batch.shape[0], int(lens.max()), layout, new, chunk, kv_dtype)
+    chunk, kv_dtype = memory.preflight(params, batch.shape[0], int(lens.max()), layout, implementation, new, chunk,
+                                       kv_dtype)
     eos, temp, key, sample = _sampling(temperature, key, eos_token_id, params.config.vocab_size)
     mesh = sharding.params_mesh(params)
     rows = batch.shape[0]

@@ -12,8 +12,10 @@ sum of what it holds at once, in bytes (every term is stated in ``MemoryEstimate
 - ``chunk``: the per-token stages' working set on one chunk: the MLP's three ``[B, C, I]``
   tensors, its float32 SiLU input, float32 norm and RoPE temporaries;
 - ``attention``: the attention's own working set: K and V passed through the value guard (a
-  copy each) and, for vertical-slash layers, the float32 estimation scores of the last ``last_q``
-  rows against every key (about three ``[B, Hq, last_q, T]`` arrays).
+  copy each); for vertical-slash layers the float32 estimation scores of the last ``last_q`` rows
+  against every key (two ``[B, Hq, last_q, T]`` arrays); on the ``xla`` backend, Triangle and
+  sliding-window layers' band chunk (float32 scores and probabilities, ``band_chunk_scores``
+  entries per row and head each). The Pallas kernels keep their tiles on chip.
 
 ``T`` is the padded prompt (``tmjax.api.bucket_length``). The pre-flight (``preflight``) compares
 the total with the device's memory (``memory_stats()["bytes_limit"]`` on an accelerator; on CPU the
@@ -33,10 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tmjax.layout import Layout, VerticalSlash
+from tmjax.attention import default_implementation
+from tmjax.layout import Layout, TriangleMix, VerticalSlash
 from tmjax.models import kv_quant, sharding
 from tmjax.models.config import ModelConfig
 from tmjax.models.params import Params, param_shapes
+from tmjax.pallas_kernels import tuning, xla
 
 # The default chunk keeps each of the MLP's [B, chunk, intermediate] tensors at <= 2**26 numbers
 # (128 MiB in bf16): Llama-3.1-8B at batch 1 runs 4096-token chunks.
@@ -88,10 +92,12 @@ def memory_estimate(
     kv_dtype: object = None,
     chunk: int | None = None,
     max_new_tokens: int = 256,
+    implementation: str | None = None,
 ) -> MemoryEstimate:
     """The predicted peak memory of prefilling ``batch`` prompts of ``tokens`` tokens under ``layout``
     with weights and activations in ``dtype``, a cache in ``kv_dtype`` (None: ``dtype``) with room
-    for ``max_new_tokens``, and per-token stages over ``chunk`` tokens (None: ``default_chunk``)."""
+    for ``max_new_tokens``, per-token stages over ``chunk`` tokens (None: ``default_chunk``) and
+    attention on ``implementation`` (None: the platform's, ``tmjax.attention.default_implementation``)."""
     from tmjax.api import _ALIGN, bucket_length  # the API's own bucketing (api imports this module)
 
     c = config
@@ -106,12 +112,18 @@ def memory_estimate(
     hidden = batch * t * c.hidden_size * a
     sequence = 2 * hidden + (2 * q_numbers + 2 * kv_numbers) * a
     rows = batch * chunk
-    per_chunk = rows * (c.intermediate_size * (3 * a + 4) + 3 * c.hidden_size * 4
+    per_chunk = rows * (c.intermediate_size * (2 * a + 4) + 3 * c.hidden_size * 4
                         + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim * 4)
     attention = 2 * kv_numbers * a
     patterns = [] if layout is None else [layout.attention_at(i) for i in range(c.num_layers)]
     last_q = max((p.last_q for p in patterns if isinstance(p, VerticalSlash)), default=0)
-    attention += 3 * batch * c.num_heads * min(last_q, t) * t * 4
+    attention += 2 * batch * c.num_heads * min(last_q, t) * t * 4
+    banded = any(isinstance(p, TriangleMix) for p in patterns) or any(
+        (c.layer_window(i) or t) < t for i in range(c.num_layers))
+    if banded and (implementation or default_implementation()) == "xla":
+        band = tuning.choose(xla, "xla", q_heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                             pattern="triangle").band_chunk_scores
+        attention += 2 * batch * c.num_heads * band * 4
     return MemoryEstimate(weights, cache, sequence, per_chunk, attention, t, chunk)
 
 
@@ -153,8 +165,8 @@ def check_chunk(chunk: object) -> int | None:
     return int(chunk)
 
 
-def preflight(params: Params, batch: int, longest: int, layout: Layout | None, max_new_tokens: int,
-              chunk: object, kv_dtype: object) -> tuple[int, str | None]:
+def preflight(params: Params, batch: int, longest: int, layout: Layout | None, implementation: str | None,
+              max_new_tokens: int, chunk: object, kv_dtype: object) -> tuple[int, str | None]:
     """Check ``chunk`` and ``kv_dtype``, and that prefilling ``batch`` prompts of ``longest`` tokens
     fits the device (``ValueError`` otherwise); returns the chunk to run (the default resolved) and
     the cache dtype's name (None: the weights' dtype)."""
@@ -169,7 +181,7 @@ def preflight(params: Params, batch: int, longest: int, layout: Layout | None, m
     capacity, source = found
     dtype = jax.tree.leaves(params.weights)[0].dtype
     kwargs = dict(layout=layout, batch=batch, dtype=dtype, kv_dtype=kv_dtype, chunk=run_chunk,
-                  max_new_tokens=max_new_tokens)
+                  max_new_tokens=max_new_tokens, implementation=implementation)
     need = memory_estimate(config, longest, **kwargs)
     if jax.local_devices()[0].platform == "cpu":  # the weights already sit in the RAM that is not available
         capacity += need.weights
