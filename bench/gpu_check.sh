@@ -25,9 +25,15 @@
 #          replay    (not in the default) SmolLM2's picks at 32K/128K (bench/smollm2_vs_indices.py), replayed
 #                    in a Llama-3.1-8B-shaped prefill: bench/ttft.py --replay-picks (tm+vs-decoder, tm+vs-replay)
 #          e.g. bash bench/gpu_check.sh dynamic accuracy,ttft,layer
+#   long   bench/long_prompts.py (issue 20): Llama-3.1-8B shapes, prefill time + peak memory beside
+#          tmjax.memory_estimate; [seqs] default 131072,262144 (dense + TriangleMix(16)); then
+#          `long 524288,1048576` (TriangleMix(16); 1M with the fp8 cache) and, for dense at 512K,
+#          `CONFIGS=dense DENSE_MAX=524288 REPEATS=1 ... long 524288`; each call stops starting rows at 480 s
+#   fp8eval  tmjax eval on SmolLM2 at 8K: dense with its bf16 cache vs dense with an fp8 cache
+#          (--kv-dtype float8_e4m3fn), 7 tasks x [seqs] samples (default 18: 126), -> $OUT/fp8eval
 #   multigpu-correct | multigpu-scale | multigpu-scaleout   bench/multigpu.py's steps (issue 12; a
 #          nvidia-h200-x2/-x4/-x8 machine; NVLink multicast stays off)
-#   bash bench/gpu_check.sh tests|bench|vs|ttft|sweep|dynamic [seqs|parts]
+#   bash bench/gpu_check.sh tests|bench|vs|ttft|sweep|dynamic|long|fp8eval [seqs|parts]
 # The device tool allows 10 minutes a call: one mode per call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -116,6 +122,13 @@ case "$what" in
             --replay-picks "$OUT/smollm2-vs-indices.npz" --out "$OUT/llama-replay" 2>&1 | tail -8 ;;
       esac
     done ;;
+  long)
+    python3 bench/long_prompts.py --lengths "${2:-131072,262144}" --configs "${CONFIGS:-dense,tm}" \
+      --dense-max "${DENSE_MAX:-262144}" --repeats "${REPEATS:-3}" --row-timeout-s 420 --budget-s 480 \
+      --out "$OUT" 2>&1 | tee "$OUT/long.log" | grep -v "^ROW" | tail -30 ;;
+  fp8eval)
+    timeout 530 python3 -m tmjax eval --configs dense --kv-dtype float8_e4m3fn --dtype bfloat16 --max-tokens 8192 \
+      --samples-per-task "${2:-18}" --out "$OUT/fp8eval" 2>&1 | tee "$OUT/fp8eval.log" | tail -20 ;;
   multigpu-*)
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
       python3 bench/multigpu.py --step "${what#multigpu-}" --out "$OUT" 2>&1 | grep -v "^ROW" | tail -30 ;;

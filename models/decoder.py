@@ -5,8 +5,11 @@ In prefill the layers run in ``lax.fori_loop`` over the runs of consecutive laye
 run with its attention function (``tmjax.plan.layer_runs`` makes them from a layout: dense layers
 below the switch layer, Triangle layers at and above it, windowed layers), each iteration indexing
 the stacked ``[L, ...]`` weights by the traced layer index: the run boundaries are static, and no
-slice of the weight stack is copied out. Keys and values go to a ``KVCache`` for decoding. The
-decoder knows no layout and no attention backend: decoding is dense attention over the cache.
+slice of the weight stack is copied out. Inside a layer the per-token parts (norms, projections,
+RoPE, MLP) run over chunks of tokens and only the attention sees the whole sequence, so a long
+prompt's activations stay bounded (``prefill_hidden``). Keys and values go to a ``KVCache`` for
+decoding (optionally fp8, ``kv_quant``). The decoder knows no layout and no attention backend:
+decoding is dense attention over the cache.
 
 Every row of a batch has its own true length: prompts are right-padded, and each row's dense last
 rows, RoPE (dynamic RoPE follows the length), cache length and decode position are its own.
@@ -24,7 +27,7 @@ from flax import struct
 from jax import lax
 from jax.sharding import Mesh
 
-from tmjax.models import sharding
+from tmjax.models import kv_quant, sharding
 from tmjax.models.config import ModelConfig
 from tmjax.models.params import Params
 from tmjax.models.rope import apply_rope, rope_tables
@@ -40,15 +43,59 @@ Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, object]]
 @struct.dataclass
 class KVCache:
     """Keys and values (after RoPE) of every layer, ``[L, B, S_max, Hkv, D]``, and how many positions
-    of each row are filled, int32 ``[B]``. The head axis is explicit so the cache can be sharded over heads."""
+    of each row are filled, int32 ``[B]``. The head axis is explicit so the cache can be sharded over heads.
+    An fp8 cache (``kv_quant``) holds float32 scales ``[L, B, S_max, Hkv]`` beside them (None otherwise)."""
 
     k: jax.Array
     v: jax.Array
     length: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
 
     @property
     def max_length(self) -> int:
         return self.k.shape[2]
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, size: int, dtype: object, mesh: Mesh | None = None) -> KVCache:
+        """A zero cache of ``size`` positions in ``dtype`` (fp8: with unit scales), sharded on ``mesh``."""
+        shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
+        arrays = [jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)]
+        axes = [sharding.CACHE_AXES] * 2
+        if kv_quant.quantized(dtype):
+            arrays += [jnp.ones(shape[:-1], jnp.float32)] * 2
+            axes += [sharding.CACHE_AXES[:-1]] * 2
+        if mesh is not None:
+            arrays = [lax.with_sharding_constraint(a, sharding.named(ax, mesh)) for a, ax in zip(arrays, axes)]
+        return cls(arrays[0], arrays[1], jnp.zeros((batch,), jnp.int32), *arrays[2:])
+
+    def put(self, layer: jax.Array, start: jax.Array | int, k: jax.Array, v: jax.Array) -> KVCache:
+        """Write ``k, v [B, n, Hkv, D]`` at positions ``[start, start + n)`` of ``layer`` (every row)."""
+        if self.k_scale is None:
+            return self.replace(k=lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), (layer, 0, start, 0, 0)),
+                                v=lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), (layer, 0, start, 0, 0)))
+        (k8, ks), (v8, vs) = kv_quant.quantize(k), kv_quant.quantize(v)
+        return self.replace(k=lax.dynamic_update_slice(self.k, k8[None], (layer, 0, start, 0, 0)),
+                            v=lax.dynamic_update_slice(self.v, v8[None], (layer, 0, start, 0, 0)),
+                            k_scale=lax.dynamic_update_slice(self.k_scale, ks[None], (layer, 0, start, 0)),
+                            v_scale=lax.dynamic_update_slice(self.v_scale, vs[None], (layer, 0, start, 0)))
+
+    def put_rows(self, layer: jax.Array, rows: jax.Array, positions: jax.Array, k: jax.Array, v: jax.Array
+                 ) -> KVCache:
+        """Write one step ``k, v [B, Hkv, D]``, row ``b`` at its own position ``positions[b]``."""
+        if self.k_scale is None:
+            return self.replace(k=self.k.at[layer, rows, positions].set(k.astype(self.k.dtype)),
+                                v=self.v.at[layer, rows, positions].set(v.astype(self.v.dtype)))
+        (k8, ks), (v8, vs) = kv_quant.quantize(k), kv_quant.quantize(v)
+        return self.replace(k=self.k.at[layer, rows, positions].set(k8), v=self.v.at[layer, rows, positions].set(v8),
+                            k_scale=self.k_scale.at[layer, rows, positions].set(ks),
+                            v_scale=self.v_scale.at[layer, rows, positions].set(vs))
+
+    def layer(self, index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
+        """Layer ``index``'s ``(k, v [B, S, Hkv, D], k_scale, v_scale [B, S, Hkv] or None)``."""
+        pick = functools.partial(lax.dynamic_index_in_dim, index=index, keepdims=False)
+        scales = (None, None) if self.k_scale is None else (pick(self.k_scale), pick(self.v_scale))
+        return pick(self.k), pick(self.v), *scales
 
 
 class RMSNorm(nn.Module):
@@ -65,21 +112,29 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Projections, q/k-norm and RoPE; the attention itself is the ``attend`` callable."""
+    """Projections, q/k-norm and RoPE (``qkv``) and the output projection (``out``); the attention
+    itself is the caller's, so that prefill can run the per-token parts over chunks of tokens."""
 
     config: ModelConfig
 
-    @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, attend: Attend) -> tuple[jax.Array, object]:
+    def setup(self) -> None:
         c = self.config
-        q = nn.DenseGeneral((c.num_heads, c.head_dim), use_bias=c.qkv_bias, name="q_proj")(x)
-        k = nn.DenseGeneral((c.num_kv_heads, c.head_dim), use_bias=c.qkv_bias, name="k_proj")(x)
-        v = nn.DenseGeneral((c.num_kv_heads, c.head_dim), use_bias=c.qkv_bias, name="v_proj")(x)
+        self.q_proj = nn.DenseGeneral((c.num_heads, c.head_dim), use_bias=c.qkv_bias)
+        self.k_proj = nn.DenseGeneral((c.num_kv_heads, c.head_dim), use_bias=c.qkv_bias)
+        self.v_proj = nn.DenseGeneral((c.num_kv_heads, c.head_dim), use_bias=c.qkv_bias)
+        self.o_proj = nn.DenseGeneral(c.hidden_size, axis=(-2, -1), use_bias=c.o_bias)
         if c.qk_norm:
-            q = RMSNorm(c.rms_norm_eps, name="q_norm")(q)
-            k = RMSNorm(c.rms_norm_eps, name="k_norm")(k)
-        out, aux = attend(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v)
-        return nn.DenseGeneral(c.hidden_size, axis=(-2, -1), use_bias=c.o_bias, name="o_proj")(out), aux
+            self.q_norm = RMSNorm(c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.rms_norm_eps)
+
+    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def out(self, attended: jax.Array) -> jax.Array:
+        return self.o_proj(attended)
 
 
 class MLP(nn.Module):
@@ -98,17 +153,29 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: ``x += attn(norm(x))``; ``x += mlp(norm(x))``."""
+    """Pre-norm residual block: ``x += attn(norm(x))``; ``x += mlp(norm(x))``, in two per-token
+    stages around the attention: ``qkv`` (norm, projections, RoPE) and ``finish`` (output projection,
+    residual, MLP). ``__call__`` runs both with ``attend`` between them."""
 
     config: ModelConfig
 
-    @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, attend: Attend) -> tuple[jax.Array, object]:
+    def setup(self) -> None:
         c = self.config
-        h, aux = Attention(c, name="self_attn")(RMSNorm(c.rms_norm_eps, name="input_layernorm")(x), cos, sin, attend)
-        x = x + h
-        x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, name="post_attention_layernorm")(x))
-        return x, aux
+        self.input_layernorm = RMSNorm(c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return self.self_attn.qkv(self.input_layernorm(x), cos, sin)
+
+    def finish(self, x: jax.Array, attended: jax.Array) -> jax.Array:
+        x = x + self.self_attn.out(attended)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, attend: Attend) -> tuple[jax.Array, object]:
+        attended, aux = attend(*self.qkv(x, cos, sin))
+        return self.finish(x, attended), aux
 
 
 def _rope(config: ModelConfig, positions: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -138,6 +205,28 @@ def logits(params: Params, hidden: jax.Array) -> jax.Array:
     return jnp.einsum("...h,hv->...v", x, w["lm_head"]["kernel"], preferred_element_type=jnp.float32)
 
 
+def _over_chunks(step: Callable[[object, jax.Array, jax.Array], object], carry: object, seq_len: int,
+                 chunk: int) -> object:
+    """``carry = step(carry, start, fresh)`` over chunks ``[start, start + chunk)`` covering ``seq_len``
+    positions, in one ``fori_loop``. Every step has the same static size, so every chunk runs the same
+    compiled code (a smaller last chunk could get other kernels, and results an ulp apart): when
+    ``chunk`` does not divide ``seq_len`` the last chunk ends at ``seq_len`` and overlaps the one before;
+    ``fresh`` (bool ``[chunk]``) marks its rows that no earlier step covered."""
+    def body(j: jax.Array, carry: object) -> object:
+        start = jnp.minimum(j * chunk, seq_len - chunk)
+        return step(carry, start, start + jnp.arange(chunk) >= j * chunk)
+
+    return lax.fori_loop(0, -(-seq_len // chunk), body, carry)
+
+
+def _slice(x: jax.Array, start: jax.Array, size: int, axis: int = 1) -> jax.Array:
+    return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
+def _put(buffer: jax.Array, value: jax.Array, start: jax.Array, axis: int = 1) -> jax.Array:
+    return lax.dynamic_update_slice_in_dim(buffer, value.astype(buffer.dtype), start, axis=axis)
+
+
 def prefill_hidden(
     params: Params,
     tokens: jax.Array,
@@ -146,6 +235,8 @@ def prefill_hidden(
     runs: Runs,
     cache_size: int | None = None,
     mesh: Mesh | None = None,
+    chunk: int | None = None,
+    kv_dtype: str | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run the prompt ``tokens [B, T]`` (right-padded) through every layer; ``length`` (an int, or
     int32 ``[B]``: one per row) counts each row's real positions.
@@ -153,8 +244,15 @@ def prefill_hidden(
     ``runs`` covers the layers in order with ``(start, stop, attend)``: layers ``[start, stop)`` call
     ``attend(layer, q, k, v, length)`` (``tmjax.plan.layer_runs``, or one hook over all layers).
     Returns the final hidden states ``[B, T, H]`` (before the final norm) and a cache of
-    ``cache_size`` (default T) positions holding the prompt's keys and values. With ``mesh`` (the
-    weights' mesh), the cache is sharded by the rules and the attention runs per shard.
+    ``cache_size`` (default T) positions holding the prompt's keys and values, in ``kv_dtype``
+    (default: the activations' dtype; ``float8_e4m3fn`` keeps per-vector scales, ``kv_quant``). With
+    ``mesh`` (the weights' mesh), the cache is sharded by the rules and the attention runs per shard.
+
+    Each layer runs its per-token parts over chunks of ``chunk`` tokens (default: all T at once):
+    norm, q/k/v projections and RoPE write the full-sequence q, k, v (and the cache) chunk by chunk,
+    the attention runs over the whole sequence, then the output projection, residual and MLP
+    update the hidden states chunk by chunk. Activations beyond q/k/v, the attention output and
+    the hidden states are O(chunk); the result does not depend on ``chunk`` (per-token maths).
     """
     c, w = params.config, params.weights
     batch, seq_len = tokens.shape
@@ -163,52 +261,77 @@ def prefill_hidden(
         raise ValueError(f"the prompt ({seq_len} positions) is longer than the cache ({cache_size})")
     if [layer for start, stop, _ in runs for layer in range(start, stop)] != list(range(c.num_layers)):
         raise ValueError(f"runs must cover layers 0..{c.num_layers - 1} in order, got {[r[:2] for r in runs]}")
+    chunk = seq_len if chunk is None else min(chunk, seq_len)
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), (batch,))
     x = _embed(params, tokens)
-    cos, sin = _rope(c, jnp.arange(seq_len), length)
-    shape = (c.num_layers, batch, cache_size, c.num_kv_heads, c.head_dim)
-    cache = [jnp.zeros(shape, x.dtype), jnp.zeros(shape, x.dtype)]
-    if mesh is not None:
-        cache = [jax.lax.with_sharding_constraint(a, sharding.named(sharding.CACHE_AXES, mesh)) for a in cache]
-    carry = (x, *cache)
     layer = DecoderLayer(c)
+
+    def rope(start: jax.Array | int, size: int) -> tuple[jax.Array, jax.Array]:
+        return _rope(c, start + jnp.arange(size), length)
+
+    # the dtypes of q, k, v (the weights' and activations' promotion), without computing anything
+    q_like, k_like, _ = jax.eval_shape(
+        lambda x: layer.apply({"params": _layer(w["layers"], 0)}, x, *rope(0, 1), method="qkv"), x[:, :1])
+    cache = KVCache.empty(c, batch, cache_size, k_like.dtype if kv_dtype is None else kv_dtype, mesh)
 
     for start, stop, fn in runs:
 
         def body(i: jax.Array, carry: tuple, fn: AttentionFn = fn) -> tuple:
-            x, cache_k, cache_v = carry
+            x, cache = carry
+            weights = {"params": _layer(w["layers"], i)}
+
+            def project(carry: tuple, start: jax.Array, fresh: jax.Array) -> tuple:
+                # an overlapping last chunk rewrites its older rows with the same values: no mask needed
+                q_all, k_all, v_all, cache = carry
+                q, k, v = layer.apply(weights, _slice(x, start, chunk), *rope(start, chunk), method="qkv")
+                return _put(q_all, q, start), _put(k_all, k, start), _put(v_all, v, start), cache.put(i, start, k, v)
+
+            buffers = [jnp.zeros((batch, seq_len, heads, c.head_dim), like.dtype)
+                       for heads, like in ((c.num_heads, q_like), (c.num_kv_heads, k_like), (c.num_kv_heads, k_like))]
+            q, k, v, cache = _over_chunks(project, (*buffers, cache), seq_len, chunk)
+            # The attention reads q, k, v and its output is read back materialised, as with chunks:
+            # fusing RoPE into the attention (or the attention into the output projection) when
+            # there is one chunk would round differently, and the result would depend on the chunking.
+            q, k, v = lax.optimization_barrier((q, k, v))
             op = functools.partial(fn, i)
             if mesh is not None:
                 op = sharding.shard_attention(op, mesh)
+            attended = lax.optimization_barrier(op(q, k, v, length))
 
-            def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple]:
-                return op(q, k, v, length), (k, v)
+            def finish(x: jax.Array, start: jax.Array, fresh: jax.Array) -> jax.Array:
+                rows = _slice(x, start, chunk)  # older rows of an overlapping last chunk are done: keep them
+                out = layer.apply(weights, rows, _slice(attended, start, chunk), method="finish")
+                return _put(x, jnp.where(fresh[None, :, None], out, rows), start)
 
-            x, (k, v) = layer.apply({"params": _layer(w["layers"], i)}, x, cos, sin, attend)
-            cache_k = lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (i, 0, 0, 0, 0))
-            cache_v = lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (i, 0, 0, 0, 0))
-            return x, cache_k, cache_v
+            return _over_chunks(finish, x, seq_len, chunk), cache
 
-        carry = lax.fori_loop(start, stop, body, carry)
-    x, cache_k, cache_v = carry
-    return x, KVCache(cache_k, cache_v, length)
+        x, cache = lax.fori_loop(start, stop, body, (x, cache))
+    return x, cache.replace(length=length)
 
 
-def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, position: jax.Array,
-                      window: jax.Array | None) -> jax.Array:
+def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, position: jax.Array, window: jax.Array | None,
+                      k_scale: jax.Array | None = None, v_scale: jax.Array | None = None) -> jax.Array:
     """One query per sequence, ``q [B, 1, Hq, D]``, against ``k/v [B, S, Hkv, D]``: row ``b`` sees the
-    keys at ``<= position[b]`` (and ``> position[b] - window`` where the window is > 0)."""
+    keys at ``<= position[b]`` (and ``> position[b] - window`` where the window is > 0). An fp8 cache
+    passes its scales ``[B, S, Hkv]``: each key's scores are scaled by its key scale and each
+    probability by its value's scale (attention to the dequantized cache, never materialised)."""
     batch, _, num_heads, dim = q.shape
     num_kv = k.shape[2]
     qg = q.reshape(batch, num_kv, num_heads // num_kv, dim)
-    scores = jnp.einsum("bhgd,bshd->bhgs", qg, k, preferred_element_type=jnp.float32) * (dim ** -0.5)
+    scores = jnp.einsum("bhgd,bshd->bhgs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32) * (dim ** -0.5)
+    if k_scale is not None:
+        scores = scores * jnp.swapaxes(k_scale, 1, 2)[:, :, None, :]
     keys = jnp.arange(k.shape[1])[None, :]
     visible = keys <= position[:, None]  # [B, S]
     if window is not None:
         visible &= (window == 0) | (keys > position[:, None] - window)
     scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhgs,bshd->bhgd", probs, v, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if v_scale is not None:
+        probs = probs * jnp.swapaxes(v_scale, 1, 2)[:, :, None, :]
+    out = jnp.einsum("bhgs,bshd->bhgd", probs.astype(q.dtype), v.astype(q.dtype), preferred_element_type=jnp.float32)
     return out.reshape(batch, 1, num_heads, dim).astype(q.dtype)
 
 
@@ -231,19 +354,15 @@ def decode(params: Params, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array
     layer = DecoderLayer(c)
 
     def body(i: jax.Array, carry: tuple) -> tuple:
-        x, cache_k, cache_v = carry
+        x, cache = carry
 
-        def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, tuple]:
-            new_k = cache_k.at[i, rows, position].set(k[:, 0].astype(cache_k.dtype))
-            new_v = cache_v.at[i, rows, position].set(v[:, 0].astype(cache_v.dtype))
-            out = _decode_attention(q, lax.dynamic_index_in_dim(new_k, i, keepdims=False),
-                                    lax.dynamic_index_in_dim(new_v, i, keepdims=False), position,
-                                    None if windows is None else windows[i])
-            return out, (new_k, new_v)
+        def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, KVCache]:
+            new = cache.put_rows(i, rows, position, k[:, 0], v[:, 0])
+            layer_k, layer_v, k_scale, v_scale = new.layer(i)
+            window = None if windows is None else windows[i]
+            return _decode_attention(q, layer_k, layer_v, position, window, k_scale, v_scale), new
 
-        x, (cache_k, cache_v) = layer.apply({"params": _layer(w["layers"], i)}, x, cos, sin, attend)
-        return x, cache_k, cache_v
+        return layer.apply({"params": _layer(w["layers"], i)}, x, cos, sin, attend)
 
-    x, cache_k, cache_v = lax.fori_loop(0, c.num_layers, body, (x, cache.k, cache.v))
-    return logits(params, x[:, 0]), KVCache(cache_k, cache_v, position + 1)
-
+    x, cache = lax.fori_loop(0, c.num_layers, body, (x, cache))
+    return logits(params, x[:, 0]), cache.replace(length=position + 1)

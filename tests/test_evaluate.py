@@ -141,6 +141,26 @@ def test_agreement_and_kl_match_direct_prefill_and_generate(tiny):
         assert summary["first_token_kl_max"] == pytest.approx(np.max(kl[name]), rel=1e-3, abs=1e-7)
 
 
+def test_kv_dtype_runs_every_config_with_that_cache_against_the_dense_reference(tiny):
+    """``kv_dtype``: the reference ``dense`` keeps the checkpoint's cache; ``dense kv=<dtype>`` and
+    ``switch=2 kv=<dtype>`` answer as ``tmjax.generate`` does with that cache, and are compared to the
+    reference's tokens. A float32 cache on float32 weights changes nothing (every answer identical)."""
+    _, params, tokenizer = tiny
+    samples = tasks.generate_suite(["niah_single"], samples_per_task=2, seed=1, max_tokens=640,
+                                   count=tasks.token_counter(tokenizer))
+    sizes = dict(n_init=4, n_local=64, n_last=32)
+    same = evaluate.evaluate(params, tokenizer, samples, [2], kv_dtype="float32", **sizes)
+    assert list(same["results"]) == ["dense", "dense kv=float32", "switch=2 kv=float32"]
+    assert same["results"]["dense kv=float32"]["identical_to_dense"] == 1.0
+    report = evaluate.evaluate(params, tokenizer, samples, [], kv_dtype="float8_e4m3fn")
+    assert report["kv_dtype"] == "float8_e4m3fn" and list(report["results"]) == ["dense", "dense kv=float8_e4m3fn"]
+    for sample, row in zip(samples, report["samples"]):
+        ids = np.asarray(tasks.encode(tokenizer, sample).prompt_ids, np.int32)
+        dense = np.asarray(api.generate(params, ids, sample.max_new_tokens))
+        fp8 = np.asarray(api.generate(params, ids, sample.max_new_tokens, kv_dtype="float8_e4m3fn"))
+        assert row["configs"]["dense kv=float8_e4m3fn"]["identical_to_dense"] == bool(np.array_equal(dense, fp8))
+
+
 def test_eval_cli_end_to_end(tiny, tmp_path):
     folder, _, _ = tiny
     probe_file = tmp_path / "probe.json"

@@ -16,11 +16,12 @@ except importlib.metadata.PackageNotFoundError:  # a source tree that was never 
     __version__ = "0+unknown"
 
 _API = {"decode_step": "tmjax.api", "generate": "tmjax.api", "prefill": "tmjax.api", "load": "tmjax.checkpoint",
+        "memory_estimate": "tmjax.memory",
         **{name: "tmjax.attention" for name in ("causal_attention", "flexprefill_attention", "triangle_attention", "vertical_slash_attention",
                                                  "vertical_slash_indices")}}
 
 __all__ = [
-    "FlexPrefill", "TriangleMix", "VerticalSlash", "causal_attention", "decode_step", "flexprefill_attention", "generate", "load", "prefill", "triangle_attention",
+    "FlexPrefill", "TriangleMix", "VerticalSlash", "causal_attention", "decode_step", "flexprefill_attention", "generate", "load", "memory_estimate", "prefill", "triangle_attention",
     "vertical_slash_attention", "vertical_slash_indices",
 ]
 

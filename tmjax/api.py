@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from tmjax import plan
+from tmjax import memory, plan
 from tmjax.attention import IMPLEMENTATIONS
 from tmjax.layout import Layout, check_layout
 from tmjax.models import decoder, sharding
@@ -264,14 +264,17 @@ def _check_room(cache: KVCache, steps: int) -> None:
 # --- programs ------------------------------------------------------------------------------------------
 
 def _prefill_logits(params: Params, tokens: jax.Array, length: jax.Array, layout: Layout | None,
-                    implementation: str | None, cache_size: int, mesh: Mesh | None) -> tuple[jax.Array, KVCache]:
+                    implementation: str | None, cache_size: int, mesh: Mesh | None, chunk: int | None = None,
+                    kv_dtype: str | None = None) -> tuple[jax.Array, KVCache]:
     runs = plan.layer_runs(params.config, layout, tokens.shape[1], implementation)
-    hidden, cache = decoder.prefill_hidden(params, tokens, length, runs=runs, cache_size=cache_size, mesh=mesh)
+    hidden, cache = decoder.prefill_hidden(params, tokens, length, runs=runs, cache_size=cache_size, mesh=mesh,
+                                           chunk=chunk, kv_dtype=kv_dtype)
     last = jnp.take_along_axis(hidden, (length - 1)[:, None, None], axis=1)[:, 0]  # each row's last real position
     return decoder.logits(params, last), cache
 
 
-_prefill = jax.jit(_prefill_logits, static_argnames=("layout", "implementation", "cache_size", "mesh"))
+_prefill = jax.jit(_prefill_logits, static_argnames=("layout", "implementation", "cache_size", "mesh", "chunk",
+                                                     "kv_dtype"))
 
 
 def _decode_loop(params: Params, logits: jax.Array, cache: KVCache, eos: jax.Array, temperature: jax.Array,
@@ -311,11 +314,11 @@ _continue = jax.jit(_decode_loop, static_argnames=("max_new_tokens", "sample"))
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "implementation", "cache_size", "mesh", "max_new_tokens",
-                                             "sample"))
+                                             "sample", "chunk", "kv_dtype"))
 def _generate(params: Params, tokens: jax.Array, length: jax.Array, eos: jax.Array, temperature: jax.Array,
               key: jax.Array, layout: Layout | None, implementation: str | None, cache_size: int, mesh: Mesh | None,
-              max_new_tokens: int, sample: bool) -> jax.Array:
-    logits, cache = _prefill_logits(params, tokens, length, layout, implementation, cache_size, mesh)
+              max_new_tokens: int, sample: bool, chunk: int | None = None, kv_dtype: str | None = None) -> jax.Array:
+    logits, cache = _prefill_logits(params, tokens, length, layout, implementation, cache_size, mesh, chunk, kv_dtype)
     return _decode_loop(params, logits, cache, eos, temperature, key, max_new_tokens, sample)
 
 
@@ -329,6 +332,8 @@ def prefill(
     lengths: object = None,
     implementation: str | None = None,
     max_new_tokens: int = 256,
+    chunk: int | None = None,
+    kv_dtype: str | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """Run prompts and return each one's next-token logits (float32) and the KV cache.
 
@@ -337,13 +342,19 @@ def prefill(
     ``lengths [B]`` gives each row's true length (the rest of the row is ignored). ``layout=None`` is
     dense attention in every layer. ``implementation`` picks the attention backend (None: the
     platform default). The cache holds the padded prompts plus room for at least ``max_new_tokens``
-    decode steps; ``cache.length [B]`` is each row's length.
+    decode steps; ``cache.length [B]`` is each row's length. ``chunk`` tokens at a time run through
+    each layer's per-token parts (None: ``tmjax.memory.default_chunk``); ``kv_dtype`` is the cache's
+    dtype (None: the weights'; ``"float8_e4m3fn"``: fp8 with per-vector scales). A request the
+    device cannot hold (``tmjax.memory_estimate``) raises ``ValueError`` before compiling.
     """
     params, batch, lens, new, cache_size, squeeze = _prepare(params, tokens, lengths, layout, implementation,
                                                               max_new_tokens, minimum=0)
+    chunk, kv_dtype = memory.preflight(params, batch.shape[0], int(lens.max()), layout, implementation, new, chunk,
+                                       kv_dtype)
     mesh = sharding.params_mesh(params)
     _check_batch_splits(mesh, batch.shape[0], "tokens")
-    out, cache = _prefill(params, *_place(mesh, batch, lens), layout, implementation, cache_size, mesh)
+    out, cache = _prefill(params, *_place(mesh, batch, lens), layout, implementation, cache_size, mesh, chunk,
+                          kv_dtype)
     return (out[0] if squeeze else out), cache
 
 
@@ -387,10 +398,12 @@ def generate(
     key: jax.Array | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     implementation: str | None = None,
+    chunk: int | None = None,
+    kv_dtype: str | None = None,
 ) -> jax.Array:
     """Prefill (with ``layout``) then decode, all in one jitted program; returns int32 new tokens
-    ``[B, max_new_tokens]`` (``[max_new_tokens]`` for ``[T]`` tokens). ``tokens`` and ``lengths`` as
-    in ``prefill``: every row continues from its own prompt.
+    ``[B, max_new_tokens]`` (``[max_new_tokens]`` for ``[T]`` tokens). ``tokens``, ``lengths``,
+    ``chunk`` and ``kv_dtype`` as in ``prefill``: every row continues from its own prompt.
 
     Greedy when ``temperature == 0``; otherwise samples from ``softmax(logits / temperature)`` with
     ``key``. A sequence that emits one of ``eos_token_id`` is finished: its later positions repeat
@@ -399,13 +412,15 @@ def generate(
     """
     params, batch, lens, new, cache_size, squeeze = _prepare(params, tokens, lengths, layout, implementation,
                                                               max_new_tokens, minimum=1)
+    chunk, kv_dtype = memory.preflight(params, batch.shape[0], int(lens.max()), layout, implementation, new, chunk,
+                                       kv_dtype)
     eos, temp, key, sample = _sampling(temperature, key, eos_token_id, params.config.vocab_size)
     mesh = sharding.params_mesh(params)
     rows = batch.shape[0]
     extra = -rows % sharding.batch_multiple(mesh)
     batch, lens = np.pad(batch, ((0, extra), (0, 0))), np.pad(lens, (0, extra), constant_values=1)
     out = _generate(params, *_place(mesh, batch, lens), eos, temp, key, layout, implementation, cache_size, mesh,
-                    new, sample)[:rows]
+                    new, sample, chunk, kv_dtype)[:rows]
     return out[0] if squeeze else out
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from tmjax import api, tasks
 from tmjax.attention import IMPLEMENTATIONS
 from tmjax.layout import SELECTIONS, FlexPrefill, Layout, TriangleMix, VerticalSlash, check_layout
+from tmjax.models.kv_quant import KV_DTYPES
 from tmjax.models.params import Params
 
 DENSE = "dense"
@@ -92,15 +93,16 @@ def kl_divergence(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 
 def greedy(params: Params, prompt_ids: Sequence[int], layout: Layout | None, *, max_new_tokens: int,
            stop_ids: Sequence[int], cache_room: int, implementation: str | None = None,
-           follow: Sequence[int] | None = None) -> tuple[np.ndarray, list[int]]:
+           follow: Sequence[int] | None = None, kv_dtype: str | None = None,
+           chunk: int | None = None) -> tuple[np.ndarray, list[int]]:
     """Prefill with ``layout`` then greedy decoding (dense attention over the cache) until a stop
     token or ``max_new_tokens``. Returns the first token's float32 logits ``[V]`` and the new tokens
     (the stop token excluded). ``cache_room`` >= ``max_new_tokens`` fixes the cache size, so that one
     compiled prefill serves samples with different answer budgets. With ``follow`` (a reference
     answer) decoding also stops at the first token that departs from it: the answer can no longer
-    be identical, and the rest would only cost time."""
+    be identical, and the rest would only cost time. ``kv_dtype`` and ``chunk`` as in ``tmjax.prefill``."""
     logits, cache = api.prefill(params, np.asarray(prompt_ids, np.int32), layout, implementation=implementation,
-                                max_new_tokens=cache_room)
+                                max_new_tokens=cache_room, kv_dtype=kv_dtype, chunk=chunk)
     first = np.asarray(logits, np.float32)
     out: list[int] = []
     token = int(np.argmax(first))
@@ -116,10 +118,13 @@ def greedy(params: Params, prompt_ids: Sequence[int], layout: Layout | None, *, 
 
 
 def evaluate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample], configs: Sequence[int | Layout | None],
-             *, n_init: int = 8, n_local: int = 512, n_last: int = 128, implementation: str | None = None) -> dict:
+             *, n_init: int = 8, n_local: int = 512, n_last: int = 128, implementation: str | None = None,
+             kv_dtype: str | None = None, chunk: int | None = None) -> dict:
     """Run ``samples`` dense and with each of ``configs``: layouts, or switch layers ``s`` standing for
     ``TriangleMix(s, n_init, n_local, n_last)``. Returns the report dict (``results`` per
-    configuration, ``samples`` with every answer)."""
+    configuration, ``samples`` with every answer). With ``kv_dtype`` (e.g. ``"float8_e4m3fn"``) every
+    configuration, dense included, runs with that cache as ``<name> kv=<kv_dtype>`` while the
+    reference ``dense`` keeps the weights' dtype, so ``identical_to_dense`` measures the cache's cost."""
     if not samples:
         raise ValueError("evaluate needs at least one sample, got none")
     layouts: dict[str, Layout | None] = {DENSE: None}
@@ -134,6 +139,9 @@ def evaluate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample],
             raise ValueError(f"two configurations are both named {name!r} ({layouts[name]} and {layout}); "
                              "compare one vertical-slash budget per run")
         layouts[name] = layout
+    runs = {name: (layout, None) for name, layout in layouts.items() if kv_dtype is None or layout is None}
+    if kv_dtype is not None:
+        runs.update({f"{name} kv={kv_dtype}": (layout, kv_dtype) for name, layout in layouts.items()})
     stop_ids = [i for i in (tokenizer.eos_token_id,) if i is not None]
     cache_room = max(s.max_new_tokens for s in samples)
     rows = []
@@ -142,10 +150,11 @@ def evaluate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample],
         row = {"task": sample.task, "seed": sample.seed, "prompt_tokens": len(encoded.prompt_ids),
                "max_new_tokens": sample.max_new_tokens, "answers": list(sample.answers), "configs": {}}
         dense_first = dense_tokens = None
-        for name, layout in layouts.items():
+        for name, (layout, kv) in runs.items():
             first, new = greedy(params, encoded.prompt_ids, layout, max_new_tokens=sample.max_new_tokens,
-                                stop_ids=stop_ids, cache_room=cache_room, implementation=implementation)
-            if layout is None:
+                                stop_ids=stop_ids, cache_room=cache_room, implementation=implementation,
+                                kv_dtype=kv, chunk=chunk)
+            if name == DENSE:
                 dense_first, dense_tokens = first, new
             text = tokenizer.decode(new, skip_special_tokens=True)
             row["configs"][name] = {"output": text, "score": tasks.score(text, sample.answers),
@@ -153,8 +162,8 @@ def evaluate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample],
                                     "first_token_kl": kl_divergence(dense_first, first)}
         rows.append(row)
     return {"configs": {name: None if layout is None else dataclasses.asdict(layout)
-                        for name, layout in layouts.items()},
-            "results": summarise(rows, list(layouts)), "samples": rows}
+                        for name, (layout, _) in runs.items()},
+            "kv_dtype": kv_dtype, "results": summarise(rows, list(runs)), "samples": rows}
 
 
 def summarise(rows: Sequence[dict], names: Sequence[str]) -> dict:
@@ -459,6 +468,11 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                         help="compute dtype (default: the checkpoint's)")
     parser.add_argument("--implementation", default=None, choices=IMPLEMENTATIONS,
                         help="attention backend (default: the platform's)")
+    parser.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
+                        help="run every configuration (dense too, as '<name> kv=<dtype>') with this KV cache "
+                             "against the dense reference in the checkpoint's dtype (e.g. float8_e4m3fn)")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="tokens per chunk of prefill's per-token stages (default: the model's, tmjax.memory)")
     return run_cli("tmjax eval", parser, _eval, argv)
 
 
@@ -492,7 +506,8 @@ def _eval(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     samples = tasks.generate_suite(names, samples_per_task=args.samples_per_task, seed=args.seed,
                                    max_tokens=max_tokens, count=tasks.token_counter(tokenizer))
-    report = evaluate(params, tokenizer, samples, layouts, implementation=args.implementation)
+    report = evaluate(params, tokenizer, samples, layouts, implementation=args.implementation,
+                      kv_dtype=args.kv_dtype, chunk=args.chunk)
     report = {"model": name, "dtype": str(params.weights["norm"]["scale"].dtype), "max_tokens": max_tokens,
               "samples_per_task": args.samples_per_task, "seed": args.seed, "recommended_switch_layer": recommended,
               "marks": marks, "seconds": round(time.perf_counter() - started, 1), **report}

@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="most prompts per batch (--jsonl)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                         help="cast the weights on load (default: as stored)")
+    parser.add_argument("--kv-dtype", default=None,
+                        help="KV cache dtype: float32, bfloat16, float16 or float8_e4m3fn (fp8 with per-vector "
+                             "scales; default: the weights' dtype)")
+    parser.add_argument("--chunk", type=int, default=None,
+                        help="tokens per chunk of prefill's per-token stages (default: the model's, tmjax.memory)")
     parser.add_argument("--out", type=Path, help="write the JSON lines here (a new file) instead of stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -244,7 +249,8 @@ def _stream_one(params: Any, tokenizer: Any, prompt: Prompt, layout: Any, args: 
         return int(np.argmax(np.asarray(logits)))
 
     start = time.perf_counter()
-    logits, cache = tmjax.prefill(params, np.asarray(prompt.ids, np.int32), layout, max_new_tokens=args.max_new_tokens)
+    logits, cache = tmjax.prefill(params, np.asarray(prompt.ids, np.int32), layout, max_new_tokens=args.max_new_tokens,
+                                  kv_dtype=args.kv_dtype, chunk=args.chunk)
     tokens = [pick(logits)]
     prefill_s = time.perf_counter() - start
     shown = ""
@@ -305,7 +311,7 @@ def _run_batches(params: Any, tokenizer: Any, prompts: list[Prompt], layout: Any
             key, sub = jax.random.split(key)
             start = time.perf_counter()
             logits, cache = api.prefill(params, [np.asarray(p.ids, np.int32) for p in batch], layout,
-                                        max_new_tokens=args.max_new_tokens)
+                                        max_new_tokens=args.max_new_tokens, kv_dtype=args.kv_dtype, chunk=args.chunk)
             jax.block_until_ready(logits)
             prefill_s = time.perf_counter() - start
             start = time.perf_counter()
