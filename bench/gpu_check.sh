@@ -14,6 +14,7 @@
 #          cases each, in SHARDS=4 processes side by side (seeds [seqs] .. +3), ~6 minutes, merged
 #          (sweep-<device>-<date>-merged.json/.md -> $OUT); PATTERNS=a,b limits the patterns, SWEEP_S sets
 #          the seconds of sweeping (330), SWEEP_MEM the GPU memory share of all shards (0.9)
+#   gridsweep  tests (WORKERS=4) and sweep (SHARDS=4) side by side, -> $OUT/grid, $OUT/sweep; [seqs] the seed
 #   dynamic [parts]  the dynamic methods (FlexPrefill, the density guard), parts comma-separated, in this order
 #          (default all; each part stops at the time left of DYNAMIC_S, default 540 s):
 #          tests     tests/test_gpu.py -k "flexprefill or density_guard" (mosaic_gpu, triton, xla)
@@ -33,7 +34,7 @@
 #          (--kv-dtype float8_e4m3fn), 7 tasks x [seqs] samples (default 18: 126), -> $OUT/fp8eval
 #   multigpu-correct | multigpu-scale | multigpu-scaleout   bench/multigpu.py's steps (issue 12; a
 #          nvidia-h200-x2/-x4/-x8 machine; NVLink multicast stays off)
-#   bash bench/gpu_check.sh tests|bench|vs|ttft|sweep|dynamic|long|fp8eval [seqs|parts]
+#   bash bench/gpu_check.sh tests|bench|vs|ttft|sweep|gridsweep|dynamic|long|fp8eval [seqs|parts]
 # The device tool allows 10 minutes a call: one mode per call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,12 +43,22 @@ mkdir -p "$OUT"
 what="${1:-tests}"
 seqs="${2:-8192,32768,131072}"
 export PYTHONUNBUFFERED=1
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if [[ -z "${TMJAX_INSTALLED:-}" ]]; then  # a mode that runs other modes installs once
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+  export TMJAX_INSTALLED=1
 fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.used --format=csv,noheader
+# SmolLM2's GGUF (94 MiB) travels in two parts, one per call (bench/carry_smollm2.sh): the first part
+# waits in /tmp (kept on a warm machine) until the second arrives
+[[ -f .carry/smollm2a/smol.part.aa ]] && cp .carry/smollm2a/smol.part.aa /tmp/
+if [[ -f /tmp/smol.part.aa && -f .carry/smollm2b/smol.part.ab && ! -f .carry/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]]; then
+  mkdir -p .carry/smollm2 && cat /tmp/smol.part.aa .carry/smollm2b/smol.part.ab > .carry/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  sha256sum .carry/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+fi
 if [[ -f .carry/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]]; then
   export TMJAX_SMOLLM2_GGUF="$PWD/.carry/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" TMJAX_CACHE="$PWD/.carry/cache"
 fi
@@ -92,6 +103,14 @@ case "$what" in
     wait "${pids[@]}"
     grep -h "FAIL" -A1 "$OUT"/sweep-*.log | head -20
     python3 bench/gpu_sweep.py --out "$OUT" --cases 300 --merge "$OUT"/sweep-*/sweep-*.json 2>&1 | tail -40 ;;
+  gridsweep)
+    # the whole grid (WORKERS=4 processes, 0.1 of the memory each, 400 s) beside the sweep (4 shards,
+    # 330 s, 0.5 of the memory): the two correctness runs in one call (~7.5 minutes)
+    ( OUT="$OUT/grid" WORKERS=4 GRID_MEM=0.1 TESTS_TIMEOUT=400 bash "$0" tests > "$OUT/grid.log" 2>&1 ) &
+    grid=$!
+    OUT="$OUT/sweep" SHARDS=4 SWEEP_S=330 SWEEP_MEM=0.5 bash "$0" sweep "$2" > "$OUT/sweep.log" 2>&1
+    wait $grid
+    tail -12 "$OUT/grid.log"; tail -40 "$OUT/sweep.log" ;;
   dynamic)
     parts="${2:-tests,accuracy,ttft,layer}"
     stop=$(( $(date +%s) + ${DYNAMIC_S:-540} ))
