@@ -10,13 +10,15 @@ give (a softmax scale of ``1/sqrt(D-1)``: 6.9e-3 in bf16, 3.0e-3 in fp16).
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tmjax.pallas_kernels import tables
+from tmjax.pallas_kernels import reference, tables
 
 REL_L2 = {"float32": 1e-5, "bfloat16": 4e-3, "float16": 1e-3}
 
@@ -119,3 +121,19 @@ def table_mask(table: tables.Table, b: int, h: int, length: int) -> np.ndarray:
             mask[rows[:, None], keys[None, :]] = True
     mask[length:] = False
     return mask
+
+
+def injected_hook(switch_layer: int, triangle: np.ndarray, host_masks: Callable[..., np.ndarray],
+                  picks: Callable) -> Callable:
+    """A decoder attention hook of the reference model: the triangle mask from ``switch_layer`` on, and
+    below it the dynamic method's masks recomputed on the host (``host_masks(*picks(q, k, length),
+    length, seq_len=, q_heads=)`` -> bool ``[B, Hq, T, T]``, through ``pure_callback``) from the picks
+    the library's own selection returns."""
+    def hook(layer, q, k, v, length):
+        b, t, hq = q.shape[0], q.shape[1], q.shape[2]
+        shape = jax.ShapeDtypeStruct((b, hq, t, t), jnp.bool_)
+        masks = jax.pure_callback(functools.partial(host_masks, seq_len=t, q_heads=hq), shape,
+                                  *picks(q, k, length), length)
+        return jnp.where(layer >= switch_layer, reference.masked_attention(q, k, v, triangle),
+                         reference.masked_attention(q, k, v, masks))
+    return hook

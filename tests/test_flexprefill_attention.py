@@ -13,7 +13,7 @@ import pytest
 
 import tmjax
 from tmjax.pallas_kernels import dynamic_tables, flexprefill, reference
-from attention_fixtures import BACKENDS, assert_matches, random_qkv, table_mask
+from attention_fixtures import BACKENDS, assert_matches, injected_hook, random_qkv, table_mask
 
 # (T, lengths, Hq, Hkv, D, block, selection): T a multiple of no block; GQA 4, 1 (per head), 7.
 CASES = {
@@ -99,15 +99,13 @@ def test_model_with_flexprefill_equals_injected_masks(tmp_path, tau):
     tokens = np.random.default_rng(0).integers(0, params.config.vocab_size, size=(2, t), dtype=np.int32)
     tri = reference.triangle_mask(t, layout.n_init, layout.n_local, layout.n_last)
 
-    def hook(layer, q, k, v, length, switch_layer=layout.switch_layer):
-        sel = flexprefill.select(q, k, gamma=pattern.gamma, tau=tau, block=64, max_blocks=pattern.max_blocks,
-                                 vertical=pattern.vertical, slash=pattern.slash, force_vertical=pattern.force_vertical,
-                                 force_slash=pattern.force_slash, length=length, selection=pattern.selection)
-        shape = jax.ShapeDtypeStruct((q.shape[0], q.shape[2], t, t), jnp.bool_)
-        masks = jax.pure_callback(functools.partial(_injected, seq_len=t, block=64, q_heads=q.shape[2]), shape,
-                                  tuple(sel), length)
-        return jnp.where(layer >= switch_layer, reference.masked_attention(q, k, v, tri),
-                         reference.masked_attention(q, k, v, masks))
+    def picks(q, k, length):
+        return (tuple(flexprefill.select(q, k, gamma=pattern.gamma, tau=tau, block=64, max_blocks=pattern.max_blocks,
+                                         vertical=pattern.vertical, slash=pattern.slash,
+                                         force_vertical=pattern.force_vertical, force_slash=pattern.force_slash,
+                                         length=length, selection=pattern.selection)),)
+
+    hook = injected_hook(layout.switch_layer, tri, functools.partial(_injected, block=64), picks)
 
     full = jax.jit(plan.full_logits, static_argnames=("layout", "attention_fn"))
     expected = full(params, tokens, attention_fn=hook)
@@ -119,6 +117,6 @@ def test_model_with_flexprefill_equals_injected_masks(tmp_path, tau):
     assert np.max(np.abs(np.asarray(dense - ours))) > 1e-2 * np.max(np.abs(np.asarray(ours))), \
         "FlexPrefill changed nothing at this length: the test would not see a wrong pattern"
     alone = full(params, tokens, layout=pattern)
-    expected = full(params, tokens, attention_fn=functools.partial(hook, switch_layer=params.config.num_layers))
+    expected = full(params, tokens, attention_fn=injected_hook(params.config.num_layers, tri, functools.partial(_injected, block=64), picks))
     hf_fixtures.assert_close_to_scale(alone, expected, tol=1e-5)
     assert np.asarray(api.generate(params, tokens[:1, :200], 3, pattern)).shape[-1] == 3

@@ -14,7 +14,7 @@ import pytest
 
 import tmjax
 from tmjax.pallas_kernels import dynamic_tables, reference
-from attention_fixtures import BACKENDS, assert_matches, backend_dtype_params, random_qkv, table_mask
+from attention_fixtures import BACKENDS, assert_matches, backend_dtype_params, injected_hook, random_qkv, table_mask
 
 
 def numpy_scores(q: np.ndarray, k: np.ndarray, length: int, last_q: int, selection: str) -> tuple[np.ndarray, np.ndarray]:
@@ -266,14 +266,11 @@ def test_model_with_shallow_vertical_slash_equals_injected_masks(tmp_path):
     tokens = np.random.default_rng(0).integers(0, c.vocab_size, size=(2, t), dtype=np.int32)
     tri = reference.triangle_mask(t, layout.n_init, layout.n_local, layout.n_last)
 
-    def hook(layer, q, k, v, length, switch_layer=layout.switch_layer):
-        cols, diags = tmjax.vertical_slash_indices(
-            q, k, vertical=16, slash=8, last_q=64, force_vertical=4, force_slash=2, length=length)
-        shape = jax.ShapeDtypeStruct((q.shape[0], q.shape[2], t, t), jnp.bool_)
-        masks = jax.pure_callback(functools.partial(_contract_masks, seq_len=t, q_heads=q.shape[2]), shape,
-                                  cols, diags, length)
-        return jnp.where(layer >= switch_layer, reference.masked_attention(q, k, v, tri),
-                         reference.masked_attention(q, k, v, masks))
+    def picks(q, k, length):
+        return tmjax.vertical_slash_indices(q, k, vertical=16, slash=8, last_q=64, force_vertical=4, force_slash=2,
+                                            length=length)
+
+    hook = injected_hook(layout.switch_layer, tri, _contract_masks, picks)
 
     full = jax.jit(plan.full_logits, static_argnames=("layout", "attention_fn"))
     expected = full(params, tokens, attention_fn=hook)
@@ -285,7 +282,7 @@ def test_model_with_shallow_vertical_slash_equals_injected_masks(tmp_path):
     assert np.max(np.abs(np.asarray(triangle_only - ours))) > 1e-2 * np.max(np.abs(np.asarray(ours))), \
         "vertical-slash changed nothing at this length: the test would not see a wrong pattern"
     alone = full(params, tokens, layout=pattern)  # MInference alone: vertical-slash in every layer
-    expected = full(params, tokens, attention_fn=functools.partial(hook, switch_layer=c.num_layers))
+    expected = full(params, tokens, attention_fn=injected_hook(c.num_layers, tri, _contract_masks, picks))
     hf_fixtures.assert_close_to_scale(alone, expected, tol=1e-5)
 
 
