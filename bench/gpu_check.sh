@@ -11,7 +11,7 @@
 #   ttft   bench/ttft.py at Llama-3.1-8B shapes: dense, TriangleMix(16), TriangleMix(16) + vertical-slash,
 #          composed with the vs step's one-layer results when they are in $OUT
 #   sweep  bench/gpu_sweep.py: the randomized attention sweep (issue 17), every backend x pattern, >= 300
-#          cases each, in SHARDS=4 processes side by side (seeds [seqs] .. +3), ~6 minutes, merged
+#          cases each, in SHARDS=8 processes side by side (seeds [seqs] .. +7; each aims at 1.2x its share), merged
 #          (sweep-<device>-<date>-merged.json/.md -> $OUT); PATTERNS=a,b limits the patterns, SWEEP_S sets
 #          the seconds of sweeping (330), SWEEP_MEM the GPU memory share of all shards (0.9)
 #   gridsweep  tests (WORKERS=4) and sweep (SHARDS=4) side by side, -> $OUT/grid, $OUT/sweep; [seqs] the seed
@@ -91,12 +91,12 @@ case "$what" in
     # SHARDS processes side by side (seeds seed .. seed+SHARDS-1; compiling is the cost, and the GPU
     # machine's cores compile in parallel), each to its share of the 300 cases, SWEEP_S seconds of
     # sweeping (hard stop 40 s later); then one merged record
-    shards="${SHARDS:-4}" seed="${2:-$(date +%Y%m%d)}" budget="${SWEEP_S:-330}"
+    shards="${SHARDS:-8}" seed="${2:-$(date +%Y%m%d)}" budget="${SWEEP_S:-330}"
     pids=()
     for i in $(seq 0 $((shards - 1))); do
-      XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(${SWEEP_MEM:-0.9} / $shards, 3))") \
+      XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(${SWEEP_MEM:-0.85} / $shards, 3))") \
         timeout $((budget + 40)) python3 bench/gpu_sweep.py --out "$OUT/sweep-$i" --budget-s "$budget" \
-        --seed $((seed + i)) --cases $(( (300 + shards - 1) / shards )) --first-cases 3 ${PATTERNS:+--patterns "$PATTERNS"} \
+        --seed $((seed + i)) --cases $(( (360 + shards - 1) / shards )) --first-cases 3 ${PATTERNS:+--patterns "$PATTERNS"} \
         > "$OUT/sweep-$i.log" 2>&1 &
       pids+=($!)
     done

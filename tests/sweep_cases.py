@@ -409,9 +409,11 @@ CPU_SPACE = Space(
 )
 
 
-def draw_signature(rng: np.random.Generator, pattern: Pattern, space: Space) -> Signature:
+def draw_signature(rng: np.random.Generator, pattern: Pattern, space: Space, xla_only: bool = True) -> Signature:
+    """One signature of ``pattern``; ``xla_only=False`` keeps to what every backend takes (the Pallas
+    dtypes and head dims)."""
     seq_len = int(rng.choice(space.seq_lens))
-    if rng.random() < space.xla_only_share:
+    if xla_only and rng.random() < space.xla_only_share:
         dtype = str(rng.choice(("float32",) + space.dtypes))
         dims = space.head_dims + space.other_head_dims if dtype == "float32" else space.other_head_dims
     else:
@@ -452,11 +454,12 @@ def draw_case(rng: np.random.Generator, sig: Signature, space: Space) -> Case:
 
 def draw_signatures(seed: int, patterns: list[str], count: int, space: Space) -> Iterator[Signature]:
     """``count`` signatures per pattern, interleaved across patterns (so that a time budget that runs
-    out leaves every pattern with a similar share)."""
+    out leaves every pattern with a similar share); each pattern's first one runs on every backend that
+    takes the pattern (a sweep in several processes needs every backend x pattern in each)."""
     rngs = {name: np.random.default_rng([seed, _stable_id(name)]) for name in patterns}
-    for _ in range(count):
+    for round_ in range(count):
         for name in patterns:
-            yield draw_signature(rngs[name], PATTERNS[name], space)
+            yield draw_signature(rngs[name], PATTERNS[name], space, xla_only=round_ > 0)
 
 
 def _stable_id(name: str) -> int:

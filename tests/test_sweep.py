@@ -62,6 +62,18 @@ def test_generator_is_seeded_and_reproductions_rebuild_the_case():
         assert eval(repr(case), {"Case": sc.Case, "Signature": sc.Signature, "Poison": sc.Poison}) == case
 
 
+def test_each_patterns_first_signature_runs_on_every_pallas_backend():
+    """A sweep split over processes needs each backend x pattern in every process: the first draw of
+    every pattern keeps to the Pallas kernels' dtypes and head dims (later draws may be xla-only)."""
+    space = sc.GPU_SPACE
+    for seed in range(SEED, SEED + 8):
+        sigs = list(sc.draw_signatures(seed, sorted(sc.PATTERNS), 3, space))
+        for sig in sigs[:len(sc.PATTERNS)]:
+            assert sig.dtype in space.dtypes and sig.head_dim in space.head_dims, sig
+    later = list(sc.draw_signatures(SEED, sorted(sc.PATTERNS), 40, space))[len(sc.PATTERNS):]
+    assert any(sig.dtype == "float32" or sig.head_dim not in space.head_dims for sig in later)
+
+
 def test_generator_covers_the_documented_space():
     """Over many draws (nothing compiled), every documented corner appears: T not a multiple of 64
     and up to ~5000, B 1-3 with unequal rows, GQA ratios 1-8, head_dim 64/128 and others, every dtype
