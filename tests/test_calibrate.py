@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from test_evaluate import TINY_LAYERS, tiny_checkpoint
 
-from tmjax import api, calibrate, checkpoint, probe, tasks
+from tmjax import api, calibrate, checkpoint, evaluate, probe, tasks
 from tmjax.calibrate import Criterion
 from tmjax.evaluate import wilson_interval
 from tmjax.layout import TriangleMix
@@ -240,8 +240,8 @@ def test_mass_ladders():
     flex = calibrate.shallow_ladder(ladder_args("flexprefill", None))
     assert [f.gamma for f in flex] == calibrate.parse_masses(calibrate.DEFAULT_MASSES)
     assert {(f.vertical, f.slash, f.max_blocks, f.tau) for f in flex} == {(100, 400, 64, 0.1)}
-    assert calibrate.label_of(TriangleMix(3, shallow=flex[1])) == "switch=3+flexprefill gamma=0.7"
-    assert calibrate.label_of(TriangleMix(3, shallow=masses[0])) == "switch=3+vertical-slash 100:400 mass=0.6"
+    assert evaluate.detailed_name(TriangleMix(3, shallow=flex[1])) == "switch=3+flexprefill gamma=0.7"
+    assert evaluate.detailed_name(TriangleMix(3, shallow=masses[0])) == "switch=3+vertical-slash 100:400 mass=0.6"
 
 
 def test_search_over_a_flexprefill_ladder():

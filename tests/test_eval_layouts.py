@@ -111,3 +111,29 @@ def test_flexprefill_and_mass_configs(monkeypatch):
         assert evaluate.layout_from_json(json.loads(json.dumps(dataclasses.asdict(layout)))) == layout
     with pytest.raises(ValueError, match="--configs: cannot read 'tm:3\\+xp'"):
         evaluate.parse_configs("tm:3+xp", triangle=triangle, pattern=pattern, flex=flex)
+    # one configuration's mass: fp@<gamma>, vs@<mass>
+    layouts = evaluate.parse_configs("tm:3+fp@0.95,fp@1,vs@0.5,tm:3+vs@0.25", triangle=triangle, pattern=pattern,
+                                     flex=flex)
+    assert layouts == [TriangleMix(3, **triangle, shallow=dataclasses.replace(flex, gamma=0.95)),
+                       dataclasses.replace(flex, gamma=1.0), dataclasses.replace(pattern, mass=0.5),
+                       TriangleMix(3, **triangle, shallow=dataclasses.replace(pattern, mass=0.25))]
+    for bad in ("fp@0", "fp@1.5", "fp@x", "tm:3+fp@", "vs@-1", "tm@0.5"):
+        with pytest.raises(ValueError, match="--configs: cannot read"):
+            evaluate.parse_configs(bad, triangle=triangle, pattern=pattern, flex=flex)
+
+
+def test_eval_names_several_budgets_of_one_method(tmp_path):
+    """Two FlexPrefill masses in one run (one dense reference): each named with its gamma, the others
+    keep their plain names, and each name's recorded layout is the one that ran under it."""
+    folder = tiny_checkpoint(tmp_path / "model")
+    out = tmp_path / "out"
+    code = evaluate.eval_main([
+        "--checkpoint", str(folder), "--tasks", "niah_single", "--samples-per-task", "1", "--max-tokens", "600",
+        "--configs", "tm:2,tm:2+fp@0.5,tm:2+fp@0.95,tm:2+vs", "--vertical", "60", "--slash", "200",
+        "--n-init", "4", "--n-local", "64", "--n-last", "32", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "accuracy.json").read_text())
+    assert list(report["results"]) == ["dense", "switch=2", "switch=2+vertical-slash",
+                                       "switch=2+flexprefill gamma=0.5", "switch=2+flexprefill gamma=0.95"]
+    assert report["configs"]["switch=2+flexprefill gamma=0.5"]["shallow"]["gamma"] == 0.5
+    assert report["configs"]["switch=2+flexprefill gamma=0.95"]["shallow"]["gamma"] == 0.95

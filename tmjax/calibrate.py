@@ -54,8 +54,9 @@ import numpy as np
 from tmjax import checkpoint, tasks
 from tmjax import probe as probe_
 from tmjax.evaluate import (
-    CONFIDENCE, Z_SCORE, add_flexprefill_arguments, add_vertical_slash_arguments, config_name, flexprefill, greedy,
-    kl_divergence, layout_from_json, load_model, output_folder, run_cli, task_list, vertical_slash, wilson_interval,
+    CONFIDENCE, Z_SCORE, add_flexprefill_arguments, add_vertical_slash_arguments, config_name, detailed_name,
+    flexprefill, greedy, kl_divergence, layout_from_json, load_model, output_folder, run_cli, shallow_label, task_list,
+    vertical_slash, wilson_interval,
 )
 from tmjax.attention import IMPLEMENTATIONS
 from tmjax.layout import FlexPrefill, Layout, TriangleMix, VerticalSlash
@@ -220,13 +221,6 @@ def shallow_ladder(args: argparse.Namespace) -> list[VerticalSlash | FlexPrefill
     return [flexprefill(args, mass, caps.vertical, caps.slash) for mass in masses]
 
 
-def shallow_label(pattern: VerticalSlash | FlexPrefill) -> str:
-    """A shallow candidate in a line: ``200:800``, ``1000:6096 mass=0.9`` or ``gamma=0.9``."""
-    if isinstance(pattern, FlexPrefill):
-        return f"gamma={pattern.gamma:g}"
-    return f"{pattern.vertical}:{pattern.slash}" + ("" if pattern.mass is None else f" mass={pattern.mass:g}")
-
-
 class Divergence:
     """Greedy answers of ``samples`` under a layout against dense, one prompt at a time; each dense
     answer is computed once and reused by every configuration."""
@@ -257,12 +251,6 @@ class Divergence:
         return tokens == dense_tokens, kl_divergence(dense_first, first)
 
 
-def label_of(layout: Layout | None) -> str:
-    """``config_name`` with the shallow method's budgets, e.g. ``switch=22+vertical-slash 200:800``."""
-    pattern = layout.shallow if isinstance(layout, TriangleMix) else layout
-    return config_name(layout) + ("" if pattern is None else f" {shallow_label(pattern)}")
-
-
 def _summary(name: str, layout: Layout, passed: bool, identical: list[bool], kls: list[float],
              seconds: list[float], criterion: Criterion) -> dict:
     """One configuration's record; ``seconds`` per prompt include the dense answer when this
@@ -285,7 +273,7 @@ def search_layouts(candidates: Sequence[Layout], divergence: Callable[[Layout, i
 
     def passes(index: int) -> bool:
         layout = candidates[index]
-        label = label_of(layout)
+        label = detailed_name(layout)
         task = progress.add_task(label, total=criterion.samples) if progress is not None else None
         seconds: list[float] = []
 

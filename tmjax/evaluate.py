@@ -11,6 +11,7 @@ sees changes too small to flip a greedy token.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -47,6 +48,20 @@ def config_name(layout: Layout | None) -> str:
     if not isinstance(layout, TriangleMix):
         return METHODS[type(layout)]
     return f"switch={layout.switch_layer}" + ("" if layout.shallow is None else f"+{METHODS[type(layout.shallow)]}")
+
+
+def shallow_label(pattern: VerticalSlash | FlexPrefill) -> str:
+    """A shallow method's budget in a line: ``200:800``, ``1000:6096 mass=0.9`` or ``gamma=0.9``."""
+    if isinstance(pattern, FlexPrefill):
+        return f"gamma={pattern.gamma:g}"
+    return f"{pattern.vertical}:{pattern.slash}" + ("" if pattern.mass is None else f" mass={pattern.mass:g}")
+
+
+def detailed_name(layout: Layout | None) -> str:
+    """``config_name`` with the shallow method's budget, e.g. ``switch=22+flexprefill gamma=0.95``:
+    the names of a run that compares several budgets of one method."""
+    pattern = layout.shallow if isinstance(layout, TriangleMix) else layout
+    return config_name(layout) + ("" if pattern is None else f" {shallow_label(pattern)}")
 
 
 def _shallow_from_json(data: dict) -> VerticalSlash | FlexPrefill:
@@ -127,18 +142,19 @@ def evaluate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample],
     reference ``dense`` keeps the weights' dtype, so ``identical_to_dense`` measures the cache's cost."""
     if not samples:
         raise ValueError("evaluate needs at least one sample, got none")
-    layouts: dict[str, Layout | None] = {DENSE: None}
+    chosen: list[Layout] = []
     for config in configs:
         layout = TriangleMix(switch_layer=config, n_init=n_init, n_local=n_local, n_last=n_last) \
             if isinstance(config, int) and not isinstance(config, bool) else config
         check_layout(layout)
         if layout is not None:
             layout.check_layers(params.config.num_layers)
-        name = config_name(layout)
-        if layouts.get(name, layout) != layout:
-            raise ValueError(f"two configurations are both named {name!r} ({layouts[name]} and {layout}); "
-                             "compare one vertical-slash budget per run")
-        layouts[name] = layout
+            chosen.append(layout)
+    chosen = list(dict.fromkeys(chosen))
+    # several budgets of one method in a run: each is named with its budget
+    plain = collections.Counter(config_name(layout) for layout in chosen)
+    layouts: dict[str, Layout | None] = {DENSE: None}
+    layouts.update({config_name(x) if plain[config_name(x)] == 1 else detailed_name(x): x for x in chosen})
     runs = {name: (layout, None) for name, layout in layouts.items() if kv_dtype is None or layout is None}
     if kv_dtype is not None:
         runs.update({f"{name} kv={kv_dtype}": (layout, kv_dtype) for name, layout in layouts.items()})
@@ -291,22 +307,39 @@ def parse_configs(spec: str, *, triangle: dict, pattern: VerticalSlash, flex: Fl
                   ) -> list[Layout | None]:
     """``--configs``: comma-separated ``dense``, ``tm:<layer>`` (TriangleMix with the ``triangle`` sizes),
     ``vs`` / ``fp`` (``pattern`` / ``flex`` in every layer) and ``tm:<layer>+vs`` / ``tm:<layer>+fp``
-    (TriangleMix, that method below it)."""
-    shallow = {"vs": pattern, "fp": flex}
+    (TriangleMix, that method below it). ``fp@<gamma>`` and ``vs@<mass>`` set that method's mass for
+    one configuration, so that one run (one dense reference) compares several."""
     layouts: list[Layout | None] = []
     for item in (part.strip() for part in spec.split(",")):
         head, plus, tail = item.partition("+")
         kind, colon, layer = head.partition(":")
         if item == DENSE:
             layouts.append(None)
-        elif item in shallow:
-            layouts.append(shallow[item])
-        elif kind == "tm" and colon and layer.isdigit() and (not plus or tail in shallow):
-            layouts.append(TriangleMix(int(layer), **triangle, shallow=shallow[tail] if plus else None))
+        elif not plus and (method := _shallow(item, pattern, flex)) is not None:
+            layouts.append(method)
+        elif kind == "tm" and colon and layer.isdigit() and (not plus or _shallow(tail, pattern, flex) is not None):
+            layouts.append(TriangleMix(int(layer), **triangle, shallow=_shallow(tail, pattern, flex) if plus else None))
         else:
             raise ValueError(f"--configs: cannot read {item!r}; use dense, tm:<layer>, vs, fp, tm:<layer>+vs or "
-                             "tm:<layer>+fp (e.g. --configs dense,tm:22,vs,tm:22+vs,tm:22+fp)")
+                             "tm:<layer>+fp, with fp@<gamma> / vs@<mass> for one configuration's mass "
+                             "(e.g. --configs dense,tm:22,tm:22+vs,tm:22+fp@0.9,tm:22+fp@0.95)")
     return layouts
+
+
+def _shallow(text: str, pattern: VerticalSlash, flex: FlexPrefill) -> VerticalSlash | FlexPrefill | None:
+    """``vs``, ``fp``, ``vs@<mass>`` or ``fp@<gamma>`` (a mass in (0, 1]); None for anything else."""
+    name, at, value = text.partition("@")
+    method = {"vs": pattern, "fp": flex}.get(name)
+    if method is None or not at:
+        return method
+    try:
+        mass = float(value)
+    except ValueError:
+        return None
+    if not 0.0 < mass <= 1.0:
+        return None
+    return dataclasses.replace(method, gamma=mass) if isinstance(method, FlexPrefill) \
+        else dataclasses.replace(method, mass=mass)
 
 
 def add_vertical_slash_arguments(parser: argparse.ArgumentParser) -> None:
@@ -493,13 +526,13 @@ def _eval(args: argparse.Namespace) -> int:
     num_layers = params.config.num_layers
     if not args.configs and not args.switch_layers:
         configs = list(range(4, num_layers, 4))
-    marks: dict[str, str] = {}
+    marked: dict[Layout, str] = {}
     if recommended is not None and recommended < num_layers:
         configs.append(recommended)
-        marks[config_name(TriangleMix(recommended))] = "recommended"
+        marked[TriangleMix(recommended, **triangle)] = "recommended"
     for layout in calibrated:
         configs.append(layout)
-        marks[config_name(layout)] = "calibrated"
+        marked[layout] = "calibrated"
     layouts = [TriangleMix(c, **triangle) if isinstance(c, int) else c for c in configs]
     layouts = sorted(dict.fromkeys(x for x in layouts if x is not None), key=_order)
     max_tokens = args.max_tokens or params.config.max_position_embeddings
@@ -508,6 +541,8 @@ def _eval(args: argparse.Namespace) -> int:
                                    max_tokens=max_tokens, count=tasks.token_counter(tokenizer))
     report = evaluate(params, tokenizer, samples, layouts, implementation=args.implementation,
                       kv_dtype=args.kv_dtype, chunk=args.chunk)
+    marks = {name: marked[layout] for name, data in report["configs"].items()
+             if (layout := layout_from_json(data)) in marked}
     report = {"model": name, "dtype": str(params.weights["norm"]["scale"].dtype), "max_tokens": max_tokens,
               "samples_per_task": args.samples_per_task, "seed": args.seed, "recommended_switch_layer": recommended,
               "marks": marks, "seconds": round(time.perf_counter() - started, 1), **report}
