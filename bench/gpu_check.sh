@@ -18,8 +18,8 @@
 #   dynamic [parts]  the dynamic methods (FlexPrefill, the density guard), parts comma-separated, in this order
 #          (default all; each part stops at the time left of DYNAMIC_S, default 540 s):
 #          tests     tests/test_gpu.py -k "flexprefill or density_guard" (mosaic_gpu, triton, xla)
-#          accuracy  tmjax eval on SmolLM2 at 8K: dense, tm:22, tm:22+vs, tm:22+fp, then tm:22+vs with --mass
-#                    (a second run: one vertical-slash pattern per run); SAMPLES per task (default 15:
+#          accuracy  tmjax eval on SmolLM2 at 8K in bf16: ACC_CONFIGS (default dense, tm:22, tm:22+fp@0.95,
+#                    tm:22+vs@0.95; fp@<gamma> / vs@<mass> per configuration); SAMPLES per task (default 15:
 #                    105 over the seven tasks)
 #          ttft      bench/ttft.py SmolLM2 32K/128K: dense, tm, tm+vs, tm+fp
 #          layer     bench/dynamic_layer.py: one Llama-3.1-8B-shaped layer at 32K/128K
@@ -125,11 +125,10 @@ case "$what" in
             python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -k "flexprefill or density_guard" 2>&1 \
             | tee "$OUT/dynamic-test_gpu.log" | tail -15 ;;
         accuracy)
-          common=(--max-tokens 8192 --samples-per-task "${SAMPLES:-15}" --gamma 0.9)
-          timeout "$(left)" python3 -m tmjax eval "${common[@]}" --configs dense,tm:22,tm:22+vs,tm:22+fp \
-            --out "$OUT/accuracy-dynamic" 2>&1 | tail -15
-          timeout "$(left)" python3 -m tmjax eval "${common[@]}" --configs tm:22+vs --mass 0.9 \
-            --out "$OUT/accuracy-dynamic-mass" 2>&1 | tail -8 ;;
+          # bf16 through the GPU kernels; ACC_CONFIGS a ladder in one run (one dense reference; ~100 s a config)
+          timeout "$(left)" python3 -m tmjax eval --dtype bfloat16 --max-tokens 8192 --samples-per-task "${SAMPLES:-15}" \
+            --configs "${ACC_CONFIGS:-dense,tm:22,tm:22+fp@0.95,tm:22+vs@0.95}" \
+            --out "$OUT/accuracy-dynamic" 2>&1 | tail -15 ;;
         ttft)
           timeout "$(left)" python3 bench/ttft.py --model smollm2 --lengths 32768,131072 --switch-layer 22 \
             --configs dense,tm,tm+vs,tm+fp --out "$OUT/smollm2-dynamic" 2>&1 | tail -12 ;;

@@ -4,10 +4,13 @@ Runs the model once per length over the demo's haystack prompt (dense attention)
 layer estimates the vertical-slash picks for each ``--budgets`` pair from that layer's own q/k. Writes
 ``smollm2-vs-indices.npz`` (``columns_<n>_<layer>``, ``diagonals_<n>_<layer>`` for the first budget:
 the real-structure index sets ``bench/vertical_slash.py`` times) and ``smollm2-vs-density.json``: per
-budget, length and layer, the share of causal (query, key) pairs the kernel computes. Lengths beyond
-the model's trained 8K positions are fine for timing and for structure, not for accuracy.
+budget, length and layer, the share of causal (query, key) pairs the kernel computes. ``--gammas``
+adds the same share for FlexPrefill (defaults, each ``gamma``) and for vertical-slash with
+``mass=gamma`` (caps: the first budget), unguarded and with the density guard at ``--dense-above``.
+Lengths beyond the model's trained 8K positions are fine for timing and for structure, not for accuracy.
 
     python bench/smollm2_vs_indices.py --lengths 8192 --budgets 1000/6096,256/1024 --out bench/results
+    python bench/smollm2_vs_indices.py --lengths 8192 --gammas 0.9,0.95,0.99 --out bench/results
 """
 
 from __future__ import annotations
@@ -30,13 +33,15 @@ from tmjax.checkpoint import tokenizer as load_tokenizer  # noqa: E402
 from tmjax.default_model import smollm2_checkpoint  # noqa: E402
 from tmjax.demo import build_prompt  # noqa: E402
 from tmjax.models import decoder  # noqa: E402
-from tmjax.pallas_kernels import dynamic_tables  # noqa: E402
+from tmjax.pallas_kernels import dynamic_tables, flexprefill  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="32768,65536,131072")
     parser.add_argument("--budgets", default="1000/6096", help="vertical/slash pairs, comma-separated")
+    parser.add_argument("--gammas", default="", help="FlexPrefill and vertical-slash masses, comma-separated")
+    parser.add_argument("--dense-above", type=float, default=0.9, help="the density guard's threshold for --gammas")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = parser.parse_args()
@@ -44,13 +49,19 @@ def main() -> None:
     path = smollm2_checkpoint(args.dtype)
     params, tok = tmjax.load(path), load_tokenizer(path)
     budgets = [tuple(int(x) for x in b.split("/")) for b in args.budgets.split(",")]
+    gammas = [float(g) for g in args.gammas.split(",") if g]
     picks: dict = {}
+    shares: list = []  # (method, gamma, guarded, layer, visited fraction) of --gammas
 
     def hook(layer, q, k, v, length):
         for vertical, slash in budgets:
             cols, diags = tmjax.vertical_slash_indices(q, k, vertical=vertical, slash=slash, length=length)
             jax.debug.callback(lambda layer, c, d, key=(vertical, slash): picks.setdefault(key, {}).__setitem__(
                 int(layer), (np.asarray(c), np.asarray(d))), layer, cols, diags)
+        for gamma in gammas:
+            for method, table in mass_tables(q, k, length, gamma, budgets[0], args.dense_above).items():
+                jax.debug.callback(lambda layer, counts, key=(method, gamma): shares.append(
+                    (*key, int(layer), counts)), layer, table)
         return tmjax.causal_attention(q, k, v, length=length)
 
     run = jax.jit(lambda p, t: decoder.prefill_hidden(p, t, t.shape[1], runs=((0, p.config.num_layers, hook),))[0][:, -1])
@@ -68,6 +79,11 @@ def main() -> None:
                                     visited_fraction=visited_fraction(table, n)))
                 if (vertical, slash) == budgets[0]:
                     arrays[f"columns_{n}_{layer}"], arrays[f"diagonals_{n}_{layer}"] = cols, diags
+        for method, gamma, layer, (open_table, guarded_table) in shares:
+            for guarded, table in ((False, open_table), (True, guarded_table)):
+                density.append(dict(n=n, method=method, gamma=gamma, guard=guarded, layer=layer,
+                                    visited_fraction=visited_fraction(table, n)))
+        shares.clear()
         print(json.dumps([r for r in density if r["n"] == n]), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -75,6 +91,25 @@ def main() -> None:
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, dtype=args.dtype,
                 command="python bench/smollm2_vs_indices.py " + " ".join(sys.argv[1:]))
     (out / "smollm2-vs-density.json").write_text(json.dumps(dict(meta=meta, rows=density), indent=1))
+
+
+def mass_tables(q, k, length, gamma: float, caps: tuple[int, int], dense_above: float) -> dict:
+    """The 64-token tables of FlexPrefill (defaults but ``gamma``) and of vertical-slash with
+    ``mass=gamma`` under ``caps``, each unguarded and guarded at ``dense_above``: ``{method: (open, guarded)}``."""
+    n = q.shape[1]
+    lengths = jnp.full((q.shape[0],), length, jnp.int32)
+    padded = -(-n // dynamic_tables.BLOCK) * dynamic_tables.BLOCK
+    fp = tmjax.FlexPrefill(gamma=gamma)
+    selection = flexprefill.select(q, k, gamma=gamma, tau=fp.tau, block=fp.block, max_blocks=fp.max_blocks,
+                                   vertical=fp.vertical, slash=fp.slash, force_vertical=fp.force_vertical,
+                                   force_slash=fp.force_slash, length=lengths, selection=fp.selection)
+    cols, diags = tmjax.vertical_slash_indices(q, k, vertical=caps[0], slash=caps[1], mass=gamma, length=length)
+    return {
+        "flexprefill": tuple(dynamic_tables.flexprefill(selection, lengths, padded, fp.block, dense_above=d)
+                             for d in (None, dense_above)),
+        "vertical_slash_mass": tuple(dynamic_tables.vertical_slash(cols, diags, lengths, padded, dense_above=d)
+                                     for d in (None, dense_above)),
+    }
 
 
 if __name__ == "__main__":
