@@ -13,7 +13,8 @@ sum of what it holds at once, in bytes (every term is stated in ``MemoryEstimate
   tensors, its float32 SiLU input, float32 norm and RoPE temporaries;
 - ``attention``: the attention's own working set: K and V passed through the value guard (a
   copy each); for vertical-slash layers the float32 estimation scores of the last ``last_q`` rows
-  against every key (two ``[B, Hq, last_q, T]`` arrays); on the ``xla`` backend, Triangle and
+  against every key (two ``[B, Hq, last_q, T]`` arrays), for FlexPrefill layers the same with its
+  last ``block`` rows (its classification); on the ``xla`` backend, Triangle and
   sliding-window layers' band chunk (float32 scores and probabilities, ``band_chunk_scores``
   entries per row and head each). The Pallas kernels keep their tiles on chip.
 
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tmjax.attention import default_implementation
-from tmjax.layout import Layout, TriangleMix, VerticalSlash
+from tmjax.layout import FlexPrefill, Layout, TriangleMix, VerticalSlash
 from tmjax.models import kv_quant, sharding
 from tmjax.models.config import ModelConfig
 from tmjax.models.params import Params, param_shapes
@@ -116,7 +117,9 @@ def memory_estimate(
                         + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim * 4)
     attention = 2 * kv_numbers * a
     patterns = [] if layout is None else [layout.attention_at(i) for i in range(c.num_layers)]
-    last_q = max((p.last_q for p in patterns if isinstance(p, VerticalSlash)), default=0)
+    # rows whose exact scores the estimation holds at once: vertical-slash's last_q, FlexPrefill's last block
+    last_q = max((p.last_q if isinstance(p, VerticalSlash) else p.block for p in patterns
+                  if isinstance(p, (VerticalSlash, FlexPrefill))), default=0)
     attention += 2 * batch * c.num_heads * min(last_q, t) * t * 4
     banded = any(isinstance(p, TriangleMix) for p in patterns) or any(
         (c.layer_window(i) or t) < t for i in range(c.num_layers))
