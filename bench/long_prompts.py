@@ -1,7 +1,8 @@
 """Long prompts on one GPU (issue 20): prefill time and peak memory at 128K-1M tokens, beside the estimate.
 
-Llama-3.1-8B's shapes with random bf16 weights; per length, ``dense`` (where it fits) and ``tm``
-(TriangleMix(16)), with a bf16 cache below ``--fp8-from`` tokens and an fp8 cache
+Llama-3.1-8B's shapes with random bf16 weights; per length, ``dense`` (where it fits), ``tm``
+(TriangleMix(16)) and ``tm+fp`` / ``tm+vs`` (TriangleMix(16) with FlexPrefill / mass-based
+vertical-slash at gamma 0.95 below it; random inputs, so the picks scatter and the guard decides), with a bf16 cache below ``--fp8-from`` tokens and an fp8 cache
 (``kv_dtype="float8_e4m3fn"``) from it on. Every (length, config) row runs in its own subprocess with
 a timeout, so one out-of-memory or a slow row does not end the run: the row records the error (the
 pre-flight's refusal, XLA's OOM, the timeout) instead. A row reports the median of the timed runs
@@ -46,7 +47,10 @@ def _config(name: str) -> dict:
 def _layout(name: str, num_layers: int):
     import tmjax
 
-    return {"dense": None, "tm": tmjax.TriangleMix(min(16, num_layers // 2))}[name]
+    switch = min(16, num_layers // 2)
+    return {"dense": None, "tm": tmjax.TriangleMix(switch),
+            "tm+fp": tmjax.TriangleMix(switch, shallow=tmjax.FlexPrefill(gamma=0.95)),
+            "tm+vs": tmjax.TriangleMix(switch, shallow=tmjax.VerticalSlash(mass=0.95))}[name]
 
 
 def child(args: argparse.Namespace) -> dict:
@@ -115,7 +119,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["llama8b", "tiny"], default="llama8b")
     parser.add_argument("--lengths", default="131072,262144,524288,1048576")
-    parser.add_argument("--configs", default="dense,tm", help="dense and/or tm (TriangleMix(16))")
+    parser.add_argument("--configs", default="dense,tm",
+                        help="dense, tm (TriangleMix(16)), tm+fp / tm+vs (with FlexPrefill / mass-based vertical-slash, "
+                             "gamma 0.95, below it; random inputs)")
     parser.add_argument("--dense-max", type=int, default=262144,
                         help="longest prompt run dense (dense at 512K takes ~150 s a run: a call of its own)")
     parser.add_argument("--fp8-from", type=int, default=1048576, help="prompts this long or longer use an fp8 cache")
