@@ -13,7 +13,7 @@
 #   sweep  bench/gpu_sweep.py: the randomized attention sweep (issue 17), every backend x pattern, >= 300
 #          cases each, in SHARDS=8 processes side by side (seeds [seqs] .. +7; each aims at 1.2x its share), merged
 #          (sweep-<device>-<date>-merged.json/.md -> $OUT); PATTERNS=a,b limits the patterns, SWEEP_S sets
-#          the seconds of sweeping (330), SWEEP_MEM the GPU memory share of all shards (0.9)
+#          the seconds of sweeping (330), SWEEP_MEM the GPU memory share of all shards (0.85)
 #   gridsweep  tests (WORKERS=4) and sweep (SHARDS=4) side by side, -> $OUT/grid, $OUT/sweep; [seqs] the seed
 #   dynamic [parts]  the dynamic methods (FlexPrefill, the density guard), parts comma-separated, in this order
 #          (default all; each part stops at the time left of DYNAMIC_S, default 540 s):

@@ -51,7 +51,7 @@ def main() -> None:
     budgets = [tuple(int(x) for x in b.split("/")) for b in args.budgets.split(",")]
     gammas = [float(g) for g in args.gammas.split(",") if g]
     picks: dict = {}
-    shares: list = []  # (method, gamma, guarded, layer, visited fraction) of --gammas
+    shares: list = []  # (method, gamma, layer, (unguarded table, guarded table)) of --gammas
 
     def hook(layer, q, k, v, length):
         for vertical, slash in budgets:

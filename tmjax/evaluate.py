@@ -313,12 +313,13 @@ def parse_configs(spec: str, *, triangle: dict, pattern: VerticalSlash, flex: Fl
     for item in (part.strip() for part in spec.split(",")):
         head, plus, tail = item.partition("+")
         kind, colon, layer = head.partition(":")
+        below = _shallow(tail, pattern, flex) if plus else None
         if item == DENSE:
             layouts.append(None)
         elif not plus and (method := _shallow(item, pattern, flex)) is not None:
             layouts.append(method)
-        elif kind == "tm" and colon and layer.isdigit() and (not plus or _shallow(tail, pattern, flex) is not None):
-            layouts.append(TriangleMix(int(layer), **triangle, shallow=_shallow(tail, pattern, flex) if plus else None))
+        elif kind == "tm" and colon and layer.isdigit() and (not plus or below is not None):
+            layouts.append(TriangleMix(int(layer), **triangle, shallow=below))
         else:
             raise ValueError(f"--configs: cannot read {item!r}; use dense, tm:<layer>, vs, fp, tm:<layer>+vs or "
                              "tm:<layer>+fp, with fp@<gamma> / vs@<mass> for one configuration's mass "
