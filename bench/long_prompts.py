@@ -3,8 +3,8 @@
 Llama-3.1-8B's shapes with random bf16 weights; per length, ``dense`` (where it fits), ``tm``
 (TriangleMix(16)) and ``tm+fp`` / ``tm+vs`` (TriangleMix(16) with FlexPrefill / mass-based
 vertical-slash at gamma 0.95 below it; random inputs, so the picks scatter and the guard decides),
-with a bf16 cache below ``--fp8-from`` tokens and an fp8 cache (``kv_dtype="float8_e4m3fn"``) from it on. Every (length, config) row runs in its own subprocess with
-a timeout, so one out-of-memory or a slow row does not end the run: the row records the error (the
+with a bf16 cache below ``--fp8-from`` tokens and an fp8 cache (``kv_dtype="float8_e4m3fn"``) from it on.
+Every (length, config) row runs in its own subprocess with a timeout, so one out-of-memory or a slow row does not end the run: the row records the error (the
 pre-flight's refusal, XLA's OOM, the timeout) instead. A row reports the median of the timed runs
 after the first call (which compiles), the first call, the device's ``peak_bytes_in_use`` after the
 runs (the process's peak: the weights' random init included) and ``tmjax.memory_estimate`` beside it.
