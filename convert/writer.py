@@ -182,6 +182,26 @@ def _commit(staging: Path, dst: Path) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
+def _remove_until_settled(folder: Path, quiet_s: float = 0.5, limit_s: float = 10.0) -> None:
+    """Remove ``folder`` and keep removing it until it has stayed absent for ``quiet_s``.
+
+    After a failed save, tensorstore may still finish writes orbax abandoned, and such a write creates
+    its parent folders again (``.../weights.orbax-checkpoint-tmp/ocdbt.process_0/d``) after a single
+    ``rmtree``. Bounded by ``limit_s``, so that a failure never hangs on it.
+    """
+    deadline = time.monotonic() + limit_s
+    absent_since = None
+    while time.monotonic() < deadline:
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            absent_since = None
+        elif absent_since is None:
+            absent_since = time.monotonic()
+        elif time.monotonic() - absent_since >= quiet_s:
+            return
+        time.sleep(0.05)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -202,7 +222,7 @@ def staged_output(dst: str | Path, *, force: bool) -> Iterator[Path]:
             check_destination(dst, force)  # again: something may have appeared at dst meanwhile
             _commit(staging, dst)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_until_settled(staging)
         raise
 
 

@@ -195,7 +195,7 @@ def test_disk_filling_during_the_save(tmp_path, small_disk):
                     "while writing the weights): free some space or choose another DST"], proc.stderr
     # orbax's per-thread error logs and tensorstore's tracebacks for abandoned writes are not shown
     assert "ERROR:absl" not in proc.stderr and "Event loop is closed" not in proc.stderr
-    assert os.listdir(small_disk) == ["filler"]
+    assert os.listdir(small_disk) == ["filler"], [str(p) for p in small_disk.rglob("*")]
 
 
 # --- the demo (class 6) ---
