@@ -127,7 +127,9 @@ def _band(q: jax.Array, k: jax.Array, v: jax.Array, n_init: int, n_local: int, l
 
     Query block ``[s, s + bq)`` gathers keys ``[0, n_init)`` and ``[s - halo, s + bq)``, where the
     halo is the window's reach rounded up to whole blocks; window keys below ``n_init`` are masked
-    so that a sink is never counted twice. Chunks wholly at or beyond ``length`` are skipped.
+    so that a sink is never counted twice. Heads first, like the causal pass: a chunk of blocks is
+    one batched product per side. Every row sees itself, so a masked weight is exactly 0 with one
+    mask. Chunks wholly at or beyond ``length`` are skipped.
     """
     b, t, hkv, g, d = q.shape
     bq = min(tuning.band_block, round_up(t, 8))
@@ -138,35 +140,33 @@ def _band(q: jax.Array, k: jax.Array, v: jax.Array, n_init: int, n_local: int, l
     blocks_per_chunk = min(n_blocks, 1 << (fit.bit_length() - 1))
     rows = blocks_per_chunk * bq
     padded = round_up(t, rows)
-    qp, kp, vp = (pad_seq(x, padded) for x in (q, k, v))
+    qh = _scaled(_heads_first(q, padded))
+    kh, vh = (_heads_first(x, padded) for x in (k, v))
 
     # Key positions seen by each query block of a chunk, relative to the chunk's first row.
     block_start = np.arange(blocks_per_chunk)[:, None] * bq
     window = block_start - halo + np.arange(halo + bq)[None, :]
     sinks = np.broadcast_to(np.arange(n_init)[None, :], (blocks_per_chunk, n_init))
     is_sink = np.concatenate([np.ones_like(sinks, bool), np.zeros_like(window, bool)], axis=1)
-    row_offset = block_start + np.arange(bq)[None, :]  # [C, bq]
+    row_offset = np.repeat(block_start + np.arange(bq)[None, :], g, axis=1)  # [C, bq * G]: row r * G + g
 
     def chunk(c, out):
         row0 = c * rows
         key_pos = jnp.concatenate([jnp.asarray(sinks), row0 + window], axis=1)  # [C, K]
-        query_pos = row0 + row_offset
-        i, j = query_pos[:, :, None], key_pos[:, None, :]
+        i, j = (row0 + row_offset)[:, :, None], key_pos[:, None, :]
         visible = (j <= i) & (jnp.asarray(is_sink)[:, None, :] | ((j >= n_init) & (i - j < n_local)))
         index = jnp.clip(key_pos, 0, padded - 1)
-        kc, vc = (jnp.take(x, index, axis=1) for x in (kp, vp))  # [B, C, K, Hkv, D]
-        qc = lax.dynamic_slice_in_dim(qp, row0, rows, axis=1).reshape(b, blocks_per_chunk, bq, hkv, g, d)
-        mask = visible[None, :, None, None]  # [1, C, 1, 1, bq, K]
-        s = jnp.where(mask, _scores(qc, kc, "bcqhgd,bckhd->bchgqk"), _MASKED)
-        p = jnp.where(mask, jnp.exp(s - s.max(axis=-1, keepdims=True)), 0.0)
-        total = p.sum(axis=-1)
-        o = jnp.einsum("bchgqk,bckhd->bchgqd", p, vc.astype(jnp.float32), precision=_HIGHEST)
-        o = o / jnp.where(total == 0, 1.0, total)[..., None]
-        o = o.transpose(0, 1, 4, 2, 3, 5).reshape(b, rows, hkv, g, d)
-        return lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), row0, axis=1)
+        kc, vc = (jnp.take(x, index, axis=2) for x in (kh, vh))  # [B, Hkv, C, K, D]
+        qc = lax.dynamic_slice_in_dim(qh, row0 * g, rows * g, axis=2).reshape(b, hkv, blocks_per_chunk, bq * g, d)
+        s = lax.dot_general(qc, kc, (((4,), (4,)), ((0, 1, 2), (0, 1, 2))), precision=_HIGHEST)
+        s = jnp.where(visible, s, _MASKED)
+        p = jnp.exp(s - s.max(axis=-1, keepdims=True))
+        o = lax.dot_general(p, vc, (((4,), (3,)), ((0, 1, 2), (0, 1, 2))), precision=_HIGHEST)
+        o = o / p.sum(axis=-1)[..., None]
+        return lax.dynamic_update_slice_in_dim(out, o.reshape(b, hkv, rows * g, d).astype(out.dtype), row0 * g, axis=2)
 
-    out = lax.fori_loop(0, _cdiv(length, rows), chunk, jnp.zeros(qp.shape, q.dtype))
-    return out[:, :t]
+    out = lax.fori_loop(0, _cdiv(length, rows), chunk, jnp.zeros(qh.shape, q.dtype))
+    return out.reshape(b, hkv, padded, g, d).transpose(0, 2, 1, 3, 4)[:, :t]
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, length: jax.Array, tuning: Tuning) -> jax.Array:
