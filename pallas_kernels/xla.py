@@ -32,13 +32,14 @@ GUARD_VALUES = True  # steps use V as it is: the dispatch passes K and V through
 class Tuning:
     """``band_block`` query rows per band block (the static table's block); a band chunk (one loop
     step) holds as many blocks as keep its score tensor under ``band_chunk_scores`` entries per batch
-    row and head; ``chunk`` query and key rows per step of the online-softmax passes (causal, the dense
-    last rows). Measured values: ``tuning_tables/xla.json``."""
+    row and head; the causal pass takes ``query_chunk`` query rows at a time against key steps of
+    ``chunk`` rows (rounded down to whole query chunks); the dense last rows take key steps of
+    ``chunk`` rows. Measured values: ``tuning_tables/xla.json``."""
 
     band_block: int = 64
     band_chunk_scores: int = 1 << 20
-    chunk: int = 256
-    query_chunk: int = 64
+    chunk: int = 512
+    query_chunk: int = 128
 
 
 def unsupported(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
