@@ -6,13 +6,13 @@ the last position's logits (``logits_to_keep=1``), with as many threads as JAX u
 gets a warm-up, then the systems take turns for ``--repeats`` rounds (interleaved, so that a noisy
 neighbour hits them alike); medians. With ``--breakdown`` it also times tmjax's prefill with the
 attention replaced by the identity (non-attention time) and one layer's attention alone. With
-``--chunks 128,192,256`` tmjax's systems run once per XLA row chunk (the ``chunk`` of
-``pallas_kernels/tuning_tables/xla.json``, 192 as shipped: query and key rows per step of the causal
-and last-rows passes), each a system of its own in the same interleaved rounds, to see whether the
-shipped chunk is this machine's best.
+``--chunks 512,768,1024`` tmjax's systems run once per XLA key chunk (the ``chunk`` of
+``pallas_kernels/tuning_tables/xla.json``, 768 as shipped for the CPU: key rows per step of the causal
+and last-rows passes, which take 256 query rows at a time), each a system of its own in the same
+interleaved rounds, to see whether the shipped chunk is this machine's best.
 
     python bench/cpu_prefill.py --out bench/results
-    python bench/cpu_prefill.py --chunks 128,192,256,384 --out DIR
+    python bench/cpu_prefill.py --chunks 512,768,1024 --out DIR
 """
 
 from __future__ import annotations
@@ -66,8 +66,10 @@ def xla_chunk(chunk: int | None) -> Iterator[None]:
         yield
         return
     shipped = tuning.table
-    entry = {"device": "*", "head_dim": "*", "group": "*", "pattern": "*", "tuning": {"chunk": chunk}}
-    tuning.table = lambda backend: shipped(backend) + ((entry,) if backend == "xla" else ())
+    # The device named, so that it overrides the shipped entry for this device (a later entry of as many keys).
+    entry = {"device": tuning.device_key("xla"), "head_dim": "*", "group": "*", "pattern": "*", "tuning": {"chunk": chunk}}
+    tuning.table = lambda backend, part="entries": shipped(backend, part) + (
+        (entry,) if backend == "xla" and part == "entries" else ())
     try:
         yield
     finally:
@@ -81,7 +83,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--chunks", default=None,
-                        help="comma-separated XLA row chunks to time tmjax with (default: the tuning table's)")
+                        help="comma-separated XLA key chunks to time tmjax with (default: the tuning table's)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = parser.parse_args()
     chunks = [None] if args.chunks is None else [int(c) for c in args.chunks.split(",")]

@@ -32,12 +32,14 @@ GUARD_VALUES = True  # steps use V as it is: the dispatch passes K and V through
 class Tuning:
     """``band_block`` query rows per band block (the static table's block); a band chunk (one loop
     step) holds as many blocks as keep its score tensor under ``band_chunk_scores`` entries per batch
-    row and head; ``chunk`` query and key rows per step of the online-softmax passes (causal, the dense
-    last rows). Measured values: ``tuning_tables/xla.json``."""
+    row and head; the causal pass takes ``query_chunk`` query rows at a time against key steps of
+    ``chunk`` rows (rounded down to whole query chunks); the dense last rows take key steps of
+    ``chunk`` rows. Measured values: ``tuning_tables/xla.json``."""
 
     band_block: int = 64
     band_chunk_scores: int = 1 << 20
-    chunk: int = 256
+    chunk: int = 512
+    query_chunk: int = 128
 
 
 def unsupported(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
@@ -78,36 +80,46 @@ def _online_update(carry: tuple, s: jax.Array, visible: jax.Array | None, v: jax
     return new_peak, total * rescale + p.sum(axis=-1), acc
 
 
-def _online_rows(
-    q: jax.Array, q_pos: jax.Array, k: jax.Array, v: jax.Array, n_key_chunks: int | jax.Array, chunk: int,
-    n_full: int | jax.Array = 0,
-) -> jax.Array:
-    """Causal attention of query rows at positions ``q_pos`` over key chunks ``[0, n_key_chunks)``.
+def _heads_first(x: jax.Array, rows: int) -> jax.Array:
+    """``[B, T, Hkv, (G,) D]`` padded to ``rows`` positions, as float32 ``[B, Hkv, rows * G, D]``."""
+    x = pad_seq(x, rows).astype(jnp.float32)
+    x = x.reshape(x.shape[:3] + (-1, x.shape[-1])).transpose(0, 2, 1, 3, 4)
+    return x.reshape(x.shape[0], x.shape[1], -1, x.shape[-1])
 
-    q ``[B, R, Hkv, G, D]``, k/v ``[B, S, Hkv, D]`` with ``S`` a multiple of ``chunk``, ``q_pos``
-    ``[B, R]`` (or ``[1, R]`` for every batch row). The first ``n_full`` key chunks must precede every
-    row: they run without a mask. Returns the normalised float32 output ``[B, R, Hkv, G, D]``; rows
-    that saw no key are zero.
-    """
-    b, r, hkv, g, d = q.shape
 
-    def step(c, carry, masked):
-        kc = lax.dynamic_slice_in_dim(k, c * chunk, chunk, axis=1)
-        vc = lax.dynamic_slice_in_dim(v, c * chunk, chunk, axis=1)
-        visible = None
-        if masked:
-            visible = ((c * chunk + jnp.arange(chunk)) <= q_pos[:, :, None])[:, None, None]  # [B, 1, 1, R, chunk]
-        return _online_update(carry, _scores(q, kc, "bqhgd,bkhd->bhgqk"), visible, vc, "bhgqk,bkhd->bhgqd")
+def _online_step(carry: tuple, q: jax.Array, k: jax.Array, v: jax.Array, visible: jax.Array | None) -> tuple:
+    """One online-softmax step of heads-first rows: q ``[B, H, M, D]`` (scaled), k/v ``[B, H, N, D]``
+    float32, ``visible`` broadcastable to ``[B, H, M, N]`` or None (every row sees every key). Every
+    row must have seen a key by its first step's end, so that a masked score's weight
+    ``exp(_MASKED - peak)`` is exactly 0 and needs no second mask."""
+    peak, total, acc = carry
+    s = lax.dot_general(q, k, (((3,), (3,)), ((0, 1), (0, 1))), precision=_HIGHEST)
+    if visible is not None:
+        s = jnp.where(visible, s, _MASKED)
+    new_peak = jnp.maximum(peak, s.max(axis=-1))
+    p = jnp.exp(s - new_peak[..., None])
+    rescale = jnp.exp(peak - new_peak)
+    pv = lax.dot_general(p, v, (((3,), (2,)), ((0, 1), (0, 1))), precision=_HIGHEST)
+    return new_peak, total * rescale + p.sum(axis=-1), acc * rescale[..., None] + pv
 
-    init = (
-        jnp.full((b, hkv, g, r), _MASKED, jnp.float32),
-        jnp.zeros((b, hkv, g, r), jnp.float32),
-        jnp.zeros((b, hkv, g, r, d), jnp.float32),
-    )
-    carry = lax.fori_loop(0, n_full, lambda c, carry: step(c, carry, False), init)
-    _, total, acc = lax.fori_loop(n_full, n_key_chunks, lambda c, carry: step(c, carry, True), carry)
-    out = acc / jnp.where(total == 0, 1.0, total)[..., None]
-    return out.transpose(0, 3, 1, 2, 4)
+
+def _init(q: jax.Array) -> tuple:
+    b, h, m, d = q.shape
+    return (jnp.full((b, h, m), _MASKED, jnp.float32), jnp.zeros((b, h, m), jnp.float32),
+            jnp.zeros((b, h, m, d), jnp.float32))
+
+
+def _finish(carry: tuple) -> jax.Array:
+    _, total, acc = carry
+    return acc / jnp.where(total == 0, 1.0, total)[..., None]
+
+
+def _scaled(q: jax.Array) -> jax.Array:
+    return q * q.shape[-1] ** -0.5
+
+
+def _keys(k: jax.Array, v: jax.Array, start: int | jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
+    return tuple(lax.dynamic_slice_in_dim(x, start, size, axis=2) for x in (k, v))
 
 
 def _band(q: jax.Array, k: jax.Array, v: jax.Array, n_init: int, n_local: int, length: int | jax.Array,
@@ -116,7 +128,9 @@ def _band(q: jax.Array, k: jax.Array, v: jax.Array, n_init: int, n_local: int, l
 
     Query block ``[s, s + bq)`` gathers keys ``[0, n_init)`` and ``[s - halo, s + bq)``, where the
     halo is the window's reach rounded up to whole blocks; window keys below ``n_init`` are masked
-    so that a sink is never counted twice. Chunks wholly at or beyond ``length`` are skipped.
+    so that a sink is never counted twice. Heads first, like the causal pass: a chunk of blocks is
+    one batched product per side. Every row sees itself, so a masked weight is exactly 0 with one
+    mask. Chunks wholly at or beyond ``length`` are skipped.
     """
     b, t, hkv, g, d = q.shape
     bq = min(tuning.band_block, round_up(t, 8))
@@ -127,35 +141,33 @@ def _band(q: jax.Array, k: jax.Array, v: jax.Array, n_init: int, n_local: int, l
     blocks_per_chunk = min(n_blocks, 1 << (fit.bit_length() - 1))
     rows = blocks_per_chunk * bq
     padded = round_up(t, rows)
-    qp, kp, vp = (pad_seq(x, padded) for x in (q, k, v))
+    qh = _scaled(_heads_first(q, padded))
+    kh, vh = (_heads_first(x, padded) for x in (k, v))
 
     # Key positions seen by each query block of a chunk, relative to the chunk's first row.
     block_start = np.arange(blocks_per_chunk)[:, None] * bq
     window = block_start - halo + np.arange(halo + bq)[None, :]
     sinks = np.broadcast_to(np.arange(n_init)[None, :], (blocks_per_chunk, n_init))
     is_sink = np.concatenate([np.ones_like(sinks, bool), np.zeros_like(window, bool)], axis=1)
-    row_offset = block_start + np.arange(bq)[None, :]  # [C, bq]
+    row_offset = np.repeat(block_start + np.arange(bq)[None, :], g, axis=1)  # [C, bq * G]: row r * G + g
 
     def chunk(c, out):
         row0 = c * rows
         key_pos = jnp.concatenate([jnp.asarray(sinks), row0 + window], axis=1)  # [C, K]
-        query_pos = row0 + row_offset
-        i, j = query_pos[:, :, None], key_pos[:, None, :]
+        i, j = (row0 + row_offset)[:, :, None], key_pos[:, None, :]
         visible = (j <= i) & (jnp.asarray(is_sink)[:, None, :] | ((j >= n_init) & (i - j < n_local)))
         index = jnp.clip(key_pos, 0, padded - 1)
-        kc, vc = (jnp.take(x, index, axis=1) for x in (kp, vp))  # [B, C, K, Hkv, D]
-        qc = lax.dynamic_slice_in_dim(qp, row0, rows, axis=1).reshape(b, blocks_per_chunk, bq, hkv, g, d)
-        mask = visible[None, :, None, None]  # [1, C, 1, 1, bq, K]
-        s = jnp.where(mask, _scores(qc, kc, "bcqhgd,bckhd->bchgqk"), _MASKED)
-        p = jnp.where(mask, jnp.exp(s - s.max(axis=-1, keepdims=True)), 0.0)
-        total = p.sum(axis=-1)
-        o = jnp.einsum("bchgqk,bckhd->bchgqd", p, vc.astype(jnp.float32), precision=_HIGHEST)
-        o = o / jnp.where(total == 0, 1.0, total)[..., None]
-        o = o.transpose(0, 1, 4, 2, 3, 5).reshape(b, rows, hkv, g, d)
-        return lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), row0, axis=1)
+        kc, vc = (jnp.take(x, index, axis=2) for x in (kh, vh))  # [B, Hkv, C, K, D]
+        qc = lax.dynamic_slice_in_dim(qh, row0 * g, rows * g, axis=2).reshape(b, hkv, blocks_per_chunk, bq * g, d)
+        s = lax.dot_general(qc, kc, (((4,), (4,)), ((0, 1, 2), (0, 1, 2))), precision=_HIGHEST)
+        s = jnp.where(visible, s, _MASKED)
+        p = jnp.exp(s - s.max(axis=-1, keepdims=True))
+        o = lax.dot_general(p, vc, (((4,), (3,)), ((0, 1, 2), (0, 1, 2))), precision=_HIGHEST)
+        o = o / p.sum(axis=-1)[..., None]
+        return lax.dynamic_update_slice_in_dim(out, o.reshape(b, hkv, rows * g, d).astype(out.dtype), row0 * g, axis=2)
 
-    out = lax.fori_loop(0, _cdiv(length, rows), chunk, jnp.zeros(qp.shape, q.dtype))
-    return out[:, :t]
+    out = lax.fori_loop(0, _cdiv(length, rows), chunk, jnp.zeros(qh.shape, q.dtype))
+    return out.reshape(b, hkv, padded, g, d).transpose(0, 2, 1, 3, 4)[:, :t]
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, length: jax.Array, tuning: Tuning) -> jax.Array:
@@ -174,34 +186,51 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, length: jax.A
 
 def last_rows(q_rows: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, tuning: Tuning) -> jax.Array:
     """The triangle's dense last rows: ``R`` query rows per batch row from position ``start[b]``
-    (int32 ``[B]``) against every key up to each row, ``[B, R, Hq, D]`` float32."""
+    (int32 ``[B]``) against every key up to each row, ``[B, R, Hq, D]`` float32. Key chunks before
+    every row run without a mask."""
     b, r, hq, d = q_rows.shape
     t, hkv = k.shape[1], k.shape[2]
     chunk = min(tuning.chunk, round_up(t, 8))
-    kp, vp = (pad_seq(x, round_up(t, chunk)) for x in (k, v))
-    q_pos = start[:, None] + jnp.arange(r)
-    n_full = jnp.min(start + 1) // chunk  # key chunks before every row
-    out = _online_rows(q_rows.reshape(b, r, hkv, hq // hkv, d), q_pos, kp, vp, _cdiv(jnp.max(start) + r, chunk),
-                       chunk, n_full)
-    return out.reshape(b, r, hq, d)
+    kh, vh = (_heads_first(x, round_up(t, chunk)) for x in (k, v))
+    qh = _scaled(_heads_first(q_rows.reshape(b, r, hkv, hq // hkv, d), r))
+    row_pos = jnp.repeat(start[:, None] + jnp.arange(r), hq // hkv, axis=1)[:, None, :, None]  # [B, 1, R * G, 1]
+
+    def step(c, carry, masked):
+        visible = c * chunk + jnp.arange(chunk) <= row_pos if masked else None
+        return _online_step(carry, qh, *_keys(kh, vh, c * chunk, chunk), visible)
+
+    n_full = jnp.min(start + 1) // chunk
+    carry = lax.fori_loop(0, n_full, lambda c, carry: step(c, carry, False), _init(qh))
+    carry = lax.fori_loop(n_full, _cdiv(jnp.max(start) + r, chunk), lambda c, carry: step(c, carry, True), carry)
+    return _finish(carry).reshape(b, hkv, r, hq // hkv, d).transpose(0, 2, 1, 3, 4).reshape(b, r, hq, d)
 
 
 def _causal(q: jax.Array, k: jax.Array, v: jax.Array, live: jax.Array, tuning: Tuning) -> jax.Array:
-    """Dense causal attention, one query chunk at a time over key chunks up to its diagonal; q
-    ``[B, T, Hkv, G, D]``; query chunks at or past ``live`` (the longest row) are skipped."""
-    t = q.shape[1]
-    chunk = min(tuning.chunk, round_up(t, 8))
-    padded = round_up(t, chunk)
-    qp, kp, vp = (pad_seq(x, padded) for x in (q, k, v))
+    """Dense causal attention, heads first, ``query_chunk`` query rows at a time: the keys before
+    the chunk in unmasked steps of ``chunk`` keys, then of ``query_chunk`` keys up to the chunk's first
+    row, then one masked diagonal step; q ``[B, T, Hkv, G, D]``; query chunks at or past ``live``
+    (the longest row) are skipped."""
+    b, t, hkv, g, d = q.shape
+    rows = min(tuning.query_chunk, round_up(t, 8))
+    padded = round_up(t, rows)
+    chunk = min(padded, max(rows, tuning.chunk // rows * rows))  # whole query chunks
+    qh = _scaled(_heads_first(q, padded))
+    kh, vh = (_heads_first(x, padded) for x in (k, v))
+    diagonal = (jnp.arange(rows)[:, None] >= jnp.arange(rows)[None, :]).repeat(g, axis=0)  # [rows * G, rows]
 
     def query_chunk(c, out):
-        row0 = c * chunk
-        rows = lax.dynamic_slice_in_dim(qp, row0, chunk, axis=1)
-        o = _online_rows(rows, (row0 + jnp.arange(chunk))[None], kp, vp, c + 1, chunk, n_full=c)
-        return lax.dynamic_update_slice_in_dim(out, o.astype(out.dtype), row0, axis=1)
+        row0 = c * rows
+        qc = lax.dynamic_slice_in_dim(qh, row0 * g, rows * g, axis=2)
+        big = row0 // chunk
+        carry = lax.fori_loop(0, big, lambda j, cr: _online_step(cr, qc, *_keys(kh, vh, j * chunk, chunk), None),
+                              _init(qc))
+        carry = lax.fori_loop(big * (chunk // rows), c,
+                              lambda j, cr: _online_step(cr, qc, *_keys(kh, vh, j * rows, rows), None), carry)
+        carry = _online_step(carry, qc, *_keys(kh, vh, row0, rows), diagonal)
+        return lax.dynamic_update_slice_in_dim(out, _finish(carry), row0 * g, axis=2)
 
-    out = lax.fori_loop(0, _cdiv(live, chunk), query_chunk, jnp.zeros(qp.shape, q.dtype))
-    return out[:, :t]
+    out = lax.fori_loop(0, _cdiv(live, rows), query_chunk, jnp.zeros(qh.shape, jnp.float32))
+    return out.reshape(b, hkv, padded, g, d).transpose(0, 2, 1, 3, 4)[:, :t].astype(q.dtype)
 
 
 def _dynamic(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, lengths: jax.Array, tuning: Tuning) -> jax.Array:
