@@ -13,7 +13,8 @@
 #   sweep  bench/gpu_sweep.py: the randomized attention sweep (issue 17), every backend x pattern, >= 300
 #          cases each, in SHARDS=8 processes side by side (seeds [seqs] .. +7; each aims at 1.2x its share), merged
 #          (sweep-<device>-<date>-merged.json/.md -> $OUT); PATTERNS=a,b limits the patterns, SWEEP_S sets
-#          the seconds of sweeping (330), SWEEP_MEM the GPU memory share of all shards (0.85)
+#          the seconds of sweeping (330), SWEEP_MEM the GPU memory share of all shards (0.85), SHARD_CASES
+#          each shard's target per pair (default 1.2x its share of 300: a shorter SWEEP_S tops up more)
 #   gridsweep  tests (WORKERS=4) and sweep (SHARDS=4) side by side, -> $OUT/grid, $OUT/sweep; [seqs] the seed
 #   dynamic [parts]  the dynamic methods (FlexPrefill, the density guard), parts comma-separated, in this order
 #          (default all; each part stops at the time left of DYNAMIC_S, default 540 s):
@@ -96,7 +97,7 @@ case "$what" in
     for i in $(seq 0 $((shards - 1))); do
       XLA_PYTHON_CLIENT_MEM_FRACTION=$(python3 -c "print(round(${SWEEP_MEM:-0.85} / $shards, 3))") \
         timeout $((budget + 40)) python3 bench/gpu_sweep.py --out "$OUT/sweep-$i" --budget-s "$budget" \
-        --seed $((seed + i)) --cases $(( (360 + shards - 1) / shards )) --first-cases 3 ${PATTERNS:+--patterns "$PATTERNS"} \
+        --seed $((seed + i)) --cases "${SHARD_CASES:-$(( (360 + shards - 1) / shards ))}" --first-cases 3 ${PATTERNS:+--patterns "$PATTERNS"} \
         > "$OUT/sweep-$i.log" 2>&1 &
       pids+=($!)
     done
