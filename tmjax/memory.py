@@ -15,8 +15,9 @@ sum of what it holds at once, in bytes (every term is stated in ``MemoryEstimate
   copy each); for vertical-slash layers the float32 estimation scores of the last ``last_q`` rows
   against every key (two ``[B, Hq, last_q, T]`` arrays), for FlexPrefill layers the same with its
   last ``block`` rows (its classification); on the ``xla`` backend, Triangle and
-  sliding-window layers' band chunk (float32 scores and probabilities, ``band_chunk_scores``
-  entries per row and head each). The Pallas kernels keep their tiles on chip.
+  sliding-window layers' band: its chunk (float32 scores and probabilities, ``band_chunk_scores``
+  entries per head each) and its heads-first copies (q, k and v in float32, the output in
+  ``dtype``). The Pallas kernels keep their tiles on chip.
 
 ``T`` is the padded prompt (``tmjax.api.bucket_length``). The pre-flight (``preflight``) compares
 the total with the device's memory (``memory_stats()["bytes_limit"]`` on an accelerator; on CPU the
@@ -126,7 +127,7 @@ def memory_estimate(
     if banded and (implementation or default_implementation()) == "xla":
         band = tuning.choose(xla, "xla", q_heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                              pattern="triangle").band_chunk_scores
-        attention += 2 * batch * c.num_heads * band * 4
+        attention += 2 * batch * c.num_heads * band * 4 + (q_numbers + 2 * kv_numbers) * 4 + q_numbers * a
     return MemoryEstimate(weights, cache, sequence, per_chunk, attention, t, chunk)
 
 
