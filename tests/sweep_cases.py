@@ -455,10 +455,14 @@ def draw_case(rng: np.random.Generator, sig: Signature, space: Space) -> Case:
 def draw_signatures(seed: int, patterns: list[str], count: int, space: Space) -> Iterator[Signature]:
     """``count`` signatures per pattern, interleaved across patterns (so that a time budget that runs
     out leaves every pattern with a similar share); each pattern's first one runs on every backend that
-    takes the pattern (a sweep in several processes needs every backend x pattern in each)."""
+    takes the pattern (a sweep in several processes needs every backend x pattern in each). The round
+    starts at pattern ``seed mod len(patterns)``: processes with consecutive seeds compile different
+    patterns first, so none is last (compiled as the budget runs out) in every process."""
     rngs = {name: np.random.default_rng([seed, _stable_id(name)]) for name in patterns}
+    start = seed % len(patterns) if patterns else 0
+    order = patterns[start:] + patterns[:start]
     for round_ in range(count):
-        for name in patterns:
+        for name in order:
             yield draw_signature(rngs[name], PATTERNS[name], space, xla_only=round_ > 0)
 
 

@@ -62,6 +62,15 @@ def test_generator_is_seeded_and_reproductions_rebuild_the_case():
         assert eval(repr(case), {"Case": sc.Case, "Signature": sc.Signature, "Poison": sc.Poison}) == case
 
 
+def test_consecutive_seeds_start_their_rounds_at_different_patterns():
+    """Side-by-side processes (consecutive seeds) must not all compile the same pattern last."""
+    names = sorted(sc.PATTERNS)
+    firsts = {next(sc.draw_signatures(seed, names, 1, sc.GPU_SPACE)).pattern for seed in range(SEED, SEED + len(names))}
+    assert firsts == set(names)
+    lasts = {list(sc.draw_signatures(seed, names, 1, sc.GPU_SPACE))[-1].pattern for seed in range(SEED, SEED + len(names))}
+    assert lasts == set(names)
+
+
 def test_each_patterns_first_signature_runs_on_every_pallas_backend():
     """A sweep split over processes needs each backend x pattern in every process: the first draw of
     every pattern keeps to the Pallas kernels' dtypes and head dims (later draws may be xla-only)."""
