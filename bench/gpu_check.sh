@@ -12,7 +12,7 @@
 #          composed with the vs step's one-layer results when they are in $OUT
 #   sweep  bench/gpu_sweep.py: the randomized attention sweep (issue 17), every backend x pattern, >= 300
 #          cases each, in SHARDS=8 processes side by side (seeds [seqs] .. +7; each aims at 1.2x its share), merged
-#          (sweep-<device>-<date>-merged.json/.md -> $OUT); PATTERNS=a,b limits the patterns, SWEEP_S sets
+#          (sweep-<device>-<date>-merged.json/.md -> $OUT, the shards in sweep-shards.tgz); PATTERNS=a,b limits the patterns, SWEEP_S sets
 #          the seconds of sweeping (330), SWEEP_MEM the GPU memory share of all shards (0.85), SHARD_CASES
 #          each shard's target per pair (default 1.2x its share of 300: a shorter SWEEP_S tops up more)
 #   gridsweep  tests (WORKERS=4) and sweep (SHARDS=4) side by side, -> $OUT/grid, $OUT/sweep; [seqs] the seed
@@ -103,7 +103,10 @@ case "$what" in
     done
     wait "${pids[@]}"
     grep -h "FAIL" -A1 "$OUT"/sweep-*.log | head -20
-    python3 bench/gpu_sweep.py --out "$OUT" --cases 300 --merge "$OUT"/sweep-*/sweep-*.json 2>&1 | tail -40 ;;
+    python3 bench/gpu_sweep.py --out "$OUT" --cases 300 --merge "$OUT"/sweep-*/sweep-*.json 2>&1 | tail -40
+    # the device tool returns a limited number of files: the shards' records and logs go in one archive
+    ( cd "$OUT" && tar czf sweep-shards.tgz $(for i in $(seq 0 $((shards - 1))); do echo "sweep-$i sweep-$i.log"; done) \
+      && rm -rf $(for i in $(seq 0 $((shards - 1))); do echo "sweep-$i sweep-$i.log"; done) ) ;;
   gridsweep)
     # the whole grid (WORKERS=4 processes, 0.1 of the memory each, 400 s) beside the sweep (4 shards,
     # 330 s, 0.5 of the memory): the two correctness runs in one call (~7.5 minutes)
