@@ -35,7 +35,9 @@
 #          (--kv-dtype float8_e4m3fn), 7 tasks x [seqs] samples (default 18: 126), -> $OUT/fp8eval
 #   multigpu-correct | multigpu-scale | multigpu-scaleout   bench/multigpu.py's steps (issue 12; a
 #          nvidia-h200-x2/-x4/-x8 machine; NVLink multicast stays off)
-#   bash bench/gpu_check.sh tests|bench|vs|ttft|sweep|gridsweep|dynamic|long|fp8eval [seqs|parts]
+#   prep   install only and stage the GGUF's first part in /tmp (a short first call of two; the second,
+#          within 30 s, carries part b)
+#   bash bench/gpu_check.sh prep|tests|bench|vs|ttft|sweep|gridsweep|dynamic|long|fp8eval [seqs|parts]
 # The device tool allows 10 minutes a call: one mode per call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -64,6 +66,7 @@ if [[ -f .carry/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]]; then
   export TMJAX_SMOLLM2_GGUF="$PWD/.carry/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" TMJAX_CACHE="$PWD/.carry/cache"
 fi
 case "$what" in
+  prep) ls -la /tmp/smol.part.aa 2>/dev/null ;;
   tests)
     # TESTS_K="expr" runs a part of the grid (pytest -k), for a grid longer than one call
     # WORKERS=n runs the grid in n processes (pytest-xdist; compiling dominates, the GPU is shared, each
