@@ -17,7 +17,7 @@ from hf_fixtures import save_tiny_model
 
 from tmjax import api, checkpoint, evaluate, tasks
 from tmjax.convert.cli import convert
-from tmjax.layout import TriangleMix
+from tmjax.layout import TriangleMix, VerticalSlash
 
 TINY_LAYERS = 4
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
@@ -139,6 +139,37 @@ def test_agreement_and_kl_match_direct_prefill_and_generate(tiny):
         assert summary["identical_to_dense"] == pytest.approx(np.mean(identical[name]))
         assert summary["first_token_kl_mean"] == pytest.approx(np.mean(kl[name]), rel=1e-3, abs=1e-7)
         assert summary["first_token_kl_max"] == pytest.approx(np.max(kl[name]), rel=1e-3, abs=1e-7)
+
+
+def test_combined_configurations_are_compared_with_their_triangle_alone(tiny):
+    """A TriangleMix + shallow-method configuration also reports ``identical_to_triangle``: its tokens
+    against the same run's TriangleMix alone (whatever the order of ``configs``), per sample as
+    ``tmjax.generate`` gives them for the two layouts, summarised with a Wilson interval and a line
+    under the table; configurations without a base carry nothing of it."""
+    _, params, tokenizer = tiny
+    samples = tasks.generate_suite(["niah_single"], samples_per_task=4, seed=3, max_tokens=640,
+                                   count=tasks.token_counter(tokenizer))
+    sizes = dict(n_init=4, n_local=64, n_last=32)
+    # budgets at which this model's answers change in some samples and not in others (jax 0.10.2: 3 of 4 identical)
+    shallow = VerticalSlash(vertical=16, slash=64, force_vertical=2, force_slash=4, guard=False)
+    combined, alone = TriangleMix(2, **sizes, shallow=shallow), TriangleMix(2, **sizes)
+    report = evaluate.evaluate(params, tokenizer, samples, [combined, alone, shallow])
+    assert report["triangle_bases"] == {"switch=2+vertical-slash": "switch=2"}
+    same = []
+    for sample, row in zip(samples, report["samples"]):
+        ids = np.asarray(tasks.encode(tokenizer, sample).prompt_ids, np.int32)
+        with_method = np.asarray(api.generate(params, ids, sample.max_new_tokens, combined))
+        without = np.asarray(api.generate(params, ids, sample.max_new_tokens, alone))
+        same.append(bool(np.array_equal(with_method, without)))
+        assert row["configs"]["switch=2+vertical-slash"]["identical_to_triangle"] == same[-1], sample.seed
+        assert "identical_to_triangle" not in row["configs"]["switch=2"]
+        assert "identical_to_triangle" not in row["configs"]["vertical-slash"]
+    summary = report["results"]["switch=2+vertical-slash"]
+    assert summary["identical_to_triangle_count"] == sum(same)
+    assert summary["identical_to_triangle_interval"] == pytest.approx(evaluate.wilson_interval(sum(same), len(same)))
+    assert "identical_to_triangle" not in report["results"]["switch=2"]
+    line = f"switch=2+vertical-slash {sum(same)}/{len(same)} = {100 * sum(same) / len(same):.0f}% identical"
+    assert line in evaluate.markdown(report)
 
 
 def test_kv_dtype_runs_every_config_with_that_cache_against_the_dense_reference(tiny):

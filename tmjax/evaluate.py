@@ -158,6 +158,11 @@ def evaluate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample],
     runs = {name: (layout, None) for name, layout in layouts.items() if kv_dtype is None or layout is None}
     if kv_dtype is not None:
         runs.update({f"{name} kv={kv_dtype}": (layout, kv_dtype) for name, layout in layouts.items()})
+    # a combined configuration (TriangleMix + a shallow method) is also compared with the same run's
+    # TriangleMix alone: what the shallow method changes, apart from the run-to-run noise of dense
+    bases = {name: base for name, (layout, kv) in runs.items() if isinstance(layout, TriangleMix) and layout.shallow
+             for base, (other, other_kv) in runs.items()
+             if other == dataclasses.replace(layout, shallow=None) and other_kv == kv}
     stop_ids = [i for i in (tokenizer.eos_token_id,) if i is not None]
     cache_room = max(s.max_new_tokens for s in samples)
     rows = []
@@ -166,6 +171,7 @@ def evaluate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample],
         row = {"task": sample.task, "seed": sample.seed, "prompt_tokens": len(encoded.prompt_ids),
                "max_new_tokens": sample.max_new_tokens, "answers": list(sample.answers), "configs": {}}
         dense_first = dense_tokens = None
+        tokens: dict[str, list[int]] = {}
         for name, (layout, kv) in runs.items():
             first, new = greedy(params, encoded.prompt_ids, layout, max_new_tokens=sample.max_new_tokens,
                                 stop_ids=stop_ids, cache_room=cache_room, implementation=implementation,
@@ -173,19 +179,23 @@ def evaluate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample],
             if name == DENSE:
                 dense_first, dense_tokens = first, new
             text = tokenizer.decode(new, skip_special_tokens=True)
+            tokens[name] = new
             row["configs"][name] = {"output": text, "score": tasks.score(text, sample.answers),
                                     "identical_to_dense": new == dense_tokens,
                                     "first_token_kl": kl_divergence(dense_first, first)}
+        for name, base in bases.items():
+            row["configs"][name]["identical_to_triangle"] = tokens[name] == tokens[base]
         rows.append(row)
     return {"configs": {name: None if layout is None else dataclasses.asdict(layout)
                         for name, (layout, _) in runs.items()},
-            "kv_dtype": kv_dtype, "results": summarise(rows, list(runs)), "samples": rows}
+            "kv_dtype": kv_dtype, "triangle_bases": bases, "results": summarise(rows, list(runs)), "samples": rows}
 
 
 def summarise(rows: Sequence[dict], names: Sequence[str]) -> dict:
     """Per configuration: accuracy per task and averaged over tasks (percent), fraction of answers
     identical to dense (and the count, the number of samples and its Wilson 95% interval), and the
-    mean and max first-token KL over samples."""
+    mean and max first-token KL over samples; for a combined configuration whose rows carry
+    ``identical_to_triangle``, the same count and interval against its TriangleMix alone."""
     task_names = list(dict.fromkeys(row["task"] for row in rows))
     results = {}
     for name in names:
@@ -203,6 +213,10 @@ def summarise(rows: Sequence[dict], names: Sequence[str]) -> dict:
             "first_token_kl_mean": float(np.mean(kls)),
             "first_token_kl_max": float(np.max(kls)),
         }
+        if all("identical_to_triangle" in r["configs"][name] for r in rows):
+            same = sum(bool(r["configs"][name]["identical_to_triangle"]) for r in rows)
+            results[name].update(identical_to_triangle=same / len(rows), identical_to_triangle_count=same,
+                                 identical_to_triangle_interval=list(wilson_interval(same, len(rows))))
     return results
 
 
@@ -247,6 +261,12 @@ def markdown(report: dict, recommended: int | None = None) -> str:
                  _percent(r["identical_to_dense"]), f"{_percent(low)}-{_percent(high)}",
                  f"{r['first_token_kl_mean']:.2e}", f"{r['first_token_kl_max']:.2e}"]
         lines.append("| " + " | ".join(cells) + " |")
+    paired = [(name, r) for name, r in results.items() if "identical_to_triangle" in r]
+    if paired:
+        lines += ["", "Against TriangleMix alone in the same run (what the shallow method changes): " + "; ".join(
+            f"{name} {r['identical_to_triangle_count']}/{r['samples']} = {_percent(r['identical_to_triangle'])} "
+            f"identical (Wilson 95% {_percent(r['identical_to_triangle_interval'][0])}-"
+            f"{_percent(r['identical_to_triangle_interval'][1])})" for name, r in paired) + "."]
     for label in ("calibrated", "recommended"):
         checked = [name for name, mark in marks.items() if mark == label and name in results]
         lines += [line for name in checked for line in ("", targets_line(name, label, results))]
