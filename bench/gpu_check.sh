@@ -108,8 +108,9 @@ case "$what" in
     grep -h "FAIL" -A1 "$OUT"/sweep-*.log | head -20
     python3 bench/gpu_sweep.py --out "$OUT" --cases 300 --merge "$OUT"/sweep-*/sweep-*.json 2>&1 | tail -40
     # the device tool returns a limited number of files: the shards' records and logs go in one archive
-    ( cd "$OUT" && tar czf sweep-shards.tgz $(for i in $(seq 0 $((shards - 1))); do echo "sweep-$i sweep-$i.log"; done) \
-      && rm -rf $(for i in $(seq 0 $((shards - 1))); do echo "sweep-$i sweep-$i.log"; done) ) ;;
+    shard_files=()
+    for i in $(seq 0 $((shards - 1))); do shard_files+=("sweep-$i" "sweep-$i.log"); done
+    ( cd "$OUT" && tar czf sweep-shards.tgz "${shard_files[@]}" && rm -rf "${shard_files[@]}" ) ;;
   gridsweep)
     # the whole grid (WORKERS=4 processes, 0.1 of the memory each, 400 s) beside the sweep (4 shards,
     # 330 s, 0.5 of the memory): the two correctness runs in one call (~7.5 minutes)

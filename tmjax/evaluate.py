@@ -158,11 +158,7 @@ def evaluate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample],
     runs = {name: (layout, None) for name, layout in layouts.items() if kv_dtype is None or layout is None}
     if kv_dtype is not None:
         runs.update({f"{name} kv={kv_dtype}": (layout, kv_dtype) for name, layout in layouts.items()})
-    # a combined configuration (TriangleMix + a shallow method) is also compared with the same run's
-    # TriangleMix alone: what the shallow method changes, apart from the run-to-run noise of dense
-    bases = {name: base for name, (layout, kv) in runs.items() if isinstance(layout, TriangleMix) and layout.shallow
-             for base, (other, other_kv) in runs.items()
-             if other == dataclasses.replace(layout, shallow=None) and other_kv == kv}
+    bases = _triangle_bases(runs)
     stop_ids = [i for i in (tokenizer.eos_token_id,) if i is not None]
     cache_room = max(s.max_new_tokens for s in samples)
     rows = []
@@ -189,6 +185,16 @@ def evaluate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample],
     return {"configs": {name: None if layout is None else dataclasses.asdict(layout)
                         for name, (layout, _) in runs.items()},
             "kv_dtype": kv_dtype, "triangle_bases": bases, "results": summarise(rows, list(runs)), "samples": rows}
+
+
+def _triangle_bases(runs: dict[str, tuple[Layout | None, str | None]]) -> dict[str, str]:
+    """Each TriangleMix + shallow-method run's partner: the run of that TriangleMix alone with the same
+    cache dtype, where there is one. Comparing the two shows what the shallow method itself changes,
+    apart from the run-to-run noise of the dense reference."""
+    by_layout = {(layout, kv): name for name, (layout, kv) in runs.items()}
+    return {name: by_layout[base] for name, (layout, kv) in runs.items()
+            if isinstance(layout, TriangleMix) and layout.shallow is not None
+            and (base := (dataclasses.replace(layout, shallow=None), kv)) in by_layout}
 
 
 def summarise(rows: Sequence[dict], names: Sequence[str]) -> dict:
