@@ -4,7 +4,9 @@ jitted call each), beside our dense causal kernel and cuDNN's.
 Llama-3.1-8B's heads by default (32 q / 8 KV, head_dim 128), bf16, at each ``--seqs`` length, on two
 inputs: (a) ``local``: q/k built from rotary-like position features, so attention peaks near the diagonal
 and at a sink at position 0 (what trained models mostly do; the methods keep few blocks); (b)
-``random``: standard-normal q/k (scattered picks: the worst case). Methods: vertical-slash with fixed
+``random``: standard-normal q/k (scattered picks: the worst case); (c) ``smollm2:<layer>``: the real q/k/v of
+that layer of SmolLM2-135M-Instruct (dense prefill of the demo's haystack prompt at that length), run at
+SmolLM2's own heads (9 q / 3 KV, head_dim 64) whatever ``--heads`` says. Methods: vertical-slash with fixed
 budgets (``--vertical``/``--slash``, default 1000/6096), vertical-slash with ``mass=--mass`` (those
 budgets as caps), FlexPrefill (``--gamma``), all with the density guard on (``--no-guard``: off); then
 ``causal_attention(implementation=...)`` (our causal table kernel) and
@@ -61,6 +63,30 @@ def inputs(kind: str, n: int, hq: int, hkv: int, d: int, dtype, seed: int = 0) -
     return q.astype(dtype), k.astype(dtype), noise[2].astype(dtype)
 
 
+def smollm2_inputs(layer: int, n: int, dtype) -> tuple[jax.Array, ...]:
+    """q/k/v ``[1, n, heads, 64]`` of SmolLM2's ``layer`` on the haystack prompt, captured in a dense prefill."""
+    from tmjax.checkpoint import tokenizer as load_tokenizer
+    from tmjax.default_model import smollm2_checkpoint
+    from tmjax.demo import build_prompt
+    from tmjax.models import decoder
+
+    path = smollm2_checkpoint("bfloat16")
+    params, tok = tmjax.load(path), load_tokenizer(path)
+    text = build_prompt(tok, n + 64, depth=0.5, seed=n)[0]
+    tokens = np.asarray(tok.encode(text, add_special_tokens=False)[:n], np.int32)[None]
+    captured: dict = {}
+
+    def hook(at, q, k, v, length):
+        jax.debug.callback(lambda at, q, k, v: captured.setdefault(int(at), (q, k, v)) if int(at) == layer else None,
+                           at, q, k, v)
+        return tmjax.causal_attention(q, k, v, length=length)
+
+    every_layer = ((0, params.config.num_layers, hook),)
+    run = jax.jit(lambda p, t: decoder.prefill_hidden(p, t, t.shape[1], runs=every_layer)[0][:, -1])
+    jax.block_until_ready(run(params, tokens))
+    return tuple(jnp.asarray(x, dtype) for x in captured[layer])
+
+
 def table_of(method, q, k) -> tuple[jax.Array, jax.Array]:
     """(table steps over causal key blocks, mean over heads; whether the layer runs dense)
     for one method on these inputs: its selection and table as the attention call builds them."""
@@ -107,7 +133,7 @@ def main() -> None:
     parser.add_argument("--heads", default="32,8,128", help="query heads, KV heads, head_dim")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--implementation", default=None, help="backend (default: the platform's)")
-    parser.add_argument("--inputs", default="local,random")
+    parser.add_argument("--inputs", default="local,random", help="local, random, smollm2:<layer> (comma-separated)")
     parser.add_argument("--vertical", type=int, default=1000)
     parser.add_argument("--slash", type=int, default=6096)
     parser.add_argument("--mass", type=float, default=0.9)
@@ -132,7 +158,10 @@ def main() -> None:
     stats = jax.jit(table_of, static_argnums=0)
     for n in (int(s) for s in args.seqs.split(",")):
         for kind in args.inputs.split(","):
-            q, k, v = inputs(kind, n, hq, hkv, d, dtype)
+            if kind.startswith("smollm2:"):
+                q, k, v = smollm2_inputs(int(kind.split(":")[1]), n, dtype)
+            else:
+                q, k, v = inputs(kind, n, hq, hkv, d, dtype)
             for name, method in methods(args).items():
                 visited, all_dense = stats(method, q, k)
                 try:
@@ -156,7 +185,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"dynamic-layer-{device.replace(' ', '_')}-{datetime.datetime.now().strftime('%Y%m%d-%H%M')}"
     (out / f"{stem}.json").write_text(json.dumps(dict(meta, rows=rows), indent=1))
-    lines = [f"# One dynamic layer, {device}, heads {hq}/{hkv}/{d}, {args.dtype}, {meta['implementation']}, "
+    lines = [f"# One dynamic layer, {device}, heads {hq}/{hkv}/{d} (smollm2 rows 9/3/64), {args.dtype}, {meta['implementation']}, "
              f"guard {'on' if meta['guard'] else 'off'}", "",
              "| T | inputs | method | ms | steps / causal blocks | layer ran dense |", "|---|---|---|---|---|---|"]
     for r in rows:

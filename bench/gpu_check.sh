@@ -22,7 +22,7 @@
 #          accuracy  tmjax eval on SmolLM2 at 8K in bf16: ACC_CONFIGS (default dense, tm:22, tm:22+fp@0.95,
 #                    tm:22+vs@0.95; fp@<gamma> / vs@<mass> per configuration); SAMPLES per task (default 15:
 #                    105 over the seven tasks)
-#          ttft      bench/ttft.py SmolLM2 32K/128K: dense, tm, tm+vs, tm+fp
+#          ttft      bench/ttft.py SmolLM2 32K/128K: dense, tm, tm+vs, tm+vs-mass, tm+fp (MASS, GAMMA: 0.95)
 #          layer     bench/dynamic_layer.py: one Llama-3.1-8B-shaped layer at 32K/128K
 #          replay    (not in the default) SmolLM2's picks at 32K/128K (bench/smollm2_vs_indices.py), replayed
 #                    in a Llama-3.1-8B-shaped prefill: bench/ttft.py --replay-picks (tm+vs-decoder, tm+vs-replay)
@@ -139,7 +139,8 @@ case "$what" in
             --out "$OUT/accuracy-dynamic" 2>&1 | tail -15 ;;
         ttft)
           timeout "$(left)" python3 bench/ttft.py --model smollm2 --lengths 32768,131072 --switch-layer 22 \
-            --configs dense,tm,tm+vs,tm+fp --out "$OUT/smollm2-dynamic" 2>&1 | tail -12 ;;
+            --configs dense,tm,tm+vs,tm+vs-mass,tm+fp --mass "${MASS:-0.95}" --gamma "${GAMMA:-0.95}" \
+            --out "$OUT/smollm2-dynamic" 2>&1 | tail -12 ;;
         layer)
           timeout "$(left)" python3 bench/dynamic_layer.py --seqs 32768,131072 --out "$OUT" 2>&1 | grep -v "^ROW" | tail -25 ;;
         replay)

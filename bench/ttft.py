@@ -5,7 +5,8 @@ Llama-3.1-8B's shapes with random weights (vertical-slash picks then scatter: th
 ``--model smollm2``: the real SmolLM2-135M-Instruct on the demo's haystack prompt (beyond its trained
 8K positions at these lengths: fine for timing). ``--configs`` names what to run: ``dense``, ``tm``
 (TriangleMix(switch)), ``vs`` (vertical-slash in every layer), ``tm+vs`` (TriangleMix(switch,
-shallow=vertical-slash)), ``fp`` / ``tm+fp`` (the same with FlexPrefill, ``--gamma``; its vertical-slash
+shallow=vertical-slash)), ``vs-mass`` / ``tm+vs-mass`` (vertical-slash keeping ``--mass`` of the estimated
+mass, ``--vertical`` / ``--slash`` its caps), ``fp`` / ``tm+fp`` (the same with FlexPrefill, ``--gamma``; its vertical-slash
 caps are ``--vertical`` / ``--slash``). With ``--attention-json`` (the one-layer results of ``bench/vertical_slash.py``
 and ``bench/attention.py`` from the same run) the markdown adds a *composed* TTFT: the measured
 non-attention time (dense TTFT minus layers x dense attention) plus, per layer, the one-layer time of
@@ -85,19 +86,24 @@ def time_prefill(params, tokens: np.ndarray, layout, repeats: int, implementatio
 def layouts(args) -> dict:
     """Configuration name -> layout, for the names in ``--configs``."""
     shallow = tmjax.VerticalSlash(vertical=args.vertical, slash=args.slash, selection=args.selection)
+    by_mass = tmjax.VerticalSlash(vertical=args.vertical, slash=args.slash, selection=args.selection, mass=args.mass)
     flex = tmjax.FlexPrefill(gamma=args.gamma, vertical=args.vertical, slash=args.slash, selection=args.selection)
     every = {
         "dense": None,
         "tm": tmjax.TriangleMix(args.switch_layer),
         "vs": shallow,
         "tm+vs": tmjax.TriangleMix(args.switch_layer, shallow=shallow),
+        "vs-mass": by_mass,
+        "tm+vs-mass": tmjax.TriangleMix(args.switch_layer, shallow=by_mass),
         "fp": flex,
         "tm+fp": tmjax.TriangleMix(args.switch_layer, shallow=flex),
     }
     vs = "vertical-slash" if args.selection == "group" else f"vertical-slash ({args.selection} selection)"
     fp = f"FlexPrefill(gamma={args.gamma})"
+    vs_mass = f"{vs} mass {args.mass}"
     names = {"dense": "dense", "tm": f"TriangleMix({args.switch_layer})", "vs": vs,
-             "tm+vs": f"TriangleMix({args.switch_layer}) + {vs}", "fp": fp,
+             "tm+vs": f"TriangleMix({args.switch_layer}) + {vs}", "vs-mass": vs_mass,
+             "tm+vs-mass": f"TriangleMix({args.switch_layer}) + {vs_mass}", "fp": fp,
              "tm+fp": f"TriangleMix({args.switch_layer}) + {fp}"}
     return {names[c]: every[c] for c in args.configs.split(",") if c in every}
 
@@ -239,6 +245,7 @@ def main() -> None:
     parser.add_argument("--vertical", type=int, default=1000)
     parser.add_argument("--slash", type=int, default=6096)
     parser.add_argument("--gamma", type=float, default=0.9, help="FlexPrefill's kept mass (configs fp, tm+fp)")
+    parser.add_argument("--mass", type=float, default=0.9, help="vertical-slash's kept mass (configs vs-mass, tm+vs-mass)")
     parser.add_argument("--selection", choices=("group", "head"), default="group",
                         help="vertical-slash selection: per KV group (ours) or per query head (MInference's)")
     parser.add_argument("--dtype", default="bfloat16")
