@@ -41,7 +41,7 @@ from attention import median_ms  # noqa: E402
 
 import tmjax  # noqa: E402
 from tmjax import attention  # noqa: E402
-from tmjax.pallas_kernels import density, dynamic_tables, flexprefill, tuning  # noqa: E402
+from tmjax.pallas_kernels import density, dynamic_tables, tuning  # noqa: E402
 from tmjax.pallas_kernels.lengths import round_up  # noqa: E402
 
 
@@ -99,10 +99,7 @@ def table_of(method, q, k) -> tuple[jax.Array, jax.Array]:
                                        pattern="vertical_slash")
     padded = round_up(n, dynamic_tables.BLOCK)
     if isinstance(method, tmjax.FlexPrefill):
-        sel = flexprefill.select(q, k, gamma=method.gamma, tau=method.tau, block=method.block,
-                                 max_blocks=method.max_blocks, vertical=method.vertical, slash=method.slash,
-                                 force_vertical=method.force_vertical, force_slash=method.force_slash,
-                                 length=lengths, selection=method.selection)
+        sel = attention._select(q, k, method, lengths)
         table = dynamic_tables.flexprefill(sel, lengths, padded, method.block, threshold)
     else:
         cols, diags = attention._select(q, k, method, lengths)

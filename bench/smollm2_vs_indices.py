@@ -29,11 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vertical_slash import visited_fraction  # noqa: E402
 
 import tmjax  # noqa: E402
+from tmjax import attention  # noqa: E402
 from tmjax.checkpoint import tokenizer as load_tokenizer  # noqa: E402
 from tmjax.default_model import smollm2_checkpoint  # noqa: E402
 from tmjax.demo import build_prompt  # noqa: E402
 from tmjax.models import decoder  # noqa: E402
-from tmjax.pallas_kernels import dynamic_tables, flexprefill  # noqa: E402
+from tmjax.pallas_kernels import dynamic_tables  # noqa: E402
 
 
 def main() -> None:
@@ -100,9 +101,7 @@ def mass_tables(q, k, length, gamma: float, caps: tuple[int, int], dense_above: 
     lengths = jnp.full((q.shape[0],), length, jnp.int32)
     padded = -(-n // dynamic_tables.BLOCK) * dynamic_tables.BLOCK
     fp = tmjax.FlexPrefill(gamma=gamma)
-    selection = flexprefill.select(q, k, gamma=gamma, tau=fp.tau, block=fp.block, max_blocks=fp.max_blocks,
-                                   vertical=fp.vertical, slash=fp.slash, force_vertical=fp.force_vertical,
-                                   force_slash=fp.force_slash, length=lengths, selection=fp.selection)
+    selection = attention._select(q, k, fp, lengths)
     cols, diags = tmjax.vertical_slash_indices(q, k, vertical=caps[0], slash=caps[1], mass=gamma, length=length)
     return {
         "flexprefill": tuple(dynamic_tables.flexprefill(selection, lengths, padded, fp.block, dense_above=d)

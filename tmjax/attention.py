@@ -260,9 +260,16 @@ def vertical_slash_indices(
     return _select(q, k, pattern, _lengths(length, q))
 
 
-def _select(q: jax.Array, k: jax.Array, pattern: VerticalSlash, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
-    from tmjax.pallas_kernels import vs_estimate
+def _select(q: jax.Array, k: jax.Array, pattern: VerticalSlash | FlexPrefill, lengths: jax.Array):
+    """The pattern's on-device picks: (columns, diagonals) for vertical-slash, a ``FlexSelection`` for
+    FlexPrefill (every option of the pattern passed; the one place that spells them out)."""
+    from tmjax.pallas_kernels import flexprefill, vs_estimate
 
+    if isinstance(pattern, FlexPrefill):
+        return flexprefill.select(
+            q, k, gamma=pattern.gamma, tau=pattern.tau, block=pattern.block, max_blocks=pattern.max_blocks,
+            vertical=pattern.vertical, slash=pattern.slash, force_vertical=pattern.force_vertical,
+            force_slash=pattern.force_slash, length=lengths, selection=pattern.selection)
     return vs_estimate.select(
         q, k, vertical=pattern.vertical, slash=pattern.slash, last_q=pattern.last_q,
         force_vertical=pattern.force_vertical, force_slash=pattern.force_slash, length=lengths,
@@ -336,17 +343,14 @@ def flexprefill_attention(
     density threshold sees every ``j <= i`` (``pallas_kernels.density``). ``return_selection``: also
     return the ``FlexSelection`` the call made (tests, inspection).
     """
-    from tmjax.pallas_kernels import dynamic_tables, flexprefill
+    from tmjax.pallas_kernels import dynamic_tables
     from tmjax.pallas_kernels.lengths import round_up
 
     if not isinstance(pattern, FlexPrefill):
         raise TypeError(f"pattern must be a tmjax.FlexPrefill, got {type(pattern).__name__}")
     _check_shapes(q, k, v)
     lengths = _lengths(length, q)
-    selection = flexprefill.select(
-        q, k, gamma=pattern.gamma, tau=pattern.tau, block=pattern.block, max_blocks=pattern.max_blocks,
-        vertical=pattern.vertical, slash=pattern.slash, force_vertical=pattern.force_vertical,
-        force_slash=pattern.force_slash, length=lengths, selection=pattern.selection)
+    selection = _select(q, k, pattern, lengths)
     run = kernel(implementation, "vertical_slash", q, k, v, tuning)  # the dynamic tables' kernel
     dense_above = _dense_above(run, pattern.guard, q, k)
     table = dynamic_tables.flexprefill(selection, lengths, round_up(q.shape[1], dynamic_tables.BLOCK), pattern.block,
