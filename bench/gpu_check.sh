@@ -16,9 +16,8 @@
 #          the seconds of sweeping (330), SWEEP_MEM the GPU memory share of all shards (0.85), SHARD_CASES
 #          each shard's target per pair (default 1.2x its share of 300: a shorter SWEEP_S tops up more)
 #   gridsweep  tests (WORKERS=4) and sweep (SHARDS=4) side by side, -> $OUT/grid, $OUT/sweep; [seqs] the seed
-#   sweepeval [seed]  sweep (SHARDS=8, SWEEP_S, SHARD_CASES) beside tmjax eval chains on SmolLM2 (no timing):
-#          the bf16 noise floor (dense + tm:22 twice: default flags, autotune level 0, deterministic ops),
-#          ACC_CONFIGS (default the 0.97 rung) and the fp8 cache; the GGUF must be in place (prep first)
+#   evals  tmjax eval on SmolLM2 at 8K, one process per rung of RUNGS (default 0.95,0.97,0.99) plus the fp8
+#          cache, side by side (correctness only); the GGUF must be in place (prep first)
 #   dynamic [parts]  the dynamic methods (FlexPrefill, the density guard), parts comma-separated, in this order
 #          (default all; each part stops at the time left of DYNAMIC_S, default 540 s):
 #          tests     tests/test_gpu.py -k "flexprefill or density_guard" (mosaic_gpu, triton, xla)
@@ -40,13 +39,14 @@
 #          nvidia-h200-x2/-x4/-x8 machine; NVLink multicast stays off)
 #   prep   install only and stage the GGUF's first part in /tmp (a short first call of two; the second,
 #          within 30 s, carries part b)
-#   bash bench/gpu_check.sh prep|tests|bench|vs|ttft|sweep|gridsweep|sweepeval|dynamic|long|fp8eval [seqs|parts]
+#   bash bench/gpu_check.sh prep|tests|bench|vs|ttft|sweep|gridsweep|evals|dynamic|long|fp8eval [seqs|parts]
 # The device tool allows 10 minutes a call: one mode per call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 what="${1:-tests}"
+RUNGS="${RUNGS:-0.95,0.97,0.99}"
 seqs="${2:-8192,32768,131072}"
 export PYTHONUNBUFFERED=1
 if [[ -z "${TMJAX_INSTALLED:-}" ]]; then  # a mode that runs other modes installs once
@@ -122,39 +122,27 @@ case "$what" in
     OUT="$OUT/sweep" SHARDS=4 SWEEP_S=330 SWEEP_MEM=0.5 bash "$0" sweep "$2" > "$OUT/sweep.log" 2>&1
     wait $grid
     tail -12 "$OUT/grid.log"; tail -40 "$OUT/sweep.log" ;;
-  sweepeval)
-    # the sweep (SHARDS=8, SWEEP_MEM 0.8 of the memory) beside three chains of tmjax eval on SmolLM2 at 8K
-    # (bf16, 105 samples; each process grows to at most 0.04 of the memory): the bf16 noise floor (dense and
-    # tm:22 twice each by default, with --xla_gpu_autotune_level=0 and with --xla_gpu_deterministic_ops;
-    # bench/eval_agreement.py compares the runs), ACC_CONFIGS (default the 0.97 rung) and the fp8 cache
-    # (fp8eval); correctness only: nothing here is timed. Needs the GGUF (prep first). -> $OUT, acc.tgz
-    ( OUT="$OUT/sweep" SHARDS=8 SWEEP_MEM=${SWEEP_MEM:-0.8} bash "$0" sweep "$2" > "$OUT/sweep.log" 2>&1 ) &
-    sweep=$!
-    python3 -c "from tmjax.default_model import smollm2_checkpoint as c; print(c('bfloat16'))"  # convert once
+  evals)
+    # tmjax eval on SmolLM2 at 8K (bf16, 105 samples; deterministic GPU ops, the CLI's default) in parallel
+    # processes, one per ladder rung in RUNGS (default 0.95,0.97,0.99: dense, tm:22, tm:22+fp@g, tm:22+vs@g)
+    # plus the fp8 cache (dense vs --kv-dtype float8_e4m3fn); each grows to at most 0.12 of the GPU memory.
+    # Correctness only: nothing is timed. The dense answers of every rung must agree (bench/eval_agreement.py
+    # checks it: deterministic ops make separate processes give the same answers). Needs the GGUF. -> acc.tgz
+    python3 -c "from tmjax.default_model import smollm2_checkpoint as c; print(c())"  # convert once, up front
     mkdir -p "$OUT/acc"
     ev() { local name=$1; shift
-      XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.04 timeout "${EVAL_S:-330}" python3 -m tmjax eval \
+      XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 timeout "${EVAL_S:-500}" python3 -m tmjax eval \
         --dtype bfloat16 --max-tokens 8192 "$@" --out "$OUT/acc/$name" > "$OUT/acc/$name.log" 2>&1
       echo "$name exit $? $(date +%T)"; }
-    floor=(--samples-per-task 15 --configs dense,tm:22)
-    ( ev default-1 "${floor[@]}"; ev default-2 "${floor[@]}"
-      XLA_FLAGS=--xla_gpu_autotune_level=0 ev autotune0-1 "${floor[@]}"
-      XLA_FLAGS=--xla_gpu_autotune_level=0 ev autotune0-2 "${floor[@]}" ) &
-    a=$!
-    ( XLA_FLAGS=--xla_gpu_deterministic_ops=true ev deterministic-1 "${floor[@]}"
-      XLA_FLAGS=--xla_gpu_deterministic_ops=true ev deterministic-2 "${floor[@]}" ) &
-    b=$!
-    ( ev ladder --samples-per-task 15 --configs "${ACC_CONFIGS:-dense,tm:22,tm:22+fp@0.97,tm:22+vs@0.97}"
-      ev fp8 --samples-per-task 18 --configs dense --kv-dtype float8_e4m3fn ) &
-    wait $a $b $!
-    for f in "$OUT"/acc/*.log; do echo "--- $f"; tail -12 "$f"; done
-    for pair in default autotune0 deterministic; do
-      python3 bench/eval_agreement.py "$OUT/acc/$pair-1/accuracy.json" "$OUT/acc/$pair-2/accuracy.json" \
-        --out "$OUT/acc/agreement-$pair.json"
+    pids=()
+    for g in ${RUNGS//,/ }; do
+      ev "rung-$g" --samples-per-task 15 --configs "dense,tm:22,tm:22+fp@$g,tm:22+vs@$g" & pids+=($!)
     done
-    wait $sweep
-    tail -45 "$OUT/sweep.log"
-    ( cd "$OUT" && tar czf acc.tgz acc && rm -rf acc && mv sweep/* . && rmdir sweep ) ;;
+    ev fp8 --samples-per-task 15 --configs dense --kv-dtype float8_e4m3fn & pids+=($!)
+    wait "${pids[@]}"
+    for f in "$OUT"/acc/*.log; do echo "--- $f"; grep "^| " "$f"; grep -h "identical to TriangleMix" "${f%.log}/accuracy.md" 2>/dev/null; done
+    python3 bench/eval_agreement.py "$OUT"/acc/*/accuracy.json --out "$OUT/acc/agreement.json" | grep -E "^\| (dense|switch=22) "
+    ( cd "$OUT" && find acc -name "*.png" -delete && tar czf acc.tgz acc && rm -rf acc ) ;;
   dynamic)
     parts="${2:-tests,accuracy,ttft,layer}"
     stop=$(( $(date +%s) + ${DYNAMIC_S:-540} ))

@@ -192,8 +192,9 @@ def test_kv_dtype_runs_every_config_with_that_cache_against_the_dense_reference(
         assert row["configs"]["dense kv=float8_e4m3fn"]["identical_to_dense"] == bool(np.array_equal(dense, fp8))
 
 
-def test_eval_cli_end_to_end(tiny, tmp_path):
+def test_eval_cli_end_to_end(tiny, tmp_path, monkeypatch):
     folder, _, _ = tiny
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")  # restored after the test
     probe_file = tmp_path / "probe.json"
     probe_file.write_text(json.dumps({"recommended_switch_layer": 3}))
     out = tmp_path / "out"
@@ -208,6 +209,8 @@ def test_eval_cli_end_to_end(tiny, tmp_path):
     assert (out / "accuracy.png").stat().st_size > 0
     assert "switch=3 (recommended)" in (out / "accuracy.md").read_text()
     assert len(report["samples"]) == 4
+    # the CLI asked for deterministic GPU ops and kept the user's own flags (recorded in the report)
+    assert report["xla_flags"] == "--xla_cpu_enable_fast_math=false --xla_gpu_deterministic_ops=true"
     for sample in report["samples"]:
         assert sample["prompt_tokens"] + sample["max_new_tokens"] < 640
         for result in sample["configs"].values():
@@ -221,6 +224,18 @@ def test_eval_cli_end_to_end(tiny, tmp_path):
     rows = report["samples"]
     recomputed = evaluate.summarise(rows, ["switch=2"])["switch=2"]
     assert recomputed == report["results"]["switch=2"]
+
+
+def test_deterministic_gpu_flag_added_unless_the_user_chose():
+    env: dict[str, str] = {}
+    evaluate.deterministic_gpu(env)
+    assert env["XLA_FLAGS"] == "--xla_gpu_deterministic_ops=true"
+    env = {"XLA_FLAGS": "--xla_gpu_autotune_level=0"}
+    evaluate.deterministic_gpu(env)
+    assert env["XLA_FLAGS"].split() == ["--xla_gpu_autotune_level=0", "--xla_gpu_deterministic_ops=true"]
+    env = {"XLA_FLAGS": "--xla_gpu_deterministic_ops=false"}  # the user's explicit choice stands
+    evaluate.deterministic_gpu(env)
+    assert env["XLA_FLAGS"] == "--xla_gpu_deterministic_ops=false"
 
 
 def test_bad_input_is_refused(tiny, capsys):

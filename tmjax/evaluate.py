@@ -15,6 +15,7 @@ import collections
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -448,13 +449,30 @@ def task_list(spec: str) -> list[str]:
     return names
 
 
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def deterministic_gpu(environ: dict[str, str] | os._Environ = os.environ) -> None:
+    """Ask XLA for run-to-run deterministic GPU ops, unless ``XLA_FLAGS`` already says either way.
+
+    Without it bf16 rounding differs from one process to the next, and that alone changed 8-10% of
+    SmolLM2's greedy answers between two dense runs on an H100, more than the differences the
+    comparisons measure; with it two runs gave the same 105 answers (``bench/results/noise-floor-H100-20261206``).
+    Takes effect only before the process first uses a device, as the CLIs call it."""
+    flags = environ.get("XLA_FLAGS", "")
+    if "xla_gpu_deterministic_ops" not in flags:
+        environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_FLAG}".strip()
+
+
 def run_cli(prog: str, parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
             argv: Sequence[str] | None) -> int:
-    """Parse ``argv`` and call ``run``; bad input becomes an ``error:`` line and exit code 1, not a traceback."""
+    """Parse ``argv`` and call ``run`` with deterministic GPU ops (``deterministic_gpu``); bad input becomes
+    an ``error:`` line and exit code 1, not a traceback."""
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help or a usage error, already printed by argparse
         return int(exit_.code or 0)
+    deterministic_gpu()
     try:
         return run(args)
     except (ValueError, OSError) as err:
@@ -572,7 +590,8 @@ def _eval(args: argparse.Namespace) -> int:
              if (layout := layout_from_json(data)) in marked}
     report = {"model": name, "dtype": str(params.weights["norm"]["scale"].dtype), "max_tokens": max_tokens,
               "samples_per_task": args.samples_per_task, "seed": args.seed, "recommended_switch_layer": recommended,
-              "marks": marks, "seconds": round(time.perf_counter() - started, 1), **report}
+              "marks": marks, "seconds": round(time.perf_counter() - started, 1),
+              "xla_flags": os.environ.get("XLA_FLAGS", ""), **report}
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
