@@ -6,10 +6,12 @@ cached conversion that is damaged or from an older tmjax is converted again.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from tmjax import checkpoint
@@ -79,21 +81,51 @@ def model_config(dtype: str = "float32") -> ModelConfig:
             return ModelConfig.from_hf(source.hf_config)
 
 
+@contextlib.contextmanager
+def _conversion_lock(dst: Path) -> Iterator[None]:
+    """Hold an exclusive inter-process lock on converting ``dst`` (a hidden file beside it).
+
+    Several processes (``tmjax eval`` runs started together) may find the cache empty at once: without
+    the lock each would convert, and all but the first would then fail on the destination the first one
+    put in place. Where ``fcntl`` is missing (Windows) this goes on without a lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(dst.parent / f".{dst.name}.lock", "a") as handle:  # never truncated or deleted: others may hold it
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def smollm2_checkpoint(dtype: str = "float32") -> Path:
     """A tmjax checkpoint of SmolLM2-135M-Instruct in ``dtype``, converted on first use (and again if
-    the cached one is damaged); ``ValueError`` if the cache folder holds something else."""
+    the cached one is damaged); ``ValueError`` if the cache folder holds something else.
+
+    Safe to call from several processes at once: one converts, the others wait and reuse its result."""
     from tmjax.convert.cli import convert
 
     dst = _cached(dtype)
     try:
         checkpoint.check_complete(dst)
         return dst
-    except ValueError as err:
-        problem = err
-    if dst.exists() or dst.is_symlink():
-        if not _is_conversion_leftover(dst):
-            raise ValueError(f"{dst} is not a usable checkpoint ({problem}) and holds other files: "
-                             "remove it, or set TMJAX_CACHE to another folder")
-        print(f"tmjax: converting the default model again: {problem}", file=sys.stderr)
-        shutil.rmtree(dst)
-    return convert(smollm2_gguf(), dst, dtype=dtype)
+    except ValueError:
+        pass
+    with _conversion_lock(dst):
+        try:  # again: another process may have converted it while this one waited for the lock
+            checkpoint.check_complete(dst)
+            return dst
+        except ValueError as err:
+            problem = err
+        if dst.exists() or dst.is_symlink():
+            if not _is_conversion_leftover(dst):
+                raise ValueError(f"{dst} is not a usable checkpoint ({problem}) and holds other files: "
+                                 "remove it, or set TMJAX_CACHE to another folder")
+            print(f"tmjax: converting the default model again: {problem}", file=sys.stderr)
+            shutil.rmtree(dst)
+        return convert(smollm2_gguf(), dst, dtype=dtype)
