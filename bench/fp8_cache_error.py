@@ -1,0 +1,130 @@
+"""Where an fp8 KV cache loses accuracy: the attention error of e4m3 keys and values, per layer, on SmolLM2.
+
+The fp8 cache (``tmjax/models/kv_quant.py``: e4m3, one scale per key / value vector) changed a third of
+SmolLM2's greedy answers at 8K. This measures, on the real q/k/v of every layer (dense prefill of the
+demo's haystack prompt), the relative L2 error of the last ``--rows`` queries' attention output (what
+decode steps compute) when the keys and/or values go through e4m3 under several schemes: per-vector scales
+(today's), per-channel scales over groups of 64 positions (KIVI's choice for keys), keys only, values
+only, and per-vector fp8 with the first ``--keep-first`` and last ``--keep-last`` positions kept exact
+(the triangle's sinks and window). float32 throughout; numpy reference attention.
+
+    python bench/fp8_cache_error.py --length 2048 --out bench/results/fp8-cache-error-smollm2-2k-cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import tmjax
+from tmjax.checkpoint import tokenizer as load_tokenizer
+from tmjax.default_model import smollm2_checkpoint
+from tmjax.demo import build_prompt
+from tmjax.models import decoder
+
+E4M3_MAX = 448.0
+
+
+def capture(length: int, seed: int) -> dict[int, tuple[np.ndarray, ...]]:
+    """Layer -> (q, k, v) as float32 numpy ``[1, T, heads, D]`` from a dense prefill."""
+    path = smollm2_checkpoint("float32")
+    params, tok = tmjax.load(path), load_tokenizer(path)
+    text = build_prompt(tok, length + 64, depth=0.5, seed=seed)[0]
+    tokens = np.asarray(tok.encode(text, add_special_tokens=False)[:length], np.int32)[None]
+    found: dict = {}
+
+    def hook(at, q, k, v, n):
+        jax.debug.callback(lambda at, q, k, v: found.__setitem__(int(at), tuple(np.asarray(x) for x in (q, k, v))),
+                           at, q, k, v)
+        return tmjax.causal_attention(q, k, v, length=n)
+
+    every_layer = ((0, params.config.num_layers, hook),)
+    jax.block_until_ready(jax.jit(lambda p, t: decoder.prefill_hidden(p, t, t.shape[1], runs=every_layer)[0][:, -1])(
+        params, tokens))
+    return found
+
+
+def e4m3(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``x`` through e4m3 under ``scale`` (broadcast), back to float32."""
+    return np.asarray(jnp.asarray(x / scale).astype(jnp.float8_e4m3fn).astype(jnp.float32)) * scale
+
+
+def per_vector(x: np.ndarray) -> np.ndarray:
+    return e4m3(x, np.abs(x).max(-1, keepdims=True) / E4M3_MAX + 1e-30)
+
+
+def per_channel(x: np.ndarray, group: int = 64) -> np.ndarray:
+    out = np.empty_like(x)
+    for i in range(0, x.shape[1], group):
+        block = x[:, i:i + group]
+        out[:, i:i + group] = e4m3(block, np.abs(block).max(1, keepdims=True) / E4M3_MAX + 1e-30)
+    return out
+
+
+def attend_last(q: np.ndarray, k: np.ndarray, v: np.ndarray, rows: int) -> np.ndarray:
+    """The last ``rows`` queries over every key (GQA by repetition), float32 softmax."""
+    group = q.shape[2] // k.shape[2]
+    keys, values = np.repeat(k[0], group, 1), np.repeat(v[0], group, 1)
+    scores = np.einsum("thd,shd->hts", q[0, -rows:], keys) / np.sqrt(q.shape[-1])
+    scores -= scores.max(-1, keepdims=True)
+    weights = np.exp(scores)
+    weights /= weights.sum(-1, keepdims=True)
+    return np.einsum("hts,shd->thd", weights, values)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=2048)
+    parser.add_argument("--rows", type=int, default=64, help="last queries whose attention output is compared")
+    parser.add_argument("--keep-first", type=int, default=8)
+    parser.add_argument("--keep-last", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--out", default=None, help="folder for fp8-cache-error.json / .md")
+    args = parser.parse_args()
+
+    def kept(exact: np.ndarray, rounded: np.ndarray) -> np.ndarray:
+        rounded = rounded.copy()
+        rounded[:, :args.keep_first] = exact[:, :args.keep_first]
+        rounded[:, rounded.shape[1] - args.keep_last:] = exact[:, exact.shape[1] - args.keep_last:]
+        return rounded
+
+    schemes = {
+        "K, V per vector (today)": lambda k, v: (per_vector(k), per_vector(v)),
+        "K per channel /64 pos, V per vector": lambda k, v: (per_channel(k), per_vector(v)),
+        "K only, per vector": lambda k, v: (per_vector(k), v),
+        "V only, per vector": lambda k, v: (k, per_vector(v)),
+        f"K, V per vector, first {args.keep_first} + last {args.keep_last} exact":
+            lambda k, v: (kept(k, per_vector(k)), kept(v, per_vector(v))),
+    }
+    rows = []
+    for layer, (q, k, v) in sorted(capture(args.length, args.seed).items()):
+        reference = attend_last(q, k, v, args.rows)
+        row = {"layer": layer}
+        for name, scheme in schemes.items():
+            k8, v8 = scheme(k, v)
+            row[name] = float(np.linalg.norm(attend_last(q, k8, v8, args.rows) - reference) / np.linalg.norm(reference))
+        rows.append(row)
+    names = list(schemes)
+    lines = [f"Relative L2 error of the last {args.rows} queries' attention output, SmolLM2-135M-Instruct, "
+             f"{args.length} tokens, per layer (jax {jax.__version__}, {jax.devices()[0].device_kind}; "
+             f"`python bench/fp8_cache_error.py {' '.join(sys.argv[1:])}`)", "",
+             "| layer | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines += [f"| {r['layer']} | " + " | ".join(f"{r[n]:.4f}" for n in names) + " |" for r in rows]
+    lines.append("| mean | " + " | ".join(f"{np.mean([r[n] for r in rows]):.4f}" for n in names) + " |")
+    print("\n".join(lines))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "fp8-cache-error.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        (out / "fp8-cache-error.md").write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
