@@ -5,8 +5,8 @@ SmolLM2's greedy answers at 8K. This measures, on the real q/k/v of every layer 
 demo's haystack prompt), the relative L2 error of the last ``--rows`` queries' attention output (what
 decode steps compute) when the keys and/or values go through e4m3 under several schemes: per-vector scales
 (today's), per-channel scales over groups of 64 positions (KIVI's choice for keys), keys only, values
-only, and per-vector fp8 with the first ``--keep-first`` and last ``--keep-last`` positions kept exact
-(the triangle's sinks and window). float32 throughout; numpy reference attention.
+only, and per-vector fp8 with the first ``--keep-first`` and/or last ``--keep-last`` positions kept
+exact (the triangle's sinks and window). float32 throughout; numpy reference attention.
 
     python bench/fp8_cache_error.py --length 2048 --out bench/results/fp8-cache-error-smollm2-2k-cpu
 """
@@ -88,10 +88,10 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="folder for fp8-cache-error.json / .md")
     args = parser.parse_args()
 
-    def kept(exact: np.ndarray, rounded: np.ndarray) -> np.ndarray:
+    def kept(exact: np.ndarray, rounded: np.ndarray, first: int = args.keep_first, last: int = args.keep_last):
         rounded = rounded.copy()
-        rounded[:, :args.keep_first] = exact[:, :args.keep_first]
-        rounded[:, rounded.shape[1] - args.keep_last:] = exact[:, exact.shape[1] - args.keep_last:]
+        rounded[:, :first] = exact[:, :first]
+        rounded[:, rounded.shape[1] - last:] = exact[:, exact.shape[1] - last:]
         return rounded
 
     schemes = {
@@ -99,6 +99,10 @@ def main() -> int:
         "K per channel /64 pos, V per vector": lambda k, v: (per_channel(k), per_vector(v)),
         "K only, per vector": lambda k, v: (per_vector(k), v),
         "V only, per vector": lambda k, v: (k, per_vector(v)),
+        f"K, V per vector, first {args.keep_first} exact":
+            lambda k, v: (kept(k, per_vector(k), last=0), kept(v, per_vector(v), last=0)),
+        f"K, V per vector, last {args.keep_last} exact":
+            lambda k, v: (kept(k, per_vector(k), first=0), kept(v, per_vector(v), first=0)),
         f"K, V per vector, first {args.keep_first} + last {args.keep_last} exact":
             lambda k, v: (kept(k, per_vector(k)), kept(v, per_vector(v))),
     }
