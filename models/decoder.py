@@ -44,41 +44,59 @@ Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, object]]
 class KVCache:
     """Keys and values (after RoPE) of every layer, ``[L, B, S_max, Hkv, D]``, and how many positions
     of each row are filled, int32 ``[B]``. The head axis is explicit so the cache can be sharded over heads.
-    An fp8 cache (``kv_quant``) holds float32 scales ``[L, B, S_max, Hkv]`` beside them (None otherwise)."""
+    An fp8 cache (``kv_quant``) holds float32 scales ``[L, B, S_max, Hkv]`` beside them (None otherwise)
+    and a ring ``recent_k/recent_v [L, B, W, Hkv, D]`` (W = ``min(kv_quant.RECENT, S_max)``, the
+    activations' dtype) holding each row's last W real positions exact, position ``p`` in slot ``p % W``."""
 
     k: jax.Array
     v: jax.Array
     length: jax.Array
     k_scale: jax.Array | None = None
     v_scale: jax.Array | None = None
+    recent_k: jax.Array | None = None
+    recent_v: jax.Array | None = None
 
     @property
     def max_length(self) -> int:
         return self.k.shape[2]
 
     @classmethod
-    def empty(cls, config: ModelConfig, batch: int, size: int, dtype: object, mesh: Mesh | None = None) -> KVCache:
-        """A zero cache of ``size`` positions in ``dtype`` (fp8: with unit scales), sharded on ``mesh``."""
+    def empty(cls, config: ModelConfig, batch: int, size: int, dtype: object, mesh: Mesh | None = None,
+              exact_dtype: object = jnp.float32) -> KVCache:
+        """A zero cache of ``size`` positions in ``dtype`` (fp8: with unit scales and a ring of the recent
+        positions in ``exact_dtype``), sharded on ``mesh``."""
         shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
         arrays = [jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)]
         axes = [sharding.CACHE_AXES] * 2
         if kv_quant.quantized(dtype):
-            arrays += [jnp.ones(shape[:-1], jnp.float32)] * 2
-            axes += [sharding.CACHE_AXES[:-1]] * 2
+            ring = (*shape[:2], min(kv_quant.RECENT, size), *shape[3:])
+            arrays += [jnp.ones(shape[:-1], jnp.float32)] * 2 + [jnp.zeros(ring, exact_dtype)] * 2
+            axes += [sharding.CACHE_AXES[:-1]] * 2 + [sharding.CACHE_AXES] * 2
         if mesh is not None:
             arrays = [lax.with_sharding_constraint(a, sharding.named(ax, mesh)) for a, ax in zip(arrays, axes)]
-        return cls(arrays[0], arrays[1], jnp.zeros((batch,), jnp.int32), *arrays[2:])
+        extra = dict(zip(("k_scale", "v_scale", "recent_k", "recent_v"), arrays[2:]))
+        return cls(arrays[0], arrays[1], jnp.zeros((batch,), jnp.int32), **extra)
 
-    def put(self, layer: jax.Array, start: jax.Array | int, k: jax.Array, v: jax.Array) -> KVCache:
-        """Write ``k, v [B, n, Hkv, D]`` at positions ``[start, start + n)`` of ``layer`` (every row)."""
+    def put(self, layer: jax.Array, start: jax.Array | int, k: jax.Array, v: jax.Array, length: jax.Array) -> KVCache:
+        """Write ``k, v [B, n, Hkv, D]`` at positions ``[start, start + n)`` of ``layer`` (every row);
+        ``length [B]``: each row's real positions (an fp8 cache's ring takes no padding)."""
         if self.k_scale is None:
             return self.replace(k=lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), (layer, 0, start, 0, 0)),
                                 v=lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), (layer, 0, start, 0, 0)))
         (k8, ks), (v8, vs) = kv_quant.quantize(k), kv_quant.quantize(v)
+        # the ring takes this chunk's last W real positions of each row: distinct slots in one scatter, and
+        # later chunks (an overlapping last chunk too) hold the newer positions
+        ring = self.recent_k.shape[2]
+        positions = start + jnp.arange(k.shape[1])[None, :]
+        last = jnp.minimum(start + k.shape[1], length)[:, None] - 1
+        slots = jnp.where((positions <= last) & (positions > last - ring), positions % ring, ring)  # ring: dropped
+        rows = jnp.broadcast_to(jnp.arange(k.shape[0])[:, None], slots.shape)
         return self.replace(k=lax.dynamic_update_slice(self.k, k8[None], (layer, 0, start, 0, 0)),
                             v=lax.dynamic_update_slice(self.v, v8[None], (layer, 0, start, 0, 0)),
                             k_scale=lax.dynamic_update_slice(self.k_scale, ks[None], (layer, 0, start, 0)),
-                            v_scale=lax.dynamic_update_slice(self.v_scale, vs[None], (layer, 0, start, 0)))
+                            v_scale=lax.dynamic_update_slice(self.v_scale, vs[None], (layer, 0, start, 0)),
+                            recent_k=self.recent_k.at[layer, rows, slots].set(k.astype(self.recent_k.dtype), mode="drop"),
+                            recent_v=self.recent_v.at[layer, rows, slots].set(v.astype(self.recent_v.dtype), mode="drop"))
 
     def put_rows(self, layer: jax.Array, rows: jax.Array, positions: jax.Array, k: jax.Array, v: jax.Array
                  ) -> KVCache:
@@ -87,15 +105,19 @@ class KVCache:
             return self.replace(k=self.k.at[layer, rows, positions].set(k.astype(self.k.dtype)),
                                 v=self.v.at[layer, rows, positions].set(v.astype(self.v.dtype)))
         (k8, ks), (v8, vs) = kv_quant.quantize(k), kv_quant.quantize(v)
+        slots = positions % self.recent_k.shape[2]
         return self.replace(k=self.k.at[layer, rows, positions].set(k8), v=self.v.at[layer, rows, positions].set(v8),
                             k_scale=self.k_scale.at[layer, rows, positions].set(ks),
-                            v_scale=self.v_scale.at[layer, rows, positions].set(vs))
+                            v_scale=self.v_scale.at[layer, rows, positions].set(vs),
+                            recent_k=self.recent_k.at[layer, rows, slots].set(k.astype(self.recent_k.dtype)),
+                            recent_v=self.recent_v.at[layer, rows, slots].set(v.astype(self.recent_v.dtype)))
 
-    def layer(self, index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array | None]:
-        """Layer ``index``'s ``(k, v [B, S, Hkv, D], k_scale, v_scale [B, S, Hkv] or None)``."""
+    def layer(self, index: jax.Array) -> tuple[jax.Array | None, ...]:
+        """Layer ``index``'s ``(k, v [B, S, Hkv, D], k_scale, v_scale [B, S, Hkv], recent_k, recent_v
+        [B, W, Hkv, D])``, the last four None unless the cache is fp8."""
         pick = functools.partial(lax.dynamic_index_in_dim, index=index, keepdims=False)
-        scales = (None, None) if self.k_scale is None else (pick(self.k_scale), pick(self.v_scale))
-        return pick(self.k), pick(self.v), *scales
+        extra = (self.k_scale, self.v_scale, self.recent_k, self.recent_v)
+        return pick(self.k), pick(self.v), *(None if a is None else pick(a) for a in extra)
 
 
 class RMSNorm(nn.Module):
@@ -274,7 +296,7 @@ def prefill_hidden(
     # the dtypes of q, k, v (the weights' and activations' promotion), without computing anything
     q_like, k_like, _ = jax.eval_shape(
         lambda x: layer.apply({"params": _layer(w["layers"], 0)}, x, *rope(0, 1), method="qkv"), x[:, :1])
-    cache = KVCache.empty(c, batch, cache_size, k_like.dtype if kv_dtype is None else kv_dtype, mesh)
+    cache = KVCache.empty(c, batch, cache_size, k_like.dtype if kv_dtype is None else kv_dtype, mesh, k_like.dtype)
 
     for start, stop, fn in runs:
 
@@ -286,7 +308,8 @@ def prefill_hidden(
                 # an overlapping last chunk rewrites its older rows with the same values: no mask needed
                 q_all, k_all, v_all, cache = carry
                 q, k, v = layer.apply(weights, _slice(x, start, chunk), *rope(start, chunk), method="qkv")
-                return _put(q_all, q, start), _put(k_all, k, start), _put(v_all, v, start), cache.put(i, start, k, v)
+                return (_put(q_all, q, start), _put(k_all, k, start), _put(v_all, v, start),
+                        cache.put(i, start, k, v, length))
 
             buffers = [jnp.zeros((batch, seq_len, heads, c.head_dim), like.dtype)
                        for heads, like in ((c.num_heads, q_like), (c.num_kv_heads, k_like), (c.num_kv_heads, k_like))]
@@ -312,26 +335,44 @@ def prefill_hidden(
 
 
 def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, position: jax.Array, window: jax.Array | None,
-                      k_scale: jax.Array | None = None, v_scale: jax.Array | None = None) -> jax.Array:
+                      k_scale: jax.Array | None = None, v_scale: jax.Array | None = None,
+                      recent_k: jax.Array | None = None, recent_v: jax.Array | None = None) -> jax.Array:
     """One query per sequence, ``q [B, 1, Hq, D]``, against ``k/v [B, S, Hkv, D]``: row ``b`` sees the
     keys at ``<= position[b]`` (and ``> position[b] - window`` where the window is > 0). An fp8 cache
     passes its scales ``[B, S, Hkv]``: each key's scores are scaled by its key scale and each
-    probability by its value's scale (attention to the dequantized cache, never materialised)."""
+    probability by its value's scale (attention to the dequantized cache, never materialised), and its
+    ring ``recent_k/recent_v [B, W, Hkv, D]``: the last W positions are read from the ring, exact, in
+    one softmax with the rest."""
     batch, _, num_heads, dim = q.shape
     num_kv = k.shape[2]
     qg = q.reshape(batch, num_kv, num_heads // num_kv, dim)
-    scores = jnp.einsum("bhgd,bshd->bhgs", qg, k.astype(q.dtype), preferred_element_type=jnp.float32) * (dim ** -0.5)
-    if k_scale is not None:
-        scores = scores * jnp.swapaxes(k_scale, 1, 2)[:, :, None, :]
+
+    def scores_of(keys_: jax.Array, held: jax.Array, visible: jax.Array) -> jax.Array:
+        """Scores ``[B, Hkv, G, n]`` of keys at positions ``held [B, n]``, -inf where not ``visible``."""
+        if window is not None:
+            visible &= (window == 0) | (held > position[:, None] - window)
+        got = jnp.einsum("bhgd,bshd->bhgs", qg, keys_.astype(q.dtype), preferred_element_type=jnp.float32)
+        return jnp.where(visible[:, None, None, :], got * (dim ** -0.5), -jnp.inf)
+
     keys = jnp.arange(k.shape[1])[None, :]
     visible = keys <= position[:, None]  # [B, S]
-    if window is not None:
-        visible &= (window == 0) | (keys > position[:, None] - window)
-    scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
+    if recent_k is not None:
+        visible &= keys <= position[:, None] - recent_k.shape[1]  # the ring serves the newer ones
+    scores = scores_of(k, keys, visible)
+    if k_scale is not None:
+        scores = scores * jnp.swapaxes(k_scale, 1, 2)[:, :, None, :]
+    if recent_k is not None:
+        ring = recent_k.shape[1]
+        held = position[:, None] - (position[:, None] - jnp.arange(ring)[None, :]) % ring  # slot -> its position
+        scores = jnp.concatenate([scores, scores_of(recent_k, held, held >= 0)], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1)
+    probs, ring_probs = probs[..., :k.shape[1]], probs[..., k.shape[1]:]
     if v_scale is not None:
         probs = probs * jnp.swapaxes(v_scale, 1, 2)[:, :, None, :]
     out = jnp.einsum("bhgs,bshd->bhgd", probs.astype(q.dtype), v.astype(q.dtype), preferred_element_type=jnp.float32)
+    if recent_v is not None:
+        out += jnp.einsum("bhgs,bshd->bhgd", ring_probs.astype(q.dtype), recent_v.astype(q.dtype),
+                          preferred_element_type=jnp.float32)
     return out.reshape(batch, 1, num_heads, dim).astype(q.dtype)
 
 
@@ -358,9 +399,9 @@ def decode(params: Params, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array
 
         def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, KVCache]:
             new = cache.put_rows(i, rows, position, k[:, 0], v[:, 0])
-            layer_k, layer_v, k_scale, v_scale = new.layer(i)
             window = None if windows is None else windows[i]
-            return _decode_attention(q, layer_k, layer_v, position, window, k_scale, v_scale), new
+            layer_k, layer_v, *fp8_parts = new.layer(i)
+            return _decode_attention(q, layer_k, layer_v, position, window, *fp8_parts), new
 
         return layer.apply({"params": _layer(w["layers"], i)}, x, cos, sin, attend)
 

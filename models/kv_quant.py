@@ -6,7 +6,8 @@ e4m3's top and a position with large activations costs no precision to the other
 vector (the cache's unwritten positions) gets scale 1. Decoding never materialises a dequantized
 cache: attention multiplies each key's score by its key scale and each probability by its value
 scale (``tmjax.models.decoder``), which equals attending to ``x8 * scale``. The scales cost
-``4 / head_dim`` bytes per cached number (3% at head_dim 128), the cache half of bf16's.
+``4 / head_dim`` bytes per cached number (3% at head_dim 128), the cache half of bf16's. Beside it a
+ring of the last ``RECENT`` positions per row stays exact; decoding reads those positions from the ring.
 """
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 
 FP8 = "float8_e4m3fn"
+# An fp8 cache also keeps each row's most recent RECENT positions exact (in the activations' dtype): a
+# decode step attends mostly to its neighbours, and e4m3's rounding of their keys is what changes answers
+# (bench/results/fp8-cache-error-smollm2-2k-cpu: the last 256 exact cut SmolLM2's attention error 4x).
+RECENT = 256
 FP8_MAX = float(jnp.finfo(jnp.float8_e4m3fn).max)  # 448
 # Cache dtypes the API takes: None (the weights' dtype) or one of these names.
 KV_DTYPES = ("float32", "bfloat16", "float16", FP8)

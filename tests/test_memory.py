@@ -132,6 +132,63 @@ def test_fp8_cache_decodes_close_to_a_float32_cache(models):
     assert tokens.shape == (2, 3)
 
 
+def test_fp8_ring_holds_each_rows_last_positions_exact(models):
+    """After a chunked prefill (chunk 100: an overlapping last chunk) of rows of 300 and 211 tokens, the
+    fp8 cache's ring holds, for every row, layer and its last ``RECENT`` real positions, exactly the keys
+    and values a float32 cache holds there (slot ``p % W``); the slots of a short row past its length
+    stay empty (no padding written)."""
+    params = models("llama")
+    _, exact = api.prefill(params, _prompts(3), max_new_tokens=4, kv_dtype="float32", chunk=100)
+    _, fp8 = api.prefill(params, _prompts(3), max_new_tokens=4, kv_dtype="float8_e4m3fn", chunk=100)
+    ring = fp8.recent_k.shape[2]
+    assert ring == kv_quant.RECENT and fp8.recent_k.dtype == exact.k.dtype
+    for b, n in enumerate(LENGTHS):
+        held = np.arange(max(0, n - ring), n)
+        for got, want in ((fp8.recent_k, exact.k), (fp8.recent_v, exact.v)):
+            np.testing.assert_array_equal(np.asarray(got)[:, b, held % ring], np.asarray(want)[:, b, held])
+        if n < ring:
+            assert not np.asarray(fp8.recent_k)[:, b, n:].any()
+
+
+def test_fp8_decode_attention_reads_recent_positions_exact():
+    """``put`` (chunks, an overlapping one, rows of 280 and 100 real positions), ``put_rows`` (one step
+    per row) and decode attention over the fp8 cache, against numpy attention whose keys and values
+    are exact at the last W positions before the query and e4m3-dequantized before them, with and
+    without a sliding window."""
+    rng = np.random.default_rng(5)
+    config, size, lengths = MID, 300, np.array([280, 100])
+    shape = (2, size, config.num_kv_heads, config.head_dim)
+    k, v = (rng.standard_normal(shape).astype(np.float32) * 3 for _ in range(2))
+    cache = decoder.KVCache.empty(config, 2, size, kv_quant.FP8)
+    for start in (0, 128, 152):  # covers 0..279; row 1's positions past 100 are padding
+        cache = cache.put(1, start, jnp.asarray(k[:, start:start + 128]), jnp.asarray(v[:, start:start + 128]),
+                          jnp.asarray(lengths))
+    step_k, step_v = (rng.standard_normal((2, *shape[2:])).astype(np.float32) for _ in range(2))
+    rows = np.arange(2)
+    k[rows, lengths], v[rows, lengths] = step_k, step_v
+    cache = cache.put_rows(1, jnp.asarray(rows), jnp.asarray(lengths), jnp.asarray(step_k), jnp.asarray(step_v))
+    q = rng.standard_normal((2, 1, config.num_heads, config.head_dim)).astype(np.float32)
+    ring = cache.recent_k.shape[2]
+    rounded = [np.asarray(kv_quant.dequantize(*kv_quant.quantize(jnp.asarray(x)))) for x in (k, v)]
+    group = config.num_heads // config.num_kv_heads
+    for window in (None, 50):
+        got = np.asarray(decoder._decode_attention(jnp.asarray(q), *cache.layer(1)[:2], jnp.asarray(lengths),
+                                                   None if window is None else jnp.asarray(window),
+                                                   *cache.layer(1)[2:]))
+        for b, position in enumerate(lengths):
+            seen = np.arange(position + 1) if window is None else np.arange(position - window + 1, position + 1)
+            exact = seen > position - ring
+            keys = np.where(exact[:, None, None], k[b, seen], rounded[0][b, seen])
+            values = np.where(exact[:, None, None], v[b, seen], rounded[1][b, seen])
+            heads = np.repeat(np.arange(config.num_kv_heads), group)
+            scores = np.einsum("hd,shd->hs", q[b, 0], keys[:, heads]) / np.sqrt(config.head_dim)
+            weights = np.exp(scores - scores.max(-1, keepdims=True))
+            want = np.einsum("hs,shd->hd", weights / weights.sum(-1, keepdims=True), values[:, heads])
+            np.testing.assert_allclose(got[b, 0], want, rtol=2e-5, atol=2e-5)
+            if b == 0 and window is None:  # positions 0..24 came from the fp8 part: it mattered
+                assert exact.sum() == ring and not np.allclose(rounded[0][b, :25], k[b, :25])
+
+
 # --- memory_estimate ---------------------------------------------------------------------------------
 
 def test_estimate_of_llama_8b_at_512k_by_hand():
@@ -141,7 +198,8 @@ def test_estimate_of_llama_8b_at_512k_by_hand():
     assert est.cache == 2 * 32 * positions * 8 * 128 * 2
     assert est.chunk_tokens == memory.default_chunk(LLAMA_31_8B) == 4096
     fp8 = memory.memory_estimate(LLAMA_31_8B, 524_288, kv_dtype="float8_e4m3fn")
-    assert fp8.cache == 2 * 32 * positions * 8 * (128 + 4)  # one float32 scale per vector
+    # one float32 scale per vector, and the last 256 positions again in bf16 (the exact ring)
+    assert fp8.cache == 2 * 32 * positions * 8 * (128 + 4) + 2 * 32 * 256 * 8 * 128 * 2
     assert est.total < 105 * 2**30  # weights 15 GiB + cache 64 GiB + about 20 GiB of activations
 
 

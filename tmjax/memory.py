@@ -110,6 +110,8 @@ def memory_estimate(
     weights = sum(math.prod(s.shape) for s in jax.tree.leaves(param_shapes(c))) * a
     kv = jnp.dtype(dtype) if kv_dtype is None else jnp.dtype(kv_dtype)
     cache = 2 * c.num_layers * batch * size * c.num_kv_heads * kv_quant.bytes_per_vector(kv, c.head_dim)
+    if kv_quant.quantized(kv):  # the ring of recent positions, exact, in the activations' dtype
+        cache += 2 * c.num_layers * batch * min(kv_quant.RECENT, size) * c.num_kv_heads * c.head_dim * a
     q_numbers, kv_numbers = batch * t * c.num_heads * c.head_dim, batch * t * c.num_kv_heads * c.head_dim
     hidden = batch * t * c.hidden_size * a
     sequence = 2 * hidden + (2 * q_numbers + 2 * kv_numbers) * a
