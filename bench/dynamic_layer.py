@@ -64,27 +64,10 @@ def inputs(kind: str, n: int, hq: int, hkv: int, d: int, dtype, seed: int = 0) -
 
 
 def smollm2_inputs(layer: int, n: int, dtype) -> tuple[jax.Array, ...]:
-    """q/k/v ``[1, n, heads, 64]`` of SmolLM2's ``layer`` on the haystack prompt, captured in a dense prefill."""
-    from tmjax.checkpoint import tokenizer as load_tokenizer
-    from tmjax.default_model import smollm2_checkpoint
-    from tmjax.demo import build_prompt
-    from tmjax.models import decoder
+    """q/k/v ``[1, n, heads, 64]`` of SmolLM2's ``layer`` on the haystack prompt (bf16 checkpoint)."""
+    from smollm2_capture import capture
 
-    path = smollm2_checkpoint("bfloat16")
-    params, tok = tmjax.load(path), load_tokenizer(path)
-    text = build_prompt(tok, n + 64, depth=0.5, seed=n)[0]
-    tokens = np.asarray(tok.encode(text, add_special_tokens=False)[:n], np.int32)[None]
-    captured: dict = {}
-
-    def hook(at, q, k, v, length):
-        jax.debug.callback(lambda at, q, k, v: captured.setdefault(int(at), (q, k, v)) if int(at) == layer else None,
-                           at, q, k, v)
-        return tmjax.causal_attention(q, k, v, length=length)
-
-    every_layer = ((0, params.config.num_layers, hook),)
-    run = jax.jit(lambda p, t: decoder.prefill_hidden(p, t, t.shape[1], runs=every_layer)[0][:, -1])
-    jax.block_until_ready(run(params, tokens))
-    return tuple(jnp.asarray(x, dtype) for x in captured[layer])
+    return tuple(jnp.asarray(x, dtype) for x in capture(n, [layer], dtype="bfloat16")[layer])
 
 
 def table_of(method, q, k) -> tuple[jax.Array, jax.Array]:

@@ -22,32 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import tmjax
-from tmjax.checkpoint import tokenizer as load_tokenizer
-from tmjax.default_model import smollm2_checkpoint
-from tmjax.demo import build_prompt
-from tmjax.models import decoder
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from smollm2_capture import capture  # noqa: E402
 
 E4M3_MAX = 448.0
-
-
-def capture(length: int, seed: int) -> dict[int, tuple[np.ndarray, ...]]:
-    """Layer -> (q, k, v) as float32 numpy ``[1, T, heads, D]`` from a dense prefill."""
-    path = smollm2_checkpoint("float32")
-    params, tok = tmjax.load(path), load_tokenizer(path)
-    text = build_prompt(tok, length + 64, depth=0.5, seed=seed)[0]
-    tokens = np.asarray(tok.encode(text, add_special_tokens=False)[:length], np.int32)[None]
-    found: dict = {}
-
-    def hook(at, q, k, v, n):
-        jax.debug.callback(lambda at, q, k, v: found.__setitem__(int(at), tuple(np.asarray(x) for x in (q, k, v))),
-                           at, q, k, v)
-        return tmjax.causal_attention(q, k, v, length=n)
-
-    every_layer = ((0, params.config.num_layers, hook),)
-    jax.block_until_ready(jax.jit(lambda p, t: decoder.prefill_hidden(p, t, t.shape[1], runs=every_layer)[0][:, -1])(
-        params, tokens))
-    return found
 
 
 def e4m3(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -107,7 +85,7 @@ def main() -> int:
             lambda k, v: (kept(k, per_vector(k)), kept(v, per_vector(v))),
     }
     rows = []
-    for layer, (q, k, v) in sorted(capture(args.length, args.seed).items()):
+    for layer, (q, k, v) in sorted(capture(args.length, seed=args.seed).items()):
         reference = attend_last(q, k, v, args.rows)
         row = {"layer": layer}
         for name, scheme in schemes.items():
