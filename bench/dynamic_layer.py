@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import median_ms  # noqa: E402
+from smollm2_capture import capture  # noqa: E402
 
 import tmjax  # noqa: E402
 from tmjax import attention  # noqa: E402
@@ -65,8 +66,6 @@ def inputs(kind: str, n: int, hq: int, hkv: int, d: int, dtype, seed: int = 0) -
 
 def smollm2_inputs(layer: int, n: int, dtype) -> tuple[jax.Array, ...]:
     """q/k/v ``[1, n, heads, 64]`` of SmolLM2's ``layer`` on the haystack prompt (bf16 checkpoint)."""
-    from smollm2_capture import capture
-
     return tuple(jnp.asarray(x, dtype) for x in capture(n, [layer], dtype="bfloat16")[layer])
 
 

@@ -25,7 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from smollm2_capture import capture  # noqa: E402
 
-E4M3_MAX = 448.0
+from tmjax.models import kv_quant  # noqa: E402
+
 
 
 def e4m3(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
@@ -34,14 +35,15 @@ def e4m3(x: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 
 def per_vector(x: np.ndarray) -> np.ndarray:
-    return e4m3(x, np.abs(x).max(-1, keepdims=True) / E4M3_MAX + 1e-30)
+    """Today's cache: ``kv_quant``'s per-vector scales, round trip."""
+    return np.asarray(kv_quant.dequantize(*kv_quant.quantize(jnp.asarray(x))))
 
 
 def per_channel(x: np.ndarray, group: int = 64) -> np.ndarray:
     out = np.empty_like(x)
     for i in range(0, x.shape[1], group):
         block = x[:, i:i + group]
-        out[:, i:i + group] = e4m3(block, np.abs(block).max(1, keepdims=True) / E4M3_MAX + 1e-30)
+        out[:, i:i + group] = e4m3(block, np.abs(block).max(1, keepdims=True) / kv_quant.FP8_MAX + 1e-30)
     return out
 
 

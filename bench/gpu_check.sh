@@ -46,7 +46,6 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 what="${1:-tests}"
-RUNGS="${RUNGS:-0.95,0.97,0.99}"
 seqs="${2:-8192,32768,131072}"
 export PYTHONUNBUFFERED=1
 if [[ -z "${TMJAX_INSTALLED:-}" ]]; then  # a mode that runs other modes installs once
@@ -135,7 +134,8 @@ case "$what" in
         --dtype bfloat16 --max-tokens 8192 "$@" --out "$OUT/acc/$name" > "$OUT/acc/$name.log" 2>&1
       echo "$name exit $? $(date +%T)"; }
     pids=()
-    for g in ${RUNGS//,/ }; do
+    rungs="${RUNGS:-0.95,0.97,0.99}"
+    for g in ${rungs//,/ }; do
       ev "rung-$g" --samples-per-task 15 --configs "dense,tm:22,tm:22+fp@$g,tm:22+vs@$g" & pids+=($!)
     done
     ev fp8 --samples-per-task 15 --configs dense --kv-dtype float8_e4m3fn & pids+=($!)

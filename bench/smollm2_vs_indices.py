@@ -26,13 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from smollm2_capture import haystack_tokens, smollm2  # noqa: E402
 from vertical_slash import visited_fraction  # noqa: E402
 
 import tmjax  # noqa: E402
 from tmjax import attention  # noqa: E402
-from tmjax.checkpoint import tokenizer as load_tokenizer  # noqa: E402
-from tmjax.default_model import smollm2_checkpoint  # noqa: E402
-from tmjax.demo import build_prompt  # noqa: E402
 from tmjax.models import decoder  # noqa: E402
 from tmjax.pallas_kernels import dynamic_tables  # noqa: E402
 
@@ -47,8 +45,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = parser.parse_args()
 
-    path = smollm2_checkpoint(args.dtype)
-    params, tok = tmjax.load(path), load_tokenizer(path)
+    params, tok = smollm2(args.dtype)
     budgets = [tuple(int(x) for x in b.split("/")) for b in args.budgets.split(",")]
     gammas = [float(g) for g in args.gammas.split(",") if g]
     picks: dict = {}
@@ -68,8 +65,7 @@ def main() -> None:
     run = jax.jit(lambda p, t: decoder.prefill_hidden(p, t, t.shape[1], runs=((0, p.config.num_layers, hook),))[0][:, -1])
     arrays, density = {}, []
     for n in (int(x) for x in args.lengths.split(",")):
-        text = build_prompt(tok, n + 64, depth=0.5, seed=n)[0]
-        tokens = np.asarray(tok.encode(text, add_special_tokens=False)[:n], np.int32)[None]
+        tokens = haystack_tokens(tok, n)
         picks.clear()
         jax.block_until_ready(run(params, tokens))
         for (vertical, slash), layers in picks.items():

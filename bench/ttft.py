@@ -111,18 +111,10 @@ def layouts(args) -> dict:
 def model(args):
     """(params, token source ``n -> [1, n]`` int32, description)."""
     if args.model == "smollm2":
-        from tmjax.checkpoint import tokenizer as load_tokenizer
-        from tmjax.default_model import smollm2_checkpoint
-        from tmjax.demo import build_prompt
+        from smollm2_capture import haystack_tokens, smollm2  # bench/, the script's folder
 
-        path = smollm2_checkpoint(args.dtype)
-        params, tok = tmjax.load(path), load_tokenizer(path)
-
-        def tokens(n: int) -> np.ndarray:
-            text = build_prompt(tok, n + 64, depth=0.5, seed=n)[0]
-            return np.asarray(tok.encode(text, add_special_tokens=False)[:n], np.int32)[None]
-
-        return params, tokens, f"SmolLM2-135M-Instruct (real weights, {args.dtype}, haystack prompt)"
+        params, tok = smollm2(args.dtype)
+        return params, lambda n: haystack_tokens(tok, n), f"SmolLM2-135M-Instruct (real weights, {args.dtype}, haystack prompt)"
     shape = LLAMA_31_8B if not args.tiny_llama else dict(
         LLAMA_31_8B, num_hidden_layers=args.tiny_llama, intermediate_size=512, vocab_size=1024)
     config = ModelConfig.from_hf(shape)

@@ -26,12 +26,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import median_ms  # noqa: E402
+from smollm2_capture import haystack_tokens, smollm2  # noqa: E402
 from vertical_slash import visited_fraction  # noqa: E402
 
 import tmjax  # noqa: E402
-from tmjax.checkpoint import tokenizer as load_tokenizer  # noqa: E402
-from tmjax.default_model import smollm2_checkpoint  # noqa: E402
-from tmjax.demo import build_prompt  # noqa: E402
 from tmjax.models import decoder  # noqa: E402
 from tmjax.pallas_kernels import dynamic_tables  # noqa: E402
 
@@ -48,11 +46,9 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results/vs-selection"))
     args = parser.parse_args()
 
-    path = smollm2_checkpoint(args.dtype)
-    params, tok = tmjax.load(path), load_tokenizer(path)
+    params, tok = smollm2(args.dtype)
     n = args.tokens
-    text = build_prompt(tok, n + 64, depth=0.5, seed=n)[0]
-    tokens = np.asarray(tok.encode(text, add_special_tokens=False)[:n], np.int32)[None]
+    tokens = haystack_tokens(tok, n)
     found: dict = {}
     kept: dict = {}
 
