@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if len(args.reports) < 2:
         parser.error("give at least two accuracy.json files")
-    result = agreement(args.reports)
+    try:
+        result = agreement(args.reports)
+    except (OSError, ValueError, KeyError, TypeError) as err:  # a missing file, not JSON, not an accuracy.json
+        parser.error(f"cannot compare {args.reports}: {err!r}")
     for i, path in enumerate(args.reports):
         print(f"run {i}: {path}")
     print("| config | samples | identical, each pair of runs | identical in all runs |\n|---|---|---|---|")
