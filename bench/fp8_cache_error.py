@@ -5,8 +5,13 @@ SmolLM2's greedy answers at 8K. This measures, on the real q/k/v of every layer 
 demo's haystack prompt), the relative L2 error of the last ``--rows`` queries' attention output (what
 decode steps compute) when the keys and/or values go through e4m3 under several schemes: per-vector scales
 (today's), per-channel scales over groups of 64 positions (KIVI's choice for keys), keys only, values
-only, and per-vector fp8 with the first ``--keep-first`` and/or last ``--keep-last`` positions kept
-exact (the triangle's sinks and window). float32 throughout; numpy reference attention.
+only, per-vector fp8 with the first ``--keep-first`` and/or last ``--keep-last`` positions kept
+exact (the triangle's sinks and window), and smoothed keys (SageAttention's idea: per-vector e4m3 of
+``k - m``, ``m`` the keys' mean over positions per KV head and channel, ``m`` added back; the softmax
+over keys does not change when one vector is added to every key) alone, with per-vector V, and with
+the kept positions; values only with the last kept exact (keys left unquantized); and, for the same
+bytes, int8 keys (and values) with one scale ``amax / 127`` per vector, rounded to nearest. float32
+throughout; numpy reference attention.
 
     python bench/fp8_cache_error.py --length 2048 --out bench/results/fp8-cache-error-smollm2-2k-cpu
 """
@@ -39,6 +44,19 @@ def per_vector(x: np.ndarray) -> np.ndarray:
     return np.asarray(kv_quant.dequantize(*kv_quant.quantize(jnp.asarray(x))))
 
 
+def smoothed(x: np.ndarray) -> np.ndarray:
+    """Per-vector e4m3 of ``x`` less its mean over positions (per head and channel), mean added back."""
+    mean = x.mean(axis=1, keepdims=True)
+    return per_vector(x - mean) + mean
+
+
+def int8(x: np.ndarray) -> np.ndarray:
+    """Per-vector int8 round trip: one scale ``amax / 127`` per vector (1 for an all-zero one)."""
+    amax = np.abs(x).max(-1, keepdims=True)
+    scale = np.where(amax > 0, amax / 127, 1.0)
+    return np.clip(np.round(x / scale), -127, 127) * scale
+
+
 def per_channel(x: np.ndarray, group: int = 64) -> np.ndarray:
     out = np.empty_like(x)
     for i in range(0, x.shape[1], group):
@@ -68,23 +86,41 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="folder for fp8-cache-error.json / .md")
     args = parser.parse_args()
 
-    def kept(exact: np.ndarray, rounded: np.ndarray, first: int = args.keep_first, last: int = args.keep_last):
-        rounded = rounded.copy()
-        rounded[:, :first] = exact[:, :first]
-        rounded[:, rounded.shape[1] - last:] = exact[:, exact.shape[1] - last:]
-        return rounded
+    first, last = args.keep_first, args.keep_last
+
+    def through(k_round, v_round, first: int = 0, last: int = 0):
+        """Keys through ``k_round`` and values through ``v_round`` (None: exact), except the ``first``
+        and ``last`` positions, kept exact."""
+        def run(k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, ...]:
+            out = []
+            for exact, round_ in ((k, k_round), (v, v_round)):
+                if round_ is None:
+                    out.append(exact)
+                    continue
+                rounded = round_(exact).copy()
+                rounded[:, :first] = exact[:, :first]
+                rounded[:, exact.shape[1] - last:] = exact[:, exact.shape[1] - last:]
+                out.append(rounded)
+            return tuple(out)
+        return run
 
     schemes = {
-        "K, V per vector (today)": lambda k, v: (per_vector(k), per_vector(v)),
-        "K per channel /64 pos, V per vector": lambda k, v: (per_channel(k), per_vector(v)),
-        "K only, per vector": lambda k, v: (per_vector(k), v),
-        "V only, per vector": lambda k, v: (k, per_vector(v)),
-        f"K, V per vector, first {args.keep_first} exact":
-            lambda k, v: (kept(k, per_vector(k), last=0), kept(v, per_vector(v), last=0)),
-        f"K, V per vector, last {args.keep_last} exact":
-            lambda k, v: (kept(k, per_vector(k), first=0), kept(v, per_vector(v), first=0)),
-        f"K, V per vector, first {args.keep_first} + last {args.keep_last} exact":
-            lambda k, v: (kept(k, per_vector(k)), kept(v, per_vector(v))),
+        "K, V per vector (today)": through(per_vector, per_vector),
+        "K per channel /64 pos, V per vector": through(per_channel, per_vector),
+        "K only, per vector": through(per_vector, None),
+        "V only, per vector": through(None, per_vector),
+        f"K, V per vector, first {first} exact": through(per_vector, per_vector, first=first),
+        f"K, V per vector, last {last} exact": through(per_vector, per_vector, last=last),
+        f"K, V per vector, first {first} + last {last} exact": through(per_vector, per_vector, first, last),
+        "K smoothed, V per vector": through(smoothed, per_vector),
+        "K only, smoothed": through(smoothed, None),
+        f"K smoothed, V per vector, last {last} exact": through(smoothed, per_vector, last=last),
+        f"K smoothed, V per vector, first {first} + last {last} exact": through(smoothed, per_vector, first, last),
+        f"V only, per vector, last {last} exact": through(None, per_vector, last=last),
+        "K int8 per vector, V per vector": through(int8, per_vector),
+        f"K int8 per vector, V per vector, last {last} exact": through(int8, per_vector, last=last),
+        f"K, V int8 per vector, last {last} exact": through(int8, int8, last=last),
+        f"K int8 per vector, V per vector, first {first} + last {last} exact": through(int8, per_vector, first, last),
     }
     rows = []
     for layer, (q, k, v) in sorted(capture(args.length, seed=args.seed).items()):
