@@ -16,8 +16,10 @@
 #          the seconds of sweeping (330), SWEEP_MEM the GPU memory share of all shards (0.85), SHARD_CASES
 #          each shard's target per pair (default 1.2x its share of 300: a shorter SWEEP_S tops up more)
 #   gridsweep  tests (WORKERS=4) and sweep (SHARDS=4) side by side, -> $OUT/grid, $OUT/sweep; [seqs] the seed
-#   evals  tmjax eval on SmolLM2 at 8K, one process per rung of RUNGS (default 0.95,0.97,0.99) plus the fp8
-#          cache, side by side (correctness only); the GGUF must be in place (prep first)
+#   evals  tmjax eval on SmolLM2 at 8K, one process per rung of RUNGS (default 0.95,0.97,0.99; EVAL_DTYPE,
+#          EVAL_IMPL: their dtype and backend, default bf16 through the platform's kernels) plus one per
+#          one-byte cache in KV_EVAL (default float8_e4m3fn; bf16), side by side (correctness only); the
+#          GGUF must be in place (prep first)
 #   dynamic [parts]  the dynamic methods (FlexPrefill, the density guard), parts comma-separated, in this order
 #          (default all; each part stops at the time left of DYNAMIC_S, default 540 s):
 #          tests     tests/test_gpu.py -k "flexprefill or density_guard" (mosaic_gpu, triton, xla)
@@ -33,8 +35,8 @@
 #          tmjax.memory_estimate; [seqs] default 131072,262144 (dense + TriangleMix(16)); then
 #          `long 524288,1048576` (TriangleMix(16); 1M with the fp8 cache) and, for dense at 512K,
 #          `CONFIGS=dense DENSE_MAX=524288 REPEATS=1 ... long 524288`; each call stops starting rows at 480 s
-#   fp8eval  tmjax eval on SmolLM2 at 8K: dense with its bf16 cache vs dense with an fp8 cache
-#          (--kv-dtype float8_e4m3fn), 7 tasks x [seqs] samples (default 18: 126), -> $OUT/fp8eval
+#   fp8eval  tmjax eval on SmolLM2 at 8K: dense with its bf16 cache vs dense with a one-byte cache
+#          (--kv-dtype KV, default float8_e4m3fn; int8 too), 7 tasks x [seqs] samples (default 18: 126), -> $OUT/fp8eval
 #   multigpu-correct | multigpu-scale | multigpu-scaleout   bench/multigpu.py's steps (issue 12; a
 #          nvidia-h200-x2/-x4/-x8 machine; NVLink multicast stays off)
 #   prep   install only and stage the GGUF's first part in /tmp (a short first call of two; the second,
@@ -130,15 +132,19 @@ case "$what" in
     python3 -c "from tmjax.default_model import smollm2_checkpoint as c; print(c())"  # convert once, up front
     mkdir -p "$OUT/acc"
     ev() { local name=$1; shift
-      XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 timeout "${EVAL_S:-500}" python3 -m tmjax eval \
-        --dtype bfloat16 --max-tokens 8192 "$@" --out "$OUT/acc/$name" > "$OUT/acc/$name.log" 2>&1
+      XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=${EVAL_MEM:-0.12} timeout "${EVAL_S:-500}" \
+        python3 -m tmjax eval --max-tokens 8192 "$@" --out "$OUT/acc/$name" > "$OUT/acc/$name.log" 2>&1
       echo "$name exit $? $(date +%T)"; }
     pids=()
-    rungs="${RUNGS:-0.95,0.97,0.99}"
+    rungs="${RUNGS-0.95,0.97,0.99}" dtype="${EVAL_DTYPE:-bfloat16}"
     for g in ${rungs//,/ }; do
-      ev "rung-$g" --samples-per-task 15 --configs "dense,tm:22,tm:22+fp@$g,tm:22+vs@$g" & pids+=($!)
+      ev "rung-$g-$dtype" --dtype "$dtype" ${EVAL_IMPL:+--implementation "$EVAL_IMPL"} --samples-per-task 15 \
+        --configs "dense,tm:22,tm:22+fp@$g,tm:22+vs@$g" & pids+=($!)
     done
-    ev fp8 --samples-per-task 15 --configs dense --kv-dtype float8_e4m3fn & pids+=($!)
+    kvs="${KV_EVAL-float8_e4m3fn}"
+    for kv in ${kvs//,/ }; do
+      ev "kv-$kv" --dtype bfloat16 --samples-per-task 15 --configs dense --kv-dtype "$kv" & pids+=($!)
+    done
     wait "${pids[@]}"
     for f in "$OUT"/acc/*.log; do echo "--- $f"; grep "^| " "$f"; grep -h "identical to TriangleMix" "${f%.log}/accuracy.md" 2>/dev/null; done
     python3 bench/eval_agreement.py "$OUT"/acc/*/accuracy.json --out "$OUT/acc/agreement.json" | grep -E "^\| (dense|switch=22) "
@@ -174,11 +180,11 @@ case "$what" in
       esac
     done ;;
   long)
-    python3 bench/long_prompts.py --lengths "${2:-131072,262144}" --configs "${CONFIGS:-dense,tm}" \
-      --dense-max "${DENSE_MAX:-262144}" --repeats "${REPEATS:-3}" --row-timeout-s 420 --budget-s 480 \
+    python3 bench/long_prompts.py --lengths "${2:-131072,262144}" --configs "${CONFIGS:-dense,tm}" ${ONE_BYTE:+--one-byte "$ONE_BYTE"} \
+      --dense-max "${DENSE_MAX:-262144}" --repeats "${REPEATS:-3}" --row-timeout-s "${ROW_S:-420}" --budget-s "${LONG_S:-480}" \
       --out "$OUT" 2>&1 | tee "$OUT/long.log" | grep -v "^ROW" | tail -30 ;;
   fp8eval)
-    timeout 530 python3 -m tmjax eval --configs dense --kv-dtype float8_e4m3fn --dtype bfloat16 --max-tokens 8192 \
+    timeout 530 python3 -m tmjax eval --configs dense --kv-dtype "${KV:-float8_e4m3fn}" --dtype bfloat16 --max-tokens 8192 \
       --samples-per-task "${2:-18}" --out "$OUT/fp8eval" 2>&1 | tee "$OUT/fp8eval.log" | tail -20 ;;
   multigpu-*)
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \

@@ -3,10 +3,12 @@
 Llama-3.1-8B's shapes with random bf16 weights; per length, ``dense`` (where it fits), ``tm``
 (TriangleMix(16)) and ``tm+fp`` / ``tm+vs`` (TriangleMix(16) with FlexPrefill / mass-based
 vertical-slash at gamma 0.95 below it; random inputs, so the picks scatter and the guard decides),
-with a bf16 cache below ``--fp8-from`` tokens and an fp8 cache (``kv_dtype="float8_e4m3fn"``) from it on.
+with a bf16 cache below ``--fp8-from`` tokens and a one-byte cache (``--one-byte``: ``float8_e4m3fn``, the
+default, or ``int8``) from it on.
 Every (length, config) row runs in its own subprocess with a timeout, so one out-of-memory or a slow row does not end the run: the row records the error (the
 pre-flight's refusal, XLA's OOM, the timeout) instead. A row reports the median of the timed runs
-after the first call (which compiles), the first call, the device's ``peak_bytes_in_use`` after the
+after the first call (which compiles; ``--repeats 0``: the first call only, for rows too long to run
+twice), the first call, the device's ``peak_bytes_in_use`` after the
 runs (the process's peak: the weights' random init included) and ``tmjax.memory_estimate`` beside it.
 The parent stops starting rows when ``--budget-s`` is spent (each remaining row: ``skipped``). The
 children run with ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95`` (JAX's default 0.75 leaves a quarter of an
@@ -65,7 +67,7 @@ def child(args: argparse.Namespace) -> dict:
 
     config = ModelConfig.from_hf(_config(args.model))
     n, name = args.child_length, args.child_config
-    kv_dtype = "float8_e4m3fn" if n >= args.fp8_from else None
+    kv_dtype = args.one_byte if n >= args.fp8_from else None
     layout = _layout(name, config.num_layers)
     row = {"tokens": n, "config": name, "kv_dtype": kv_dtype or "bfloat16", "chunk": args.chunk}
     est = tmjax.memory_estimate(config, n, layout, kv_dtype=kv_dtype, chunk=args.chunk, max_new_tokens=0,
@@ -91,7 +93,7 @@ def child(args: argparse.Namespace) -> dict:
     while len(times) < args.repeats and (not times or time.perf_counter() - started + times[-1] < args.row_budget_s):
         times.append(run())
     row["times_s"] = times
-    row["median_s"] = statistics.median(times)
+    row["median_s"] = statistics.median(times) if times else None
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         row["peak_gib"] = stats["peak_bytes_in_use"] / 2**30
@@ -124,7 +126,10 @@ def main() -> None:
                              "gamma 0.95, below it; random inputs)")
     parser.add_argument("--dense-max", type=int, default=262144,
                         help="longest prompt run dense (dense at 512K takes ~150 s a run: a call of its own)")
-    parser.add_argument("--fp8-from", type=int, default=1048576, help="prompts this long or longer use an fp8 cache")
+    parser.add_argument("--fp8-from", type=int, default=1048576,
+                        help="prompts this long or longer use the one-byte cache (--one-byte)")
+    parser.add_argument("--one-byte", choices=["float8_e4m3fn", "int8"], default="float8_e4m3fn",
+                        help="the one-byte cache's format")
     parser.add_argument("--chunk", type=int, default=None, help="prefill chunk (default: the model's)")
     parser.add_argument("--implementation", default=None)
     parser.add_argument("--repeats", type=int, default=3)

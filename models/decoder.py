@@ -8,7 +8,7 @@ the stacked ``[L, ...]`` weights by the traced layer index: the run boundaries a
 slice of the weight stack is copied out. Inside a layer the per-token parts (norms, projections,
 RoPE, MLP) run over chunks of tokens and only the attention sees the whole sequence, so a long
 prompt's activations stay bounded (``prefill_hidden``). Keys and values go to a ``KVCache`` for
-decoding (optionally fp8, ``kv_quant``). The decoder knows no layout and no attention backend:
+decoding (optionally one byte per number, fp8 or int8, ``kv_quant``). The decoder knows no layout and no attention backend:
 decoding is dense attention over the cache.
 
 Every row of a batch has its own true length: prompts are right-padded, and each row's dense last
@@ -44,7 +44,7 @@ Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, object]]
 class KVCache:
     """Keys and values (after RoPE) of every layer, ``[L, B, S_max, Hkv, D]``, and how many positions
     of each row are filled, int32 ``[B]``. The head axis is explicit so the cache can be sharded over heads.
-    An fp8 cache (``kv_quant``) holds float32 scales ``[L, B, S_max, Hkv]`` beside them (None otherwise)
+    A one-byte cache (fp8 or int8, ``kv_quant``) holds float32 scales ``[L, B, S_max, Hkv]`` beside them (None otherwise)
     and a ring ``recent_k/recent_v [L, B, W, Hkv, D]`` (W = ``min(kv_quant.RECENT, S_max)``, the
     activations' dtype) holding each row's last W real positions exact, position ``p`` in slot ``p % W``."""
 
@@ -63,7 +63,7 @@ class KVCache:
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, size: int, dtype: object, mesh: Mesh | None = None,
               exact_dtype: object = jnp.float32) -> KVCache:
-        """A zero cache of ``size`` positions in ``dtype`` (fp8: with unit scales and a ring of the recent
+        """A zero cache of ``size`` positions in ``dtype`` (fp8, int8: with unit scales and a ring of the recent
         positions in ``exact_dtype``), sharded on ``mesh``."""
         shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
         arrays = [jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)]
@@ -79,11 +79,11 @@ class KVCache:
 
     def put(self, layer: jax.Array, start: jax.Array | int, k: jax.Array, v: jax.Array, length: jax.Array) -> KVCache:
         """Write ``k, v [B, n, Hkv, D]`` at positions ``[start, start + n)`` of ``layer`` (every row);
-        ``length [B]``: each row's real positions (an fp8 cache's ring takes no padding)."""
+        ``length [B]``: each row's real positions (a one-byte cache's ring takes no padding)."""
         if self.k_scale is None:
             return self.replace(k=lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), (layer, 0, start, 0, 0)),
                                 v=lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), (layer, 0, start, 0, 0)))
-        (k8, ks), (v8, vs) = kv_quant.quantize(k), kv_quant.quantize(v)
+        (k8, ks), (v8, vs) = kv_quant.quantize(k, self.k.dtype), kv_quant.quantize(v, self.v.dtype)
         # the ring takes this chunk's last W real positions of each row: distinct slots in one scatter, and
         # later chunks (an overlapping last chunk too) hold the newer positions
         ring = self.recent_k.shape[2]
@@ -104,7 +104,7 @@ class KVCache:
         if self.k_scale is None:
             return self.replace(k=self.k.at[layer, rows, positions].set(k.astype(self.k.dtype)),
                                 v=self.v.at[layer, rows, positions].set(v.astype(self.v.dtype)))
-        (k8, ks), (v8, vs) = kv_quant.quantize(k), kv_quant.quantize(v)
+        (k8, ks), (v8, vs) = kv_quant.quantize(k, self.k.dtype), kv_quant.quantize(v, self.v.dtype)
         slots = positions % self.recent_k.shape[2]
         return self.replace(k=self.k.at[layer, rows, positions].set(k8), v=self.v.at[layer, rows, positions].set(v8),
                             k_scale=self.k_scale.at[layer, rows, positions].set(ks),
@@ -114,7 +114,7 @@ class KVCache:
 
     def layer(self, index: jax.Array) -> tuple[jax.Array | None, ...]:
         """Layer ``index``'s ``(k, v [B, S, Hkv, D], k_scale, v_scale [B, S, Hkv], recent_k, recent_v
-        [B, W, Hkv, D])``, the last four None unless the cache is fp8."""
+        [B, W, Hkv, D])``, the last four None unless the cache is one-byte."""
         pick = functools.partial(lax.dynamic_index_in_dim, index=index, keepdims=False)
         extra = (self.k_scale, self.v_scale, self.recent_k, self.recent_v)
         return pick(self.k), pick(self.v), *(None if a is None else pick(a) for a in extra)
@@ -267,7 +267,7 @@ def prefill_hidden(
     ``attend(layer, q, k, v, length)`` (``tmjax.plan.layer_runs``, or one hook over all layers).
     Returns the final hidden states ``[B, T, H]`` (before the final norm) and a cache of
     ``cache_size`` (default T) positions holding the prompt's keys and values, in ``kv_dtype``
-    (default: the activations' dtype; ``float8_e4m3fn`` keeps per-vector scales, ``kv_quant``). With
+    (default: the activations' dtype; ``float8_e4m3fn`` and ``int8`` keep per-vector scales, ``kv_quant``). With
     ``mesh`` (the weights' mesh), the cache is sharded by the rules and the attention runs per shard.
 
     Each layer runs its per-token parts over chunks of ``chunk`` tokens (default: all T at once):
@@ -338,7 +338,7 @@ def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, position: jax.Ar
                       k_scale: jax.Array | None = None, v_scale: jax.Array | None = None,
                       recent_k: jax.Array | None = None, recent_v: jax.Array | None = None) -> jax.Array:
     """One query per sequence, ``q [B, 1, Hq, D]``, against ``k/v [B, S, Hkv, D]``: row ``b`` sees the
-    keys at ``<= position[b]`` (and ``> position[b] - window`` where the window is > 0). An fp8 cache
+    keys at ``<= position[b]`` (and ``> position[b] - window`` where the window is > 0). A one-byte cache
     passes its scales ``[B, S, Hkv]``: each key's scores are scaled by its key scale and each
     probability by its value's scale (attention to the dequantized cache, never materialised), and its
     ring ``recent_k/recent_v [B, W, Hkv, D]``: the last W positions are read from the ring, exact, in
@@ -400,8 +400,8 @@ def decode(params: Params, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array
         def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, KVCache]:
             new = cache.put_rows(i, rows, position, k[:, 0], v[:, 0])
             window = None if windows is None else windows[i]
-            layer_k, layer_v, *fp8_parts = new.layer(i)
-            return _decode_attention(q, layer_k, layer_v, position, window, *fp8_parts), new
+            layer_k, layer_v, *quant_parts = new.layer(i)
+            return _decode_attention(q, layer_k, layer_v, position, window, *quant_parts), new
 
         return layer.apply({"params": _layer(w["layers"], i)}, x, cos, sin, attend)
 

@@ -4,6 +4,7 @@ shapes, XLA's own accounting and a measured peak RSS, and the pre-flight refusal
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import subprocess
@@ -110,14 +111,34 @@ def test_fp8_round_trip_matches_numpy():
     assert float(np.abs(np.asarray(q, np.float32)).max()) == 448.0
 
 
-def test_fp8_cache_decodes_close_to_a_float32_cache(models):
+def test_int8_round_trip_matches_numpy():
+    """int8: scale amax / 127, entries rounded half to even and clipped to +-127 (numpy's rule), so the
+    dequantized error is at most half a step of the vector's scale."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 5, 64)).astype(np.float32) * np.exp(rng.uniform(-8, 8, (3, 5, 1))).astype(np.float32)
+    x[0, 0] = 0.0
+    x[2, 3, 7] = -np.abs(x[2, 3]).max() * 2  # the negative extreme lands on -127, not -128
+    q, scale = jax.jit(functools.partial(kv_quant.quantize, dtype=kv_quant.INT8))(jnp.asarray(x))
+    amax = np.abs(x).max(axis=-1)
+    expected_scale = np.where(amax > 0, amax * np.float32(1 / 127), np.float32(1)).astype(np.float32)
+    expected_q = np.clip(np.rint(x / expected_scale[..., None]), -127, 127).astype(np.int8)
+    assert q.dtype == jnp.int8
+    np.testing.assert_array_equal(np.asarray(scale), expected_scale)
+    np.testing.assert_array_equal(np.asarray(q), expected_q)
+    assert int(np.asarray(q).min()) == -127
+    back = np.asarray(kv_quant.dequantize(q, scale))
+    assert np.all(np.abs(back - x) <= expected_scale[..., None] * (0.5 + 1e-5))
+
+
+@pytest.mark.parametrize("kv_dtype", [kv_quant.FP8, kv_quant.INT8])
+def test_one_byte_cache_decodes_close_to_a_float32_cache(models, kv_dtype):
     """Teacher-forced decoding (the float32 cache's greedy tokens fed to both): logits within FP8_TOL of
-    the largest logit, and mostly the same greedy pick; generate with the fp8 cache runs too."""
+    the largest logit, and mostly the same greedy pick; generate with the one-byte cache runs too."""
     params = models("llama")
     steps = 12
     ref_logits, ref_cache = api.prefill(params, _prompts(2), max_new_tokens=steps)
-    logits, cache = api.prefill(params, _prompts(2), max_new_tokens=steps, kv_dtype="float8_e4m3fn")
-    assert cache.k.dtype == jnp.float8_e4m3fn and cache.k_scale.shape == cache.k.shape[:-1]
+    logits, cache = api.prefill(params, _prompts(2), max_new_tokens=steps, kv_dtype=kv_dtype)
+    assert cache.k.dtype == jnp.dtype(kv_dtype) and cache.k_scale.shape == cache.k.shape[:-1]
     errors, same = [], []
     for _ in range(steps):
         token = np.argmax(np.asarray(ref_logits), axis=-1).astype(np.int32)
@@ -128,7 +149,7 @@ def test_fp8_cache_decodes_close_to_a_float32_cache(models):
     assert max(errors) <= FP8_TOL, errors
     assert np.mean(same) >= FP8_SAME, np.mean(same)
     assert 0 < max(errors)  # the cache really was quantized
-    tokens = api.generate(params, _prompts(2), 3, kv_dtype="float8_e4m3fn")
+    tokens = api.generate(params, _prompts(2), 3, kv_dtype=kv_dtype)
     assert tokens.shape == (2, 3)
 
 
@@ -150,16 +171,17 @@ def test_fp8_ring_holds_each_rows_last_positions_exact(models):
             assert not np.asarray(fp8.recent_k)[:, b, n:].any()
 
 
-def test_fp8_decode_attention_reads_recent_positions_exact():
+@pytest.mark.parametrize("kv_dtype", [kv_quant.FP8, kv_quant.INT8])
+def test_one_byte_decode_attention_reads_recent_positions_exact(kv_dtype):
     """``put`` (chunks, an overlapping one, rows of 280 and 100 real positions), ``put_rows`` (one step
     per row) and decode attention over the fp8 cache, against numpy attention whose keys and values
-    are exact at the last W positions before the query and e4m3-dequantized before them, with and
+    are exact at the last W positions before the query and dequantized (e4m3 or int8) before them, with and
     without a sliding window."""
     rng = np.random.default_rng(5)
     config, size, lengths = MID, 300, np.array([280, 100])
     shape = (2, size, config.num_kv_heads, config.head_dim)
     k, v = (rng.standard_normal(shape).astype(np.float32) * 3 for _ in range(2))
-    cache = decoder.KVCache.empty(config, 2, size, kv_quant.FP8)
+    cache = decoder.KVCache.empty(config, 2, size, kv_dtype)
     for start in (0, 128, 152):  # covers 0..279; row 1's positions past 100 are padding
         cache = cache.put(1, start, jnp.asarray(k[:, start:start + 128]), jnp.asarray(v[:, start:start + 128]),
                           jnp.asarray(lengths))
@@ -169,7 +191,7 @@ def test_fp8_decode_attention_reads_recent_positions_exact():
     cache = cache.put_rows(1, jnp.asarray(rows), jnp.asarray(lengths), jnp.asarray(step_k), jnp.asarray(step_v))
     q = rng.standard_normal((2, 1, config.num_heads, config.head_dim)).astype(np.float32)
     ring = cache.recent_k.shape[2]
-    rounded = [np.asarray(kv_quant.dequantize(*kv_quant.quantize(jnp.asarray(x)))) for x in (k, v)]
+    rounded = [np.asarray(kv_quant.dequantize(*kv_quant.quantize(jnp.asarray(x), kv_dtype))) for x in (k, v)]
     group = config.num_heads // config.num_kv_heads
     for window in (None, 50):
         got = np.asarray(decoder._decode_attention(jnp.asarray(q), *cache.layer(1)[:2], jnp.asarray(lengths),

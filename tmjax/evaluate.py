@@ -548,7 +548,7 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                         help="attention backend (default: the platform's)")
     parser.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
                         help="run every configuration (dense too, as '<name> kv=<dtype>') with this KV cache "
-                             "against the dense reference in the checkpoint's dtype (e.g. float8_e4m3fn)")
+                             "against the dense reference in the checkpoint's dtype (e.g. int8, float8_e4m3fn)")
     parser.add_argument("--chunk", type=int, default=None,
                         help="tokens per chunk of prefill's per-token stages (default: the model's, tmjax.memory)")
     return run_cli("tmjax eval", parser, _eval, argv)

@@ -64,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                         help="cast the weights on load (default: as stored)")
     parser.add_argument("--kv-dtype", default=None,
-                        help="KV cache dtype: float32, bfloat16, float16 or float8_e4m3fn (fp8 with per-vector "
-                             "scales; default: the weights' dtype)")
+                        help="KV cache dtype: float32, bfloat16, float16, float8_e4m3fn or int8 (one byte per number "
+                             "with per-vector scales; default: the weights' dtype)")
     parser.add_argument("--chunk", type=int, default=None,
                         help="tokens per chunk of prefill's per-token stages (default: the model's, tmjax.memory)")
     parser.add_argument("--out", type=Path, help="write the JSON lines here (a new file) instead of stdout")

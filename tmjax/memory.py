@@ -4,7 +4,7 @@
 sum of what it holds at once, in bytes (every term is stated in ``MemoryEstimate``):
 
 - ``weights``: every weight, in the weights' dtype;
-- ``cache``: ``2 * L * B * S * Hkv * D`` numbers in ``kv_dtype`` (fp8: plus one float32 scale per
+- ``cache``: ``2 * L * B * S * Hkv * D`` numbers in ``kv_dtype`` (fp8, int8: plus one float32 scale per
   vector), ``S`` the cache size (the prompt's bucket plus ``max_new_tokens``, rounded up to 128);
 - ``sequence``: the full-sequence activations one layer keeps while its attention runs: hidden
   states ``[B, T, H]``, q/k/v ``[B, T, Hq + 2 Hkv, D]`` and the attention's output ``[B, T, Hq, D]``,
@@ -199,5 +199,5 @@ def preflight(params: Params, batch: int, longest: int, layout: Layout | None, i
     raise ValueError(
         f"prefilling {batch} x {longest} tokens needs about {need.describe()} but the device has "
         f"{capacity / _GIB:.2f} GiB ({source}); {hint} at batch {batch}, max_new_tokens {max_new_tokens}, "
-        f"kv_dtype {kv_dtype or dtype.name}, chunk {run_chunk} (kv_dtype='float8_e4m3fn' halves a bf16 cache; "
+        f"kv_dtype {kv_dtype or dtype.name}, chunk {run_chunk} (kv_dtype='int8' or 'float8_e4m3fn' halves a bf16 cache; "
         "TMJAX_MEMORY_CHECK=0 skips this check)")
