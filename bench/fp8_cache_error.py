@@ -84,6 +84,7 @@ def main() -> int:
     parser.add_argument("--keep-last", type=int, default=256)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", default=None, help="folder for fp8-cache-error.json / .md")
+    parser.add_argument("--only", nargs="+", default=None, help="run only the schemes with these exact names")
     args = parser.parse_args()
 
     first, last = args.keep_first, args.keep_last
@@ -120,8 +121,14 @@ def main() -> int:
         "K int8 per vector, V per vector": through(int8, per_vector),
         f"K int8 per vector, V per vector, last {last} exact": through(int8, per_vector, last=last),
         f"K, V int8 per vector, last {last} exact": through(int8, int8, last=last),
+        f"K, V int8 per vector, first {first} + last {last} exact": through(int8, int8, first, last),
         f"K int8 per vector, V per vector, first {first} + last {last} exact": through(int8, per_vector, first, last),
     }
+    if args.only:
+        unknown = set(args.only) - set(schemes)
+        if unknown:
+            parser.error(f"unknown schemes {sorted(unknown)}; known: {list(schemes)}")
+        schemes = {name: schemes[name] for name in args.only}
     rows = []
     for layer, (q, k, v) in sorted(capture(args.length, seed=args.seed).items()):
         reference = attend_last(q, k, v, args.rows)

@@ -44,9 +44,11 @@ Attend = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, object]]
 class KVCache:
     """Keys and values (after RoPE) of every layer, ``[L, B, S_max, Hkv, D]``, and how many positions
     of each row are filled, int32 ``[B]``. The head axis is explicit so the cache can be sharded over heads.
-    A one-byte cache (fp8 or int8, ``kv_quant``) holds float32 scales ``[L, B, S_max, Hkv]`` beside them (None otherwise)
-    and a ring ``recent_k/recent_v [L, B, W, Hkv, D]`` (W = ``min(kv_quant.RECENT, S_max)``, the
-    activations' dtype) holding each row's last W real positions exact, position ``p`` in slot ``p % W``."""
+    A one-byte cache (fp8 or int8, ``kv_quant``) holds float32 scales ``[L, B, S_max, Hkv]`` beside them,
+    a ring ``recent_k/recent_v [L, B, W, Hkv, D]`` (W = ``min(kv_quant.RECENT, S_max)``) holding each row's
+    last W real positions exact, position ``p`` in slot ``p % W``, and sinks ``sink_k/sink_v [L, B, N, Hkv, D]``
+    (N = ``min(kv_quant.SINKS, S_max)``) holding each row's first N real positions exact, position ``p`` in
+    slot ``p`` (zeros past a shorter row's length); ring and sinks in the activations' dtype, all None otherwise."""
 
     k: jax.Array
     v: jax.Array
@@ -55,6 +57,8 @@ class KVCache:
     v_scale: jax.Array | None = None
     recent_k: jax.Array | None = None
     recent_v: jax.Array | None = None
+    sink_k: jax.Array | None = None
+    sink_v: jax.Array | None = None
 
     @property
     def max_length(self) -> int:
@@ -63,23 +67,24 @@ class KVCache:
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, size: int, dtype: object, mesh: Mesh | None = None,
               exact_dtype: object = jnp.float32) -> KVCache:
-        """A zero cache of ``size`` positions in ``dtype`` (fp8, int8: with unit scales and a ring of the recent
-        positions in ``exact_dtype``), sharded on ``mesh``."""
+        """A zero cache of ``size`` positions in ``dtype`` (fp8, int8: with unit scales, and a ring of the recent
+        positions and the sinks in ``exact_dtype``), sharded on ``mesh``."""
         shape = (config.num_layers, batch, size, config.num_kv_heads, config.head_dim)
         arrays = [jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)]
         axes = [sharding.CACHE_AXES] * 2
         if kv_quant.quantized(dtype):
-            ring = (*shape[:2], min(kv_quant.RECENT, size), *shape[3:])
+            ring, sinks = ((*shape[:2], min(n, size), *shape[3:]) for n in (kv_quant.RECENT, kv_quant.SINKS))
             arrays += [jnp.ones(shape[:-1], jnp.float32)] * 2 + [jnp.zeros(ring, exact_dtype)] * 2
-            axes += [sharding.CACHE_AXES[:-1]] * 2 + [sharding.CACHE_AXES] * 2
+            arrays += [jnp.zeros(sinks, exact_dtype)] * 2
+            axes += [sharding.CACHE_AXES[:-1]] * 2 + [sharding.CACHE_AXES] * 4
         if mesh is not None:
             arrays = [lax.with_sharding_constraint(a, sharding.named(ax, mesh)) for a, ax in zip(arrays, axes)]
-        extra = dict(zip(("k_scale", "v_scale", "recent_k", "recent_v"), arrays[2:]))
+        extra = dict(zip(("k_scale", "v_scale", "recent_k", "recent_v", "sink_k", "sink_v"), arrays[2:]))
         return cls(arrays[0], arrays[1], jnp.zeros((batch,), jnp.int32), **extra)
 
     def put(self, layer: jax.Array, start: jax.Array | int, k: jax.Array, v: jax.Array, length: jax.Array) -> KVCache:
         """Write ``k, v [B, n, Hkv, D]`` at positions ``[start, start + n)`` of ``layer`` (every row);
-        ``length [B]``: each row's real positions (a one-byte cache's ring takes no padding)."""
+        ``length [B]``: each row's real positions (a one-byte cache's ring and sinks take no padding)."""
         if self.k_scale is None:
             return self.replace(k=lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), (layer, 0, start, 0, 0)),
                                 v=lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), (layer, 0, start, 0, 0)))
@@ -91,32 +96,40 @@ class KVCache:
         last = jnp.minimum(start + k.shape[1], length)[:, None] - 1
         slots = jnp.where((positions <= last) & (positions > last - ring), positions % ring, ring)  # ring: dropped
         rows = jnp.broadcast_to(jnp.arange(k.shape[0])[:, None], slots.shape)
+        # the sinks take each row's real positions < N, in slot p (padding goes to slot N, and N and past: dropped)
+        sinks = jnp.where(positions < length[:, None], positions, self.sink_k.shape[2])
         return self.replace(k=lax.dynamic_update_slice(self.k, k8[None], (layer, 0, start, 0, 0)),
                             v=lax.dynamic_update_slice(self.v, v8[None], (layer, 0, start, 0, 0)),
                             k_scale=lax.dynamic_update_slice(self.k_scale, ks[None], (layer, 0, start, 0)),
                             v_scale=lax.dynamic_update_slice(self.v_scale, vs[None], (layer, 0, start, 0)),
                             recent_k=self.recent_k.at[layer, rows, slots].set(k.astype(self.recent_k.dtype), mode="drop"),
-                            recent_v=self.recent_v.at[layer, rows, slots].set(v.astype(self.recent_v.dtype), mode="drop"))
+                            recent_v=self.recent_v.at[layer, rows, slots].set(v.astype(self.recent_v.dtype), mode="drop"),
+                            sink_k=self.sink_k.at[layer, rows, sinks].set(k.astype(self.sink_k.dtype), mode="drop"),
+                            sink_v=self.sink_v.at[layer, rows, sinks].set(v.astype(self.sink_v.dtype), mode="drop"))
 
     def put_rows(self, layer: jax.Array, rows: jax.Array, positions: jax.Array, k: jax.Array, v: jax.Array
                  ) -> KVCache:
-        """Write one step ``k, v [B, Hkv, D]``, row ``b`` at its own position ``positions[b]``."""
+        """Write one step ``k, v [B, Hkv, D]``, row ``b`` at its own position ``positions[b]`` (a one-byte
+        cache: also in the ring, and in the sinks where ``positions[b] < N``)."""
         if self.k_scale is None:
             return self.replace(k=self.k.at[layer, rows, positions].set(k.astype(self.k.dtype)),
                                 v=self.v.at[layer, rows, positions].set(v.astype(self.v.dtype)))
         (k8, ks), (v8, vs) = kv_quant.quantize(k, self.k.dtype), kv_quant.quantize(v, self.v.dtype)
         slots = positions % self.recent_k.shape[2]
+        # the sinks take positions < N: the others fall outside them and are dropped
         return self.replace(k=self.k.at[layer, rows, positions].set(k8), v=self.v.at[layer, rows, positions].set(v8),
                             k_scale=self.k_scale.at[layer, rows, positions].set(ks),
                             v_scale=self.v_scale.at[layer, rows, positions].set(vs),
                             recent_k=self.recent_k.at[layer, rows, slots].set(k.astype(self.recent_k.dtype)),
-                            recent_v=self.recent_v.at[layer, rows, slots].set(v.astype(self.recent_v.dtype)))
+                            recent_v=self.recent_v.at[layer, rows, slots].set(v.astype(self.recent_v.dtype)),
+                            sink_k=self.sink_k.at[layer, rows, positions].set(k.astype(self.sink_k.dtype), mode="drop"),
+                            sink_v=self.sink_v.at[layer, rows, positions].set(v.astype(self.sink_v.dtype), mode="drop"))
 
     def layer(self, index: jax.Array) -> tuple[jax.Array | None, ...]:
         """Layer ``index``'s ``(k, v [B, S, Hkv, D], k_scale, v_scale [B, S, Hkv], recent_k, recent_v
-        [B, W, Hkv, D])``, the last four None unless the cache is one-byte."""
+        [B, W, Hkv, D], sink_k, sink_v [B, N, Hkv, D])``, the last six None unless the cache is one-byte."""
         pick = functools.partial(lax.dynamic_index_in_dim, index=index, keepdims=False)
-        extra = (self.k_scale, self.v_scale, self.recent_k, self.recent_v)
+        extra = (self.k_scale, self.v_scale, self.recent_k, self.recent_v, self.sink_k, self.sink_v)
         return pick(self.k), pick(self.v), *(None if a is None else pick(a) for a in extra)
 
 
@@ -336,43 +349,51 @@ def prefill_hidden(
 
 def _decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, position: jax.Array, window: jax.Array | None,
                       k_scale: jax.Array | None = None, v_scale: jax.Array | None = None,
-                      recent_k: jax.Array | None = None, recent_v: jax.Array | None = None) -> jax.Array:
+                      recent_k: jax.Array | None = None, recent_v: jax.Array | None = None,
+                      sink_k: jax.Array | None = None, sink_v: jax.Array | None = None) -> jax.Array:
     """One query per sequence, ``q [B, 1, Hq, D]``, against ``k/v [B, S, Hkv, D]``: row ``b`` sees the
     keys at ``<= position[b]`` (and ``> position[b] - window`` where the window is > 0). A one-byte cache
     passes its scales ``[B, S, Hkv]``: each key's scores are scaled by its key scale and each
-    probability by its value's scale (attention to the dequantized cache, never materialised), and its
-    ring ``recent_k/recent_v [B, W, Hkv, D]``: the last W positions are read from the ring, exact, in
-    one softmax with the rest."""
+    probability by its value's scale (attention to the dequantized cache, never materialised), its
+    ring ``recent_k/recent_v [B, W, Hkv, D]`` and its sinks ``sink_k/sink_v [B, N, Hkv, D]``: each seen
+    position ``p`` is read once, from the ring if ``p > position - W``, else from the sinks if ``p < N``
+    (both exact), else from ``k/v``, all in one softmax."""
     batch, _, num_heads, dim = q.shape
     num_kv = k.shape[2]
     qg = q.reshape(batch, num_kv, num_heads // num_kv, dim)
+    now = position[:, None]
 
     def scores_of(keys_: jax.Array, held: jax.Array, visible: jax.Array) -> jax.Array:
         """Scores ``[B, Hkv, G, n]`` of keys at positions ``held [B, n]``, -inf where not ``visible``."""
         if window is not None:
-            visible &= (window == 0) | (held > position[:, None] - window)
+            visible &= (window == 0) | (held > now - window)
         got = jnp.einsum("bhgd,bshd->bhgs", qg, keys_.astype(q.dtype), preferred_element_type=jnp.float32)
         return jnp.where(visible[:, None, None, :], got * (dim ** -0.5), -jnp.inf)
 
+    def weighted(probs: jax.Array, values: jax.Array) -> jax.Array:
+        return jnp.einsum("bhgs,bshd->bhgd", probs.astype(q.dtype), values.astype(q.dtype),
+                          preferred_element_type=jnp.float32)
+
     keys = jnp.arange(k.shape[1])[None, :]
-    visible = keys <= position[:, None]  # [B, S]
+    visible = keys <= now  # [B, S]
+    exact = []  # (keys, values [B, n, Hkv, D], their positions [B, n], visible): read instead of k, v there
     if recent_k is not None:
-        visible &= keys <= position[:, None] - recent_k.shape[1]  # the ring serves the newer ones
+        ring, sinks = recent_k.shape[1], jnp.arange(sink_k.shape[1])[None, :]
+        held = now - (now - jnp.arange(ring)[None, :]) % ring  # slot -> its position
+        exact = [(recent_k, recent_v, held, held >= 0), (sink_k, sink_v, sinks, sinks <= now - ring)]
+        visible &= (keys <= now - ring) & (keys >= sink_k.shape[1])
     scores = scores_of(k, keys, visible)
     if k_scale is not None:
         scores = scores * jnp.swapaxes(k_scale, 1, 2)[:, :, None, :]
-    if recent_k is not None:
-        ring = recent_k.shape[1]
-        held = position[:, None] - (position[:, None] - jnp.arange(ring)[None, :]) % ring  # slot -> its position
-        scores = jnp.concatenate([scores, scores_of(recent_k, held, held >= 0)], axis=-1)
+    scores = jnp.concatenate([scores, *(scores_of(ek, held, seen) for ek, _, held, seen in exact)], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1)
-    probs, ring_probs = probs[..., :k.shape[1]], probs[..., k.shape[1]:]
+    cached, at = probs[..., :k.shape[1]], k.shape[1]
     if v_scale is not None:
-        probs = probs * jnp.swapaxes(v_scale, 1, 2)[:, :, None, :]
-    out = jnp.einsum("bhgs,bshd->bhgd", probs.astype(q.dtype), v.astype(q.dtype), preferred_element_type=jnp.float32)
-    if recent_v is not None:
-        out += jnp.einsum("bhgs,bshd->bhgd", ring_probs.astype(q.dtype), recent_v.astype(q.dtype),
-                          preferred_element_type=jnp.float32)
+        cached = cached * jnp.swapaxes(v_scale, 1, 2)[:, :, None, :]
+    out = weighted(cached, v)
+    for _, values, held, _ in exact:
+        out += weighted(probs[..., at:at + held.shape[1]], values)
+        at += held.shape[1]
     return out.reshape(batch, 1, num_heads, dim).astype(q.dtype)
 
 

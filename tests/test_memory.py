@@ -153,42 +153,50 @@ def test_one_byte_cache_decodes_close_to_a_float32_cache(models, kv_dtype):
     assert tokens.shape == (2, 3)
 
 
-def test_fp8_ring_holds_each_rows_last_positions_exact(models):
-    """After a chunked prefill (chunk 100: an overlapping last chunk) of rows of 300 and 211 tokens, the
-    fp8 cache's ring holds, for every row, layer and its last ``RECENT`` real positions, exactly the keys
-    and values a float32 cache holds there (slot ``p % W``); the slots of a short row past its length
-    stay empty (no padding written)."""
+def test_fp8_ring_and_sinks_hold_each_rows_positions_exact(models):
+    """After a chunked prefill (chunk 100: an overlapping last chunk) of rows of 300, 211 and 5 tokens,
+    the fp8 cache's ring holds, for every row, layer and its last ``RECENT`` real positions, and its
+    sinks its first ``SINKS``, exactly the keys and values a float32 cache holds there (ring slot
+    ``p % W``, sink slot ``p``); the slots of a short row past its length stay empty (no padding written)."""
     params = models("llama")
-    _, exact = api.prefill(params, _prompts(3), max_new_tokens=4, kv_dtype="float32", chunk=100)
-    _, fp8 = api.prefill(params, _prompts(3), max_new_tokens=4, kv_dtype="float8_e4m3fn", chunk=100)
-    ring = fp8.recent_k.shape[2]
+    prompts, lengths = [*_prompts(3), np.arange(5, dtype=np.int32)], (*LENGTHS, 5)
+    _, exact = api.prefill(params, prompts, max_new_tokens=4, kv_dtype="float32", chunk=100)
+    _, fp8 = api.prefill(params, prompts, max_new_tokens=4, kv_dtype="float8_e4m3fn", chunk=100)
+    ring, sinks = fp8.recent_k.shape[2], fp8.sink_k.shape[2]
     assert ring == kv_quant.RECENT and fp8.recent_k.dtype == exact.k.dtype
-    for b, n in enumerate(LENGTHS):
-        held = np.arange(max(0, n - ring), n)
-        for got, want in ((fp8.recent_k, exact.k), (fp8.recent_v, exact.v)):
-            np.testing.assert_array_equal(np.asarray(got)[:, b, held % ring], np.asarray(want)[:, b, held])
-        if n < ring:
-            assert not np.asarray(fp8.recent_k)[:, b, n:].any()
+    assert sinks == kv_quant.SINKS and fp8.sink_k.dtype == exact.k.dtype
+    for b, n in enumerate(lengths):
+        held, first = np.arange(max(0, n - ring), n), np.arange(min(n, sinks))
+        for ring_part, sink_part, want in ((fp8.recent_k, fp8.sink_k, exact.k), (fp8.recent_v, fp8.sink_v, exact.v)):
+            np.testing.assert_array_equal(np.asarray(ring_part)[:, b, held % ring], np.asarray(want)[:, b, held])
+            np.testing.assert_array_equal(np.asarray(sink_part)[:, b, first], np.asarray(want)[:, b, first])
+            assert not np.asarray(ring_part)[:, b, n:].any() and not np.asarray(sink_part)[:, b, n:].any()
 
 
 @pytest.mark.parametrize("kv_dtype", [kv_quant.FP8, kv_quant.INT8])
-def test_one_byte_decode_attention_reads_recent_positions_exact(kv_dtype):
-    """``put`` (chunks, an overlapping one, rows of 280 and 100 real positions), ``put_rows`` (one step
-    per row) and decode attention over the fp8 cache, against numpy attention whose keys and values
-    are exact at the last W positions before the query and dequantized (e4m3 or int8) before them, with and
-    without a sliding window."""
+def test_one_byte_decode_attention_reads_ring_and_sinks_exact(kv_dtype):
+    """``put`` (chunks, an overlapping one, rows of 280 and 5 real positions), ``put_rows`` (one step
+    per row: row 1's at position 5 goes to the sinks too) and decode attention over the one-byte cache,
+    against numpy attention whose keys and values are exact at the last W positions up to the query and
+    the first ``SINKS`` and dequantized (e4m3 or int8) between them, with and without a sliding window."""
     rng = np.random.default_rng(5)
-    config, size, lengths = MID, 300, np.array([280, 100])
+    config, size, lengths = MID, 300, np.array([280, 5])
     shape = (2, size, config.num_kv_heads, config.head_dim)
     k, v = (rng.standard_normal(shape).astype(np.float32) * 3 for _ in range(2))
     cache = decoder.KVCache.empty(config, 2, size, kv_dtype)
-    for start in (0, 128, 152):  # covers 0..279; row 1's positions past 100 are padding
+    for start in (0, 128, 152):  # covers 0..279; row 1's positions from 5 on are padding
         cache = cache.put(1, start, jnp.asarray(k[:, start:start + 128]), jnp.asarray(v[:, start:start + 128]),
                           jnp.asarray(lengths))
+    assert not np.asarray(cache.sink_k)[1, 1, 5:].any()  # row 1's padding stays out of the sinks
     step_k, step_v = (rng.standard_normal((2, *shape[2:])).astype(np.float32) for _ in range(2))
     rows = np.arange(2)
     k[rows, lengths], v[rows, lengths] = step_k, step_v
     cache = cache.put_rows(1, jnp.asarray(rows), jnp.asarray(lengths), jnp.asarray(step_k), jnp.asarray(step_v))
+    sinks = cache.sink_k.shape[2]
+    written = np.arange(sinks)[None, :] <= lengths[:, None]  # row 0's step (280) is no sink, row 1's (5) is
+    for got, want in ((cache.sink_k, k), (cache.sink_v, v)):
+        np.testing.assert_array_equal(np.asarray(got)[1], np.where(written[..., None, None], want[:, :sinks], 0))
+    assert not np.asarray(cache.sink_k)[0].any()  # other layers untouched
     q = rng.standard_normal((2, 1, config.num_heads, config.head_dim)).astype(np.float32)
     ring = cache.recent_k.shape[2]
     rounded = [np.asarray(kv_quant.dequantize(*kv_quant.quantize(jnp.asarray(x), kv_dtype))) for x in (k, v)]
@@ -198,17 +206,22 @@ def test_one_byte_decode_attention_reads_recent_positions_exact(kv_dtype):
                                                    None if window is None else jnp.asarray(window),
                                                    *cache.layer(1)[2:]))
         for b, position in enumerate(lengths):
-            seen = np.arange(position + 1) if window is None else np.arange(position - window + 1, position + 1)
-            exact = seen > position - ring
-            keys = np.where(exact[:, None, None], k[b, seen], rounded[0][b, seen])
-            values = np.where(exact[:, None, None], v[b, seen], rounded[1][b, seen])
+            seen = np.arange(position + 1) if window is None else np.arange(max(0, position - window + 1), position + 1)
             heads = np.repeat(np.arange(config.num_kv_heads), group)
-            scores = np.einsum("hd,shd->hs", q[b, 0], keys[:, heads]) / np.sqrt(config.head_dim)
-            weights = np.exp(scores - scores.max(-1, keepdims=True))
-            want = np.einsum("hs,shd->hd", weights / weights.sum(-1, keepdims=True), values[:, heads])
-            np.testing.assert_allclose(got[b, 0], want, rtol=2e-5, atol=2e-5)
-            if b == 0 and window is None:  # positions 0..24 came from the fp8 part: it mattered
-                assert exact.sum() == ring and not np.allclose(rounded[0][b, :25], k[b, :25])
+
+            def reference(exact: np.ndarray) -> np.ndarray:
+                keys = np.where(exact[:, None, None], k[b, seen], rounded[0][b, seen])
+                values = np.where(exact[:, None, None], v[b, seen], rounded[1][b, seen])
+                scores = np.einsum("hd,shd->hs", q[b, 0], keys[:, heads]) / np.sqrt(config.head_dim)
+                weights = np.exp(scores - scores.max(-1, keepdims=True))
+                return np.einsum("hs,shd->hd", weights / weights.sum(-1, keepdims=True), values[:, heads])
+
+            exact = (seen > position - ring) | (seen < sinks)
+            np.testing.assert_allclose(got[b, 0], reference(exact), rtol=2e-5, atol=2e-5)
+            if b == 0 and window is None:  # positions 8..24 came from the one-byte part, 0..7 from the sinks
+                assert exact.sum() == ring + sinks
+                for other in (seen >= 0, seen > position - ring):  # both mattered: neither all exact nor sinks rounded
+                    assert not np.allclose(got[b, 0], reference(other), rtol=2e-5, atol=2e-5)
 
 
 # --- memory_estimate ---------------------------------------------------------------------------------
@@ -220,8 +233,8 @@ def test_estimate_of_llama_8b_at_512k_by_hand():
     assert est.cache == 2 * 32 * positions * 8 * 128 * 2
     assert est.chunk_tokens == memory.default_chunk(LLAMA_31_8B) == 4096
     fp8 = memory.memory_estimate(LLAMA_31_8B, 524_288, kv_dtype="float8_e4m3fn")
-    # one float32 scale per vector, and the last 256 positions again in bf16 (the exact ring)
-    assert fp8.cache == 2 * 32 * positions * 8 * (128 + 4) + 2 * 32 * 256 * 8 * 128 * 2
+    # one float32 scale per vector, and the last 256 and first 8 positions again in bf16 (the ring, the sinks)
+    assert fp8.cache == 2 * 32 * positions * 8 * (128 + 4) + 2 * 32 * (256 + 8) * 8 * 128 * 2
     assert est.total < 105 * 2**30  # weights 15 GiB + cache 64 GiB + about 20 GiB of activations
 
 
@@ -330,7 +343,8 @@ def test_chunk_and_kv_dtype_are_checked(models):
     for bad in (0, -4, 1.5, True):
         with pytest.raises(ValueError, match="chunk"):
             api.prefill(params, _prompts(0), chunk=bad)
-    with pytest.raises(ValueError, match="kv_dtype"):
-        api.generate(params, _prompts(0), 2, kv_dtype="int8")
+    for bad in ("int4", "float8_e5m2"):
+        with pytest.raises(ValueError, match="kv_dtype"):
+            api.generate(params, _prompts(0), 2, kv_dtype=bad)
     assert memory.default_chunk(MID) == 65536 and memory.default_chunk(LLAMA_31_8B, batch=8) == 512
     assert math.log2(memory.default_chunk(LLAMA_31_8B, batch=3)).is_integer()

@@ -345,8 +345,8 @@ def prefill(
     decode steps; ``cache.length [B]`` is each row's length. ``chunk`` tokens at a time run through
     each layer's per-token parts (None: ``tmjax.memory.default_chunk``); ``kv_dtype`` is the cache's
     dtype (None: the weights'; ``"float8_e4m3fn"`` / ``"int8"``: one byte per number with per-vector scales
-    and the last ``kv_quant.RECENT`` positions exact; int8 rounds less). A request the
-    device cannot hold (``tmjax.memory_estimate``) raises ``ValueError`` before compiling.
+    and the first ``kv_quant.SINKS`` and last ``kv_quant.RECENT`` positions exact; int8 rounds less). A
+    request the device cannot hold (``tmjax.memory_estimate``) raises ``ValueError`` before compiling.
     """
     params, batch, lens, new, cache_size, squeeze = _prepare(params, tokens, lengths, layout, implementation,
                                                               max_new_tokens, minimum=0)

@@ -5,7 +5,9 @@ sum of what it holds at once, in bytes (every term is stated in ``MemoryEstimate
 
 - ``weights``: every weight, in the weights' dtype;
 - ``cache``: ``2 * L * B * S * Hkv * D`` numbers in ``kv_dtype`` (fp8, int8: plus one float32 scale per
-  vector), ``S`` the cache size (the prompt's bucket plus ``max_new_tokens``, rounded up to 128);
+  vector, and ``2 * L * B * (min(RECENT, S) + min(SINKS, S)) * Hkv * D`` numbers in ``dtype``, each row's
+  last ``kv_quant.RECENT`` and first ``kv_quant.SINKS`` positions exact), ``S`` the cache size (the
+  prompt's bucket plus ``max_new_tokens``, rounded up to 128);
 - ``sequence``: the full-sequence activations one layer keeps while its attention runs: hidden
   states ``[B, T, H]``, q/k/v ``[B, T, Hq + 2 Hkv, D]`` and the attention's output ``[B, T, Hq, D]``,
   plus the embedding gather that the first layer reads (another ``[B, T, H]``);
@@ -110,8 +112,9 @@ def memory_estimate(
     weights = sum(math.prod(s.shape) for s in jax.tree.leaves(param_shapes(c))) * a
     kv = jnp.dtype(dtype) if kv_dtype is None else jnp.dtype(kv_dtype)
     cache = 2 * c.num_layers * batch * size * c.num_kv_heads * kv_quant.bytes_per_vector(kv, c.head_dim)
-    if kv_quant.quantized(kv):  # the ring of recent positions, exact, in the activations' dtype
-        cache += 2 * c.num_layers * batch * min(kv_quant.RECENT, size) * c.num_kv_heads * c.head_dim * a
+    if kv_quant.quantized(kv):  # the ring of recent positions and the sinks, exact, in the activations' dtype
+        exact = min(kv_quant.RECENT, size) + min(kv_quant.SINKS, size)
+        cache += 2 * c.num_layers * batch * exact * c.num_kv_heads * c.head_dim * a
     q_numbers, kv_numbers = batch * t * c.num_heads * c.head_dim, batch * t * c.num_kv_heads * c.head_dim
     hidden = batch * t * c.hidden_size * a
     sequence = 2 * hidden + (2 * q_numbers + 2 * kv_numbers) * a
