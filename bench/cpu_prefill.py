@@ -9,10 +9,13 @@ attention replaced by the identity (non-attention time) and one layer's attentio
 ``--chunks 512,768,1024`` tmjax's systems run once per XLA key chunk (the ``chunk`` of
 ``pallas_kernels/tuning_tables/xla.json``, 768 as shipped for the CPU: key rows per step of the causal
 and last-rows passes, which take 256 query rows at a time), each a system of its own in the same
-interleaved rounds, to see whether the shipped chunk is this machine's best.
+interleaved rounds, to see whether the shipped chunk is this machine's best. With ``--fused`` tmjax's
+systems also run with the opt-in fused host kernel (``fused: true``, ``pallas_kernels/cpu_fused.py``)
+beside the XLA passes, in the same rounds.
 
     python bench/cpu_prefill.py --out bench/results
     python bench/cpu_prefill.py --chunks 512,768,1024 --out DIR
+    python bench/cpu_prefill.py --fused --breakdown --out DIR
 """
 
 from __future__ import annotations
@@ -60,14 +63,14 @@ def torch_model(threads: int):
 
 
 @contextlib.contextmanager
-def xla_chunk(chunk: int | None) -> Iterator[None]:
-    """Within this block, the xla backend's tuning table sets ``chunk`` for every call (nothing when None)."""
-    if chunk is None:
+def xla_tuning(fields: dict | None) -> Iterator[None]:
+    """Within this block, the xla backend's tuning table sets ``fields`` for every call (nothing when None)."""
+    if fields is None:
         yield
         return
     shipped = tuning.table
     # The device named, so that it overrides the shipped entry for this device (a later entry of as many keys).
-    entry = {"device": tuning.device_key("xla"), "head_dim": "*", "group": "*", "pattern": "*", "tuning": {"chunk": chunk}}
+    entry = {"device": tuning.device_key("xla"), "head_dim": "*", "group": "*", "pattern": "*", "tuning": fields}
     tuning.table = lambda backend, part="entries": shipped(backend, part) + (
         (entry,) if backend == "xla" and part == "entries" else ())
     try:
@@ -84,11 +87,17 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--chunks", default=None,
                         help="comma-separated XLA key chunks to time tmjax with (default: the tuning table's)")
+    parser.add_argument("--fused", action="store_true",
+                        help="also time tmjax with the opt-in fused host kernel for the causal and band passes")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = parser.parse_args()
     chunks = [None] if args.chunks is None else [int(c) for c in args.chunks.split(",")]
     if any(c is not None and (c < 8 or c % 8) for c in chunks):
         parser.error(f"--chunks must be multiples of 8, got {args.chunks}")
+    # (name suffix, xla tuning fields over the table's): one pair of tmjax systems each
+    variants = [("", None) if c is None else (f" chunk {c}", {"chunk": c}) for c in chunks]
+    if args.fused:
+        variants.append((" (fused CPU pass)", {"fused": True}))
 
     path = smollm2_checkpoint("float32")
     params, tok = tmjax.load(path), load_tokenizer(path)
@@ -97,24 +106,23 @@ def main() -> None:
     n = tokens.shape[1]
     threads = os.cpu_count() or 1
 
-    def tmjax_run(layout, chunk: int | None):
-        """``tmjax.prefill``, or with a ``chunk`` the same program compiled ahead under that XLA row chunk
-        (caches cleared first, so nothing traced under another chunk is reused); the compiled programs
-        then take turns without retracing."""
-        if chunk is None:
+    def tmjax_run(layout, fields: dict | None):
+        """``tmjax.prefill``, or with tuning ``fields`` the same program compiled ahead under them (caches
+        cleared first, so nothing traced under other fields is reused); the compiled programs then take
+        turns without retracing."""
+        if fields is None:
             return lambda t: np.asarray(tmjax.prefill(params, t, layout, max_new_tokens=0)[0])
         _, batch, lens, _, cache_size, _ = api._prepare(params, tokens, None, layout, None, 0, minimum=0)
         jax.clear_caches()
-        with xla_chunk(chunk):
+        with xla_tuning(fields):
             compiled = jax.jit(lambda p, t, n: api._prefill_logits(p, t, n, layout, None, cache_size, None)[0]
                                ).lower(params, batch, lens).compile()
         return lambda t: np.asarray(compiled(params, batch, lens))  # t is ``tokens``, already in ``batch``
 
     systems = {}
-    for chunk in chunks:
-        tag = "" if chunk is None else f" chunk {chunk}"
-        systems[f"tmjax dense{tag}"] = tmjax_run(None, chunk)
-        systems[f"tmjax TriangleMix({args.switch_layer}){tag}"] = tmjax_run(tmjax.TriangleMix(args.switch_layer), chunk)
+    for tag, fields in variants:
+        systems[f"tmjax dense{tag}"] = tmjax_run(None, fields)
+        systems[f"tmjax TriangleMix({args.switch_layer}){tag}"] = tmjax_run(tmjax.TriangleMix(args.switch_layer), fields)
     systems["transformers PyTorch SDPA"] = torch_model(threads)
     if args.breakdown:
         no_attention = jax.jit(lambda p, t: decoder.prefill_hidden(

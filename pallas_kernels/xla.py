@@ -7,7 +7,8 @@ rather than block by block); a static causal table as key chunks up to the diago
 softmax; a dynamic table by its lists (key blocks, then gathered columns). ``last_rows`` is the
 triangle's dense last rows (the dispatch's two-pass driver splices them). GQA stays native: q is
 viewed as ``[B, T, Hkv, G, D]`` and K/V are never repeated. Scores, softmax and accumulation are
-float32; loops stop at ``length``, so padding costs no work. K and V come through
+float32; loops stop at ``length``, so padding costs no work. With ``Tuning.fused`` (opt-in) the causal
+and band passes on a one-device CPU host are one fused kernel (``cpu_fused``, numba). K and V come through
 ``guards.guard_values`` (the dispatch, ``GUARD_VALUES``), so a value a row cannot see never reaches
 it while steps only mask scores.
 """
@@ -15,13 +16,14 @@ it while steps only mask scores.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from tmjax.pallas_kernels import tables
+from tmjax.pallas_kernels import cpu_fused, tables
 from tmjax.pallas_kernels.lengths import pad_seq, round_up
 from tmjax.pallas_kernels.tables import Table
 
@@ -34,12 +36,17 @@ class Tuning:
     step) holds as many blocks as keep its score tensor under ``band_chunk_scores`` entries per batch
     row and head; the causal pass takes ``query_chunk`` query rows at a time against key steps of
     ``chunk`` rows (rounded down to whole query chunks); the dense last rows take key steps of
-    ``chunk`` rows. Measured values: ``tuning_tables/xla.json``."""
+    ``chunk`` rows. ``fused`` (opt-in): the causal and band passes run ``cpu_fused``'s kernel (host only,
+    one CPU device, where numba imports) with ``fused_block_q`` query rows per head against
+    ``fused_block_kv`` keys a step. Measured values: ``tuning_tables/xla.json``."""
 
     band_block: int = 64
     band_chunk_scores: int = 1 << 20
     chunk: int = 512
     query_chunk: int = 128
+    fused: bool = False
+    fused_block_q: int = 32
+    fused_block_kv: int = 128
 
 
 def unsupported(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
@@ -179,6 +186,8 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, length: jax.A
     qg = q.reshape(b, t, k.shape[2], hq // k.shape[2], d)
     if table.n_local is None or table.n_local >= t or table.n_init >= t:  # every key of a row's past is seen
         out = _causal(qg, k, v, jnp.max(length), tuning)
+    elif _fused_here(tuning):
+        out = _fused(qg, k, v, jnp.max(length), tuning, n_init=table.n_init, n_local=table.n_local)
     else:
         out = _band(qg, k, v, n_init=table.n_init, n_local=table.n_local, length=jnp.max(length), tuning=tuning)
     return out.reshape(b, t, hq, d)
@@ -205,8 +214,36 @@ def last_rows(q_rows: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, t
     return _finish(carry).reshape(b, hkv, r, hq // hkv, d).transpose(0, 2, 1, 3, 4).reshape(b, r, hq, d)
 
 
+def _fused_here(tuning: Tuning) -> bool:
+    """Whether the causal and band passes run ``cpu_fused``'s host kernel: the tuning asks, numba imports,
+    and the host has one CPU device (with several, e.g. a mesh of virtual CPU devices, their concurrent
+    callbacks hung numba's OpenMP threads in a test: the XLA passes run there)."""
+    return tuning.fused and cpu_fused.available() and jax.local_device_count() == 1
+
+
 def _causal(q: jax.Array, k: jax.Array, v: jax.Array, live: jax.Array, tuning: Tuning) -> jax.Array:
-    """Dense causal attention, heads first, ``query_chunk`` query rows at a time: the keys before
+    """Dense causal attention of q ``[B, T, Hkv, G, D]``: the fused host kernel or the XLA pass; rows at or
+    past ``live`` are not computed."""
+    if _fused_here(tuning):
+        return _fused(q, k, v, live, tuning, n_init=0, n_local=q.shape[1])
+    return _causal_xla(q, k, v, live, tuning)
+
+
+def _fused(q: jax.Array, k: jax.Array, v: jax.Array, live: jax.Array, tuning: Tuning, *, n_init: int,
+           n_local: int) -> jax.Array:
+    """``cpu_fused.attend`` (sinks + window; dense causal with no sinks and a window of T) through
+    ``jax.pure_callback``, in float32 on the host (like the XLA passes, not differentiable: prefill needs
+    no gradient, and the probe runs its own attention)."""
+    host = functools.partial(cpu_fused.attend, n_init=n_init, n_local=n_local, block_q=tuning.fused_block_q,
+                             block_k=tuning.fused_block_kv)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    out = jax.pure_callback(host, jax.ShapeDtypeStruct(q.shape, jnp.float32), *f32, jnp.asarray(live, jnp.int32),
+                            vmap_method="sequential")
+    return out.astype(q.dtype)
+
+
+def _causal_xla(q: jax.Array, k: jax.Array, v: jax.Array, live: jax.Array, tuning: Tuning) -> jax.Array:
+    """Dense causal attention in XLA, heads first, ``query_chunk`` query rows at a time: the keys before
     the chunk in unmasked steps of ``chunk`` keys, then of ``query_chunk`` keys up to the chunk's first
     row, then one masked diagonal step; q ``[B, T, Hkv, G, D]``; query chunks at or past ``live``
     (the longest row) are skipped."""

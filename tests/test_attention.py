@@ -362,3 +362,49 @@ def test_guarded_values_protect_a_kernel_that_multiplies_v_as_it_is(value):
         assert_only_seeing_rows_change(clean, attend(*bad), sees, lengths)
     unguarded = reference.masked_attention(q, k, poison(v, at_key, value), masks)
     assert not np.isfinite(np.asarray(unguarded)[0, : key]).all(), "the stand-in kernel does leak 0 * NaN"
+
+
+BOTH_WAYS_CASES = {**{f"causal-{n}": c for n, c in CAUSAL_CASES.items()},
+                   **{f"triangle-{n}": TRIANGLE_CASES[n] for n in ("ragged", "longer", "no_sinks_no_last_rows",
+                                                                   "diagonal_only_window")}}
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["xla-loop", "cpu-fused"])
+@pytest.mark.parametrize("case", list(BOTH_WAYS_CASES.values()), ids=list(BOTH_WAYS_CASES))
+def test_xla_passes_both_ways_against_dense(case, fused):
+    """The xla backend's causal and band passes have two bodies on the CPU: the XLA loops (the default,
+    every platform) and the fused host kernel (``cpu_fused``, opt-in by ``Tuning.fused``). Each, forced by
+    its tuning, against dense float32 under the recomputed mask (causal, or the triangle: its band is
+    the fused pass, its last rows XLA's) with per-row lengths (one row shorter than a fused query block),
+    and one NaN entry of K at a key some rows see: exactly those rows turn non-finite."""
+    from tmjax.pallas_kernels import cpu_fused, xla
+
+    if fused and not cpu_fused.available():
+        pytest.skip("numba is not installed: the fused CPU pass is not available")
+    if jax.default_backend() != "cpu" or jax.local_device_count() != 1:
+        pytest.skip("the fused pass runs on the host, with one CPU device")
+    c, triangle = case, case.n_local > 0
+    lengths = (min(c.seq_len, 29), c.seq_len)
+    q, k, v = random_qkv(7, 2, c.seq_len, c.q_heads, c.kv_heads, c.head_dim, jnp.float32)
+    tuning = dataclasses.replace(xla.Tuning(), fused=fused, chunk=128, query_chunk=64)
+    sizes = dict(n_init=c.n_init, n_local=c.n_local, n_last=c.n_last)
+
+    def attend(q, k, v):
+        if triangle:
+            return tmjax.triangle_attention(q, k, v, length=jnp.asarray(lengths), implementation="xla",
+                                            tuning=tuning, **sizes)
+        return tmjax.causal_attention(q, k, v, length=jnp.asarray(lengths), implementation="xla", tuning=tuning)
+
+    run = jax.jit(attend)
+    masks = [reference.triangle_mask(n, **sizes) if triangle else reference.causal_mask(n) for n in lengths]
+    got = np.asarray(run(q, k, v))
+    for b, n in enumerate(lengths):
+        want = np.asarray(_reference(q[b:b + 1, :n], k[b:b + 1, :n], v[b:b + 1, :n], masks[b]))[0]
+        np.testing.assert_allclose(got[b, :n], want, rtol=2e-5, atol=2e-5)
+    key = c.seq_len // 3
+    poisoned = np.asarray(run(q, k.at[1, key, 0, 1].set(jnp.nan), v))
+    group = c.q_heads // c.kv_heads
+    finite = np.isfinite(poisoned[1]).all(axis=-1)  # [T, Hq]
+    sees = masks[1][:, key]
+    assert not finite[sees, :group].any() and finite[~sees].all() and finite[:, group:].all()
+    np.testing.assert_array_equal(poisoned[0], got[0])
