@@ -216,9 +216,10 @@ def last_rows(q_rows: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, t
 
 def _fused_here(tuning: Tuning) -> bool:
     """Whether the causal and band passes run ``cpu_fused``'s host kernel: the tuning asks, numba imports,
-    and the host has one CPU device (with several, e.g. a mesh of virtual CPU devices, their concurrent
-    callbacks hung numba's OpenMP threads in a test: the XLA passes run there)."""
-    return tuning.fused and cpu_fused.available() and jax.local_device_count() == 1
+    and the computation runs on one CPU device (with several, e.g. a mesh of virtual CPU devices, their
+    concurrent callbacks hung numba's OpenMP threads in a test: the XLA passes run there)."""
+    return (tuning.fused and cpu_fused.available() and jax.default_backend() == "cpu"
+            and jax.local_device_count() == 1)
 
 
 def _causal(q: jax.Array, k: jax.Array, v: jax.Array, live: jax.Array, tuning: Tuning) -> jax.Array:
