@@ -1,19 +1,13 @@
-"""Prototype: a fused causal GQA attention for the CPU in numba, called from JAX, against XLA and PyTorch.
+"""The fused CPU attention kernel (numba) timed beside XLA and PyTorch: one layer's causal attention.
 
 Why it exists: on a 2-core CPU our XLA causal attention (``tmjax.causal_attention``, an online-softmax
 loop over query/key tiles) is ~2x slower than PyTorch's SDPA for SmolLM2's heads, because XLA runs
 max / exp / sum / the two products as separate fusions over big score tiles (memory-bound passes; see
 ``bench/NOTES.md``, "CPU causal pass: where the time goes"). PyTorch's kernel keeps a small score tile
-in cache across all of them. This script tests whether a kernel of that shape, written in numba and
-reached through ``jax.pure_callback``, closes the gap. It is a measurement, not a shipped path: numba
-is not a project dependency (``pip install numba`` into the venv to run it).
-
-Kernel: for each (KV head, query block of ``block_q`` rows) the G query heads of the group are stacked
-as ``G * block_q`` rows; the key blocks up to the diagonal are visited with scores ``Q @ K_blk.T``
-(BLAS through ``np.dot``) in a small tile, the causal mask only where a key block crosses the diagonal,
-an online softmax (running max, rescale, a vectorisable exp2 polynomial in place) and ``acc += P @ V_blk``
-(BLAS), then one divide. The (KV head, query block) jobs run under ``numba.prange``, paired as block c
-with block n-1-c so that both threads get the same causal work.
+in cache across all of them. This script measures the library's kernel of that shape,
+``tmjax/pallas_kernels/cpu_fused.py`` (opt-in, ``xla.Tuning(fused=True)``; the ``cpu`` extra), directly
+and through ``jax.pure_callback``. (It first held its own prototype of that kernel, which the record
+``bench/results/cpu-fused-attention-prototype/`` measured; the library's kernel grew from it.)
 
 Checks (exit non-zero on failure): the kernel against a float64 numpy reference at the real shape and at
 a length that is not a multiple of the blocks. Timing, one process, systems interleaved, medians:
@@ -21,16 +15,17 @@ a length that is not a multiple of the blocks. Timing, one process, systems inte
 (c) ``tmjax.causal_attention`` jitted as ``bench/cpu_prefill.py --breakdown`` times "one layer's causal
 attention", (d) PyTorch SDPA ``is_causal=True, enable_gqa=True`` on ``[B, H, T, D]`` inputs.
 
-    python bench/cpu_fused_attention.py --out bench/results/cpu-fused-attention-prototype
+    python bench/cpu_fused_attention.py --out DIR
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numba's np.dot is scipy's OpenBLAS: one thread per prange worker
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numba's np.dot is scipy's OpenBLAS: see cpu_fused's docstring
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -46,147 +41,25 @@ import jax
 import jax.numpy as jnp
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import types
-from numba.core import cgutils
-from numba.extending import intrinsic
 
 import tmjax
-
-LOG2E = np.float32(1.4426950408889634)
-# Cephes exp2f: 2^f = 1 + f * P(f) on |f| <= 0.5, ~1 ulp in float32.
-C1, C2, C3 = np.float32(1.535336188319500e-4), np.float32(1.339887440266574e-3), np.float32(9.618437357674640e-3)
-C4, C5, C6 = np.float32(5.550332471162809e-2), np.float32(2.402264791363012e-1), np.float32(6.931472028550421e-1)
-ONE, HALF, LOW = np.float32(1.0), np.float32(0.5), np.float32(-126.0)
-NEG_INF = np.float32(-np.inf)
-
-
-@intrinsic
-def _bits_as_f32(typingctx, x):
-    """Reinterpret an int32 as float32 (a plain bitcast, so LLVM can vectorise loops using it)."""
-    sig = types.float32(types.int32)
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return sig, codegen
-
-
-@intrinsic
-def _fmax(typingctx, a, b):
-    """``llvm.maxnum.f32`` with fast-math flags: numba's own ``max`` is a compare-and-branch whose loop
-    reductions LLVM does not vectorise (3 G/s per core vs ~26 G/s measured for this on a 192x128 tile)."""
-    sig = types.float32(types.float32, types.float32)
-
-    def codegen(context, builder, signature, args):
-        f32 = ir.FloatType()
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(f32, [f32, f32]), "llvm.maxnum.f32")
-        return builder.call(fn, args, fastmath=("fast",))
-
-    return sig, codegen
-
-
-@numba.njit(inline="always", fastmath=True)
-def _exp2(t: np.float32) -> np.float32:
-    """2^t for t <= 0 in float32 (clamped at 2^-126): n = round(t), 2^(t-n) by polynomial, 2^n by bits."""
-    t = max(t, LOW)
-    n = np.floor(t + HALF)
-    f = t - n
-    p = ((((C1 * f + C2) * f + C3) * f + C4) * f + C5) * f + C6
-    return (ONE + f * p) * _bits_as_f32((np.int32(n) + np.int32(127)) << np.int32(23))
-
-
-@numba.njit(fastmath=True, cache=True)
-def _query_block(q: np.ndarray, kt: np.ndarray, vt: np.ndarray, out: np.ndarray, h: int, qb: int,
-                 block_q: int, block_k: int) -> None:
-    """One (KV head ``h``, query block ``qb``) job: all G heads of the group stacked as rows."""
-    n, heads, d = q.shape[1], q.shape[2], q.shape[3]
-    g_size = heads // kt.shape[0]
-    rows = g_size * block_q
-    i0 = qb * block_q
-    scale = np.float32(1.0 / math.sqrt(d)) * LOG2E  # scores in log2 units: exp(x) = 2^(x log2 e)
-    qt = np.zeros((rows, d), np.float32)
-    for g in range(g_size):
-        for ii in range(min(block_q, n - i0)):
-            for c in range(d):
-                qt[g * block_q + ii, c] = q[0, i0 + ii, h * g_size + g, c] * scale
-    acc = np.zeros((rows, d), np.float32)
-    m = np.full(rows, NEG_INF, np.float32)
-    l = np.zeros(rows, np.float32)
-    alpha = np.empty(rows, np.float32)
-    last = i0 + block_q - 1
-    for kb in range(last // block_k + 1):
-        j0 = kb * block_k
-        s = np.dot(qt, kt[h, j0:j0 + block_k].T)  # [rows, block_k]
-        crosses = j0 + block_k - 1 > i0
-        for r in range(rows):
-            valid = block_k
-            if crosses:
-                valid = min(block_k, i0 + r % block_q - j0 + 1)
-            if valid <= 0:
-                s[r, :] = 0
-                alpha[r] = ONE
-                continue
-            mx = m[r]
-            for j in range(valid):
-                mx = _fmax(mx, s[r, j])
-            alpha[r] = _exp2(m[r] - mx)
-            total = np.float32(0.0)
-            for j in range(valid):
-                e = _exp2(s[r, j] - mx)
-                s[r, j] = e
-                total += e
-            for j in range(valid, block_k):
-                s[r, j] = 0
-            l[r] = l[r] * alpha[r] + total
-            m[r] = mx
-        pv = np.dot(s, vt[h, j0:j0 + block_k])  # [rows, d]
-        for r in range(rows):
-            a = alpha[r]
-            for c in range(d):
-                acc[r, c] = acc[r, c] * a + pv[r, c]
-    for g in range(g_size):
-        for ii in range(min(block_q, n - i0)):
-            inv = ONE / l[g * block_q + ii]
-            for c in range(d):
-                out[0, i0 + ii, h * g_size + g, c] = acc[g * block_q + ii, c] * inv
-
-
-@numba.njit(parallel=True, fastmath=True, cache=True)
-def _fused_kernel(q: np.ndarray, kt: np.ndarray, vt: np.ndarray, out: np.ndarray, block_q: int, block_k: int) -> None:
-    """``out[0] = causal softmax(q k^T / sqrt(D)) v`` over ``q [1, T, H, D]`` and head-major, zero-padded
-    ``kt``/``vt [Hk, Tp, D]``; jobs paired (c, n-1-c) per KV head for an even causal split."""
-    n_q = (q.shape[1] + block_q - 1) // block_q
-    half = (n_q + 1) // 2
-    for p in numba.prange(kt.shape[0] * half):
-        h, c = p // half, p % half
-        _query_block(q, kt, vt, out, h, c, block_q, block_k)
-        if n_q - 1 - c != c:
-            _query_block(q, kt, vt, out, h, n_q - 1 - c, block_q, block_k)
+from tmjax.pallas_kernels import cpu_fused, xla
 
 
 def fused_attention_np(q: np.ndarray, k: np.ndarray, v: np.ndarray, block_q: int = 32, block_k: int = 128) -> np.ndarray:
-    """Causal GQA attention of ``q [1, T, H, D]``, ``k, v [1, T, Hk, D]`` float32 (full length), numpy in/out."""
+    """The library's fused kernel (``cpu_fused.attend``, dense causal) on numpy: ``q [B, T, H, D]``, ``k, v
+    [B, T, Hk, D]`` float32, full length."""
     b, n, heads, d = q.shape
-    if b != 1 or heads % k.shape[2] or q.dtype != np.float32:
-        raise ValueError(f"prototype takes batch 1 float32 GQA, got {q.shape} {k.shape} {q.dtype}")
-    # Keys up to the last query block's end (block_q rows) rounded up to block_k, zero-padded; padded keys
-    # lie after every real query, so the diagonal mask already excludes them.
-    n_pad = -(-(-(-n // block_q) * block_q) // block_k) * block_k
-    kt = np.zeros((k.shape[2], n_pad, d), np.float32)
-    vt = np.zeros((k.shape[2], n_pad, d), np.float32)
-    kt[:, :n] = k[0].transpose(1, 0, 2)
-    vt[:, :n] = v[0].transpose(1, 0, 2)
-    out = np.empty_like(q)
-    _fused_kernel(np.ascontiguousarray(q), kt, vt, out, block_q, block_k)
-    return out
+    grouped = q.reshape(b, n, k.shape[2], heads // k.shape[2], d)
+    out = cpu_fused.attend(grouped, k, v, np.int32(n), n_init=0, n_local=n, block_q=block_q, block_k=block_k)
+    return out.reshape(q.shape)
 
 
 def fused_attention_jax(q: jax.Array, k: jax.Array, v: jax.Array, block_q: int = 32, block_k: int = 128) -> jax.Array:
-    """The same through ``jax.pure_callback`` (forward only: no VJP, no vmap rule beyond the default)."""
-    def host(q, k, v):
-        return fused_attention_np(np.asarray(q), np.asarray(k), np.asarray(v), block_q, block_k)
-    return jax.pure_callback(host, jax.ShapeDtypeStruct(q.shape, q.dtype), q, k, v)
+    """The same as the library reaches it: ``tmjax.causal_attention`` on xla with ``Tuning(fused=True)``
+    (``jax.pure_callback``)."""
+    tuning = dataclasses.replace(xla.Tuning(), fused=True, fused_block_q=block_q, fused_block_kv=block_k)
+    return tmjax.causal_attention(q, k, v, implementation="xla", tuning=tuning)
 
 
 def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -246,10 +119,7 @@ def main() -> None:
     t0 = time.perf_counter()
     fused_attention_np(*inputs(70, args.heads, args.kv_heads, args.head_dim, 9), *tiles[0])
     first_call_s = time.perf_counter() - t0
-    cache_hits = {name: sum(f.stats.cache_hits.values()) for name, f in (("kernel", _fused_kernel), ("block", _query_block))}
-    cache_misses = {name: sum(f.stats.cache_misses.values()) for name, f in (("kernel", _fused_kernel), ("block", _query_block))}
-    print(f"numba first call {first_call_s:.2f} s; cache hits {cache_hits}, misses {cache_misses}; "
-          f"threads {numba.get_num_threads()} ({numba.threading_layer()})")
+    print(f"numba first call {first_call_s:.2f} s; threads {numba.get_num_threads()} ({numba.threading_layer()})")
 
     errors = {}
     for n in (args.check_seq, args.seq):
@@ -299,7 +169,7 @@ def main() -> None:
                 shape=dict(seq=args.seq, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim),
                 threads=dict(numba=numba.get_num_threads(), numba_layer=numba.threading_layer(), torch=torch.get_num_threads(),
                              openblas=os.environ.get("OPENBLAS_NUM_THREADS")),
-                numba_first_call_s=first_call_s, numba_cache_hits=cache_hits, numba_cache_misses=cache_misses,
+                numba_first_call_s=first_call_s,
                 max_abs_error_vs_float64=errors, repeats=args.repeats,
                 load_average_before=load_before, load_average_after=os.getloadavg(),
                 command="python bench/cpu_fused_attention.py " + " ".join(sys.argv[1:]))
