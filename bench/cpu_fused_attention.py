@@ -13,22 +13,22 @@ Checks (exit non-zero on failure): the kernel against a float64 numpy reference 
 a length that is not a multiple of the blocks. Timing, one process, systems interleaved, medians:
 (a) the numba kernel on numpy arrays, (b) the same through ``jax.jit`` + ``jax.pure_callback``,
 (c) ``tmjax.causal_attention`` jitted as ``bench/cpu_prefill.py --breakdown`` times "one layer's causal
-attention", (d) PyTorch SDPA ``is_causal=True, enable_gqa=True`` on ``[B, H, T, D]`` inputs.
+attention", (d) PyTorch SDPA ``is_causal=True, enable_gqa=True`` on ``[B, H, T, D]`` inputs; with ``--band
+n_init,n_local`` also (e) the kernel's band pass at every tile (checked against a float64 band reference),
+the tiles the CPU tuning table picks from.
 
     python bench/cpu_fused_attention.py --out DIR
+    python bench/cpu_fused_attention.py --tiles 32x128,32x64,64x64,16x64,32x256 --band 8,512 --out DIR
 """
 
 from __future__ import annotations
-
-import os
-
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numba's np.dot is scipy's OpenBLAS: see cpu_fused's docstring
 
 import argparse
 import dataclasses
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -46,12 +46,14 @@ import tmjax
 from tmjax.pallas_kernels import cpu_fused, xla
 
 
-def fused_attention_np(q: np.ndarray, k: np.ndarray, v: np.ndarray, block_q: int = 32, block_k: int = 128) -> np.ndarray:
-    """The library's fused kernel (``cpu_fused.attend``, dense causal) on numpy: ``q [B, T, H, D]``, ``k, v
-    [B, T, Hk, D]`` float32, full length."""
+def fused_attention_np(q: np.ndarray, k: np.ndarray, v: np.ndarray, block_q: int = 32, block_k: int = 128,
+                       band: tuple[int, int] | None = None) -> np.ndarray:
+    """The library's fused kernel (``cpu_fused.attend``; dense causal, or the band ``(n_init, n_local)``) on
+    numpy: ``q [B, T, H, D]``, ``k, v [B, T, Hk, D]`` float32, full length."""
     b, n, heads, d = q.shape
+    n_init, n_local = band or (0, n)
     grouped = q.reshape(b, n, k.shape[2], heads // k.shape[2], d)
-    out = cpu_fused.attend(grouped, k, v, np.int32(n), n_init=0, n_local=n, block_q=block_q, block_k=block_k)
+    out = cpu_fused.attend(grouped, k, v, np.int32(n), n_init=n_init, n_local=n_local, block_q=block_q, block_k=block_k)
     return out.reshape(q.shape)
 
 
@@ -62,11 +64,13 @@ def fused_attention_jax(q: jax.Array, k: jax.Array, v: jax.Array, block_q: int =
     return tmjax.causal_attention(q, k, v, implementation="xla", tuning=tuning)
 
 
-def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Dense causal GQA attention in float64, head by head (query head h reads KV head h // G)."""
+def reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, band: tuple[int, int] | None = None) -> np.ndarray:
+    """Causal GQA attention in float64, head by head (query head h reads KV head h // G); with ``band =
+    (n_init, n_local)`` row i sees only keys j < n_init or i - j < n_local."""
     n, heads, d = q.shape[1:]
     g_size = heads // k.shape[2]
-    mask = np.tril(np.ones((n, n), bool))
+    i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+    mask = j <= i if band is None else (j <= i) & ((j < band[0]) | (i - j < band[1]))
     out = np.empty(q.shape, np.float64)
     for h in range(heads):
         s = q[0, :, h].astype(np.float64) @ k[0, :, h // g_size].astype(np.float64).T / math.sqrt(d)
@@ -104,11 +108,14 @@ def main() -> None:
     parser.add_argument("--tiles", default="32x128",
                         help="comma-separated block_q x block_k tiles for the numba kernel; the first is the "
                              "one also timed through JAX")
+    parser.add_argument("--band", default=None,
+                        help="n_init,n_local: also check and time the numba kernel's band pass at every tile")
     parser.add_argument("--check-seq", type=int, default=1000, help="extra correctness length (not a block multiple)")
     parser.add_argument("--tolerance", type=float, default=5e-5, help="max abs error vs float64 reference")
     parser.add_argument("--out", default=None, help="folder for the JSON of raw times (printed only if omitted)")
     args = parser.parse_args()
     tiles = [tuple(int(x) for x in t.split("x")) for t in args.tiles.split(",")]
+    band = tuple(int(x) for x in args.band.split(",")) if args.band else None
     torch_threads = os.cpu_count() or 1
     load_before = os.getloadavg()
 
@@ -127,6 +134,11 @@ def main() -> None:
         ref = reference(q, k, v)
         for bq, bk in tiles:
             errors[f"numba {bq}x{bk} T={n}"] = float(np.max(np.abs(fused_attention_np(q, k, v, bq, bk) - ref)))
+        if band:
+            ref_band = reference(q, k, v, band)
+            for bq, bk in tiles:
+                errors[f"numba band {bq}x{bk} T={n}"] = float(np.max(np.abs(
+                    fused_attention_np(q, k, v, bq, bk, band) - ref_band)))
         errors[f"numba via pure_callback T={n}"] = float(np.max(np.abs(
             np.asarray(jax.jit(fused_attention_jax)(q, k, v)) - ref)))
         errors[f"tmjax.causal_attention T={n}"] = float(np.max(np.abs(
@@ -149,6 +161,8 @@ def main() -> None:
     systems: dict[str, Callable[[], object]] = {}
     for bq, bk in tiles:
         systems[f"(a) numba {bq}x{bk}, numpy in/out"] = lambda bq=bq, bk=bk: fused_attention_np(q, k, v, bq, bk)
+    for bq, bk in tiles if band else ():
+        systems[f"(e) numba band {band[0]},{band[1]} {bq}x{bk}"] = lambda bq=bq, bk=bk: fused_attention_np(q, k, v, bq, bk, band)
     systems[f"(b) numba {tiles[0][0]}x{tiles[0][1]} via jax.jit + pure_callback"] = lambda: callback(qj, kj, vj).block_until_ready()
     systems["(c) tmjax.causal_attention (XLA), jitted"] = lambda: layer(qj, kj, vj).block_until_ready()
     systems["(d) PyTorch SDPA is_causal, enable_gqa"] = lambda: sdpa(qt, kt_, vt_, is_causal=True, enable_gqa=True)

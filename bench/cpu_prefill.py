@@ -9,13 +9,14 @@ attention replaced by the identity (non-attention time) and one layer's attentio
 ``--chunks 512,768,1024`` tmjax's systems run once per XLA key chunk (the ``chunk`` of
 ``pallas_kernels/tuning_tables/xla.json``, 768 as shipped for the CPU: key rows per step of the causal
 and last-rows passes, which take 256 query rows at a time), each a system of its own in the same
-interleaved rounds, to see whether the shipped chunk is this machine's best. With ``--fused`` tmjax's
-systems also run with the opt-in fused host kernel (``fused: true``, ``pallas_kernels/cpu_fused.py``)
-beside the XLA passes, in the same rounds.
+interleaved rounds, to see whether the shipped chunk is this machine's best. The CPU's default
+causal and band passes are the fused host kernel (``fused: true`` in that table,
+``pallas_kernels/cpu_fused.py``, where numba imports); with ``--xla-pass`` tmjax's systems also run with
+the XLA passes (``fused: false``) beside it, in the same rounds.
 
     python bench/cpu_prefill.py --out bench/results
     python bench/cpu_prefill.py --chunks 512,768,1024 --out DIR
-    python bench/cpu_prefill.py --fused --breakdown --out DIR
+    python bench/cpu_prefill.py --xla-pass --breakdown --out DIR
 """
 
 from __future__ import annotations
@@ -87,8 +88,8 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true")
     parser.add_argument("--chunks", default=None,
                         help="comma-separated XLA key chunks to time tmjax with (default: the tuning table's)")
-    parser.add_argument("--fused", action="store_true",
-                        help="also time tmjax with the opt-in fused host kernel for the causal and band passes")
+    parser.add_argument("--xla-pass", action="store_true",
+                        help="also time tmjax with the XLA causal and band passes instead of the fused host kernel")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     args = parser.parse_args()
     chunks = [None] if args.chunks is None else [int(c) for c in args.chunks.split(",")]
@@ -96,8 +97,8 @@ def main() -> None:
         parser.error(f"--chunks must be multiples of 8, got {args.chunks}")
     # (name suffix, xla tuning fields over the table's): one pair of tmjax systems each
     variants = [("", None) if c is None else (f" chunk {c}", {"chunk": c}) for c in chunks]
-    if args.fused:
-        variants.append((" (fused CPU pass)", {"fused": True}))
+    if args.xla_pass:
+        variants.append((" (XLA passes)", {"fused": False}))
 
     path = smollm2_checkpoint("float32")
     params, tok = tmjax.load(path), load_tokenizer(path)

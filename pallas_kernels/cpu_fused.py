@@ -1,4 +1,4 @@
-"""The xla backend's causal and band passes on the CPU as one fused kernel (numba): opt-in, not yet the default.
+"""The xla backend's causal and band passes on the CPU as one fused kernel (numba): the CPU's default.
 
 Why: XLA:CPU runs a blocked attention's max, exp, sum and both products as separate fusions over the
 score tile, so on a small CPU the passes are memory-bound and the causal pass ran 1.3-2x PyTorch SDPA's
@@ -11,10 +11,14 @@ multiplied into the accumulator with BLAS. Jobs run in parallel, query block ``c
 ``n - 1 - c`` so every thread gets the same causal work (``bench/results/cpu-fused-attention-prototype/``:
 0.88x PyTorch SDPA's time through ``jax.pure_callback`` where the XLA pass took 1.26x).
 
-Reached through ``jax.pure_callback`` from ``xla`` when ``xla.Tuning.fused`` is set and numba imports
-(the ``cpu`` extra). Off by default until two measured problems are solved (``bench/NOTES.md``): scipy's
-OpenBLAS, which numba's ``np.dot`` calls, contends between the parallel jobs when it was loaded with
-more than one thread (3x slower; loaded with ``OPENBLAS_NUM_THREADS=1`` it does not), and several CPU
+Reached through ``jax.pure_callback`` from ``xla`` on a one-device CPU host, the default there (``xla``'s
+tuning table) where numba imports (the ``cpu`` extra) and scipy's BLAS runs one thread. That BLAS
+(``np.dot`` in numba calls scipy's OpenBLAS) serialises the parallel jobs when it was loaded with more
+than one thread, even when limited to one at run time (2.1x slower than the XLA pass's time; loaded
+with one thread it is not, ``bench/NOTES.md``): so importing this module loads scipy's BLAS with
+``OPENBLAS_NUM_THREADS=1`` when scipy's BLAS is not loaded yet and the variable is unset (numpy's own
+BLAS, loaded before, keeps its threads; scipy's linear algebra then runs on one thread in this process),
+and where scipy came first with more threads the XLA pass runs instead (``available``). Several CPU
 devices calling back at once hung numba's OpenMP threads (so ``xla`` uses it only with one CPU device).
 Inputs come through ``guards.guard_values`` like every xla step, so only visible keys' NaN/Inf can reach
 a row, and they do: the fast-math flags below leave out ``nnan``/``ninf``, so a NaN score propagates.
@@ -24,7 +28,10 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -48,9 +55,30 @@ ONE, HALF, LOW = np.float32(1.0), np.float32(0.5), np.float32(-126.0)
 START = np.float32(-1e30)  # a row's running max before its first key: finite, wiped out by exp2(START - m) = 0
 
 
+def _load_blas_single_threaded() -> None:
+    """Load scipy's BLAS (what numba's ``np.dot`` calls) with one thread, unless scipy's BLAS is loaded
+    already or the user set ``OPENBLAS_NUM_THREADS`` (then ``_blas_single_threaded`` judges it)."""
+    if "scipy.linalg.cython_blas" in sys.modules or "OPENBLAS_NUM_THREADS" in os.environ:
+        return
+    os.environ["OPENBLAS_NUM_THREADS"] = "1"
+    try:
+        import scipy.linalg.cython_blas  # noqa: F401  (loads the library; numba finds it there)
+    finally:
+        del os.environ["OPENBLAS_NUM_THREADS"]
+
+
+def _blas_single_threaded() -> bool:
+    """Whether scipy's BLAS runs one thread: the libraries under a ``scipy*`` folder (the wheels'
+    ``scipy.libs``), or, where scipy shares a system BLAS, every BLAS library in the process."""
+    blas = [lib for lib in ThreadpoolController().info() if lib["user_api"] == "blas"]
+    scipys = [lib for lib in blas if Path(lib["filepath"]).parent.name.startswith("scipy")]
+    return all(lib["num_threads"] == 1 for lib in scipys or blas)
+
+
+@functools.cache
 def available() -> bool:
-    """Whether numba imported (the fused pass can run)."""
-    return numba is not None
+    """Whether the fused pass can run at its speed: numba imported and scipy's BLAS runs one thread."""
+    return numba is not None and _blas_single_threaded()
 
 
 if numba is not None:
@@ -155,6 +183,8 @@ if numba is not None:
                 inv = ONE / total[g * block_q + ii]
                 for c in range(d):
                     out[b, i0 + ii, h, g, c] = acc[g * block_q + ii, c] * inv
+
+    _load_blas_single_threaded()
 
     @numba.njit(parallel=True, fastmath=FAST, cache=True)
     def _kernel(q, kt, vt, out, live_blocks, block_q, block_k, n_init, n_local):

@@ -7,8 +7,8 @@ rather than block by block); a static causal table as key chunks up to the diago
 softmax; a dynamic table by its lists (key blocks, then gathered columns). ``last_rows`` is the
 triangle's dense last rows (the dispatch's two-pass driver splices them). GQA stays native: q is
 viewed as ``[B, T, Hkv, G, D]`` and K/V are never repeated. Scores, softmax and accumulation are
-float32; loops stop at ``length``, so padding costs no work. With ``Tuning.fused`` (opt-in) the causal
-and band passes on a one-device CPU host are one fused kernel (``cpu_fused``, numba). K and V come through
+float32; loops stop at ``length``, so padding costs no work. With ``Tuning.fused`` (the CPU table's
+default) the causal and band passes on a one-device CPU host are one fused kernel (``cpu_fused``, numba). K and V come through
 ``guards.guard_values`` (the dispatch, ``GUARD_VALUES``), so a value a row cannot see never reaches
 it while steps only mask scores.
 """
@@ -36,9 +36,9 @@ class Tuning:
     step) holds as many blocks as keep its score tensor under ``band_chunk_scores`` entries per batch
     row and head; the causal pass takes ``query_chunk`` query rows at a time against key steps of
     ``chunk`` rows (rounded down to whole query chunks); the dense last rows take key steps of
-    ``chunk`` rows. ``fused`` (opt-in): the causal and band passes run ``cpu_fused``'s kernel (host only,
-    one CPU device, where numba imports) with ``fused_block_q`` query rows per head against
-    ``fused_block_kv`` keys a step. Measured values: ``tuning_tables/xla.json``."""
+    ``chunk`` rows. ``fused`` (the CPU table sets it): the causal and band passes run ``cpu_fused``'s kernel
+    (host only, one CPU device, where ``cpu_fused.available()``) with ``fused_block_q`` query rows per
+    head against ``fused_block_kv`` keys a step. Measured values: ``tuning_tables/xla.json``."""
 
     band_block: int = 64
     band_chunk_scores: int = 1 << 20
@@ -215,9 +215,10 @@ def last_rows(q_rows: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, t
 
 
 def _fused_here(tuning: Tuning) -> bool:
-    """Whether the causal and band passes run ``cpu_fused``'s host kernel: the tuning asks, numba imports,
-    and the computation runs on one CPU device (with several, e.g. a mesh of virtual CPU devices, their
-    concurrent callbacks hung numba's OpenMP threads in a test: the XLA passes run there)."""
+    """Whether the causal and band passes run ``cpu_fused``'s host kernel: the tuning asks, it is available
+    (numba, scipy's BLAS on one thread), and the computation runs on one CPU device (with several, e.g. a
+    mesh of virtual CPU devices, their concurrent callbacks hung numba's OpenMP threads in a test: the XLA
+    passes run there)."""
     return (tuning.fused and cpu_fused.available() and jax.default_backend() == "cpu"
             and jax.local_device_count() == 1)
 

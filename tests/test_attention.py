@@ -372,15 +372,15 @@ BOTH_WAYS_CASES = {**{f"causal-{n}": c for n, c in CAUSAL_CASES.items()},
 @pytest.mark.parametrize("fused", [False, True], ids=["xla-loop", "cpu-fused"])
 @pytest.mark.parametrize("case", list(BOTH_WAYS_CASES.values()), ids=list(BOTH_WAYS_CASES))
 def test_xla_passes_both_ways_against_dense(case, fused):
-    """The xla backend's causal and band passes have two bodies on the CPU: the XLA loops (the default,
-    every platform) and the fused host kernel (``cpu_fused``, opt-in by ``Tuning.fused``). Each, forced by
+    """The xla backend's causal and band passes have two bodies on the CPU: the XLA loops (every platform)
+    and the fused host kernel (``cpu_fused``, ``Tuning.fused``: the CPU table's default). Each, forced by
     its tuning, against dense float32 under the recomputed mask (causal, or the triangle: its band is
     the fused pass, its last rows XLA's) with per-row lengths (one row shorter than a fused query block),
     and one NaN entry of K at a key some rows see: exactly those rows turn non-finite."""
     from tmjax.pallas_kernels import cpu_fused, xla
 
     if fused and not cpu_fused.available():
-        pytest.skip("numba is not installed: the fused CPU pass is not available")
+        pytest.skip("the fused CPU pass is off: numba is not installed, or scipy's BLAS was loaded with threads")
     if jax.default_backend() != "cpu" or jax.local_device_count() != 1:
         pytest.skip("the fused pass runs on the host, with one CPU device")
     c, triangle = case, case.n_local > 0

@@ -226,6 +226,42 @@ def test_eval_cli_end_to_end(tiny, tmp_path, monkeypatch):
     assert recomputed == report["results"]["switch=2"]
 
 
+@pytest.mark.parametrize("signal_at_call", [4, 2], ids=["after-one-sample", "before-any-sample"])
+def test_a_stopped_eval_reports_its_finished_samples(tiny, tmp_path, monkeypatch, signal_at_call):
+    """SIGTERM (what `timeout` sends) in the middle of a run: the report holds the finished samples (whole
+    rows, summarised from them), says it was interrupted, and the exit code is 128 + 15; stopped before
+    any sample finished, nothing is written. Through ``tmjax.cli.main``, which installs the handler."""
+    import os
+    import signal
+
+    from tmjax import cli
+
+    folder, _, _ = tiny
+    calls = {"n": 0}
+    real_greedy = evaluate.greedy
+
+    def greedy_then_signal(*args, **kwargs):  # 2 configurations per sample: call 4 ends sample 2
+        calls["n"] += 1
+        if calls["n"] == signal_at_call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_greedy(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "greedy", greedy_then_signal)
+    out = tmp_path / "out"
+    code = cli.main(["eval", "--checkpoint", str(folder), "--tasks", "niah_single", "--samples-per-task", "3",
+                     "--max-tokens", "400", "--switch-layers", "2", "--out", str(out)])
+    assert code == 128 + signal.SIGTERM
+    if signal_at_call == 2:
+        assert not out.exists() or not any(out.iterdir())
+        return
+    report = json.loads((out / "accuracy.json").read_text())
+    assert len(report["samples"]) == 1  # the second sample was cut: not reported
+    assert report["interrupted"].startswith("SIGTERM after 1 of 3 samples")
+    assert report["results"] == evaluate.summarise(report["samples"], ["dense", "switch=2"])
+    assert "1 of 3 samples, interrupted" in (out / "accuracy.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["accuracy.json", "accuracy.md", "accuracy.png"]
+
+
 def test_deterministic_gpu_flag_added_unless_the_user_chose():
     env: dict[str, str] = {}
     evaluate.deterministic_gpu(env)

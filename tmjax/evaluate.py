@@ -18,13 +18,13 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from statistics import NormalDist
 
 import numpy as np
 
-from tmjax import api, tasks
+from tmjax import api, interrupts, tasks
 from tmjax.attention import IMPLEMENTATIONS
 from tmjax.layout import SELECTIONS, FlexPrefill, Layout, TriangleMix, VerticalSlash, check_layout
 from tmjax.models.kv_quant import KV_DTYPES
@@ -143,6 +143,17 @@ def evaluate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample],
     reference ``dense`` keeps the weights' dtype, so ``identical_to_dense`` measures the cache's cost."""
     if not samples:
         raise ValueError("evaluate needs at least one sample, got none")
+    runs = plan_runs(params, configs, n_init=n_init, n_local=n_local, n_last=n_last, kv_dtype=kv_dtype)
+    rows = list(answer_rows(params, tokenizer, samples, runs, implementation=implementation, chunk=chunk))
+    return assemble(runs, kv_dtype, rows)
+
+
+Runs = dict[str, tuple[Layout | None, str | None]]  # report name -> (layout, KV cache dtype or None)
+
+
+def plan_runs(params: Params, configs: Sequence[int | Layout | None], *, n_init: int = 8, n_local: int = 512,
+              n_last: int = 128, kv_dtype: str | None = None) -> Runs:
+    """The configurations ``evaluate`` runs, checked against the model, by report name (dense first)."""
     chosen: list[Layout] = []
     for config in configs:
         layout = TriangleMix(switch_layer=config, n_init=n_init, n_local=n_local, n_last=n_last) \
@@ -159,10 +170,16 @@ def evaluate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample],
     runs = {name: (layout, None) for name, layout in layouts.items() if kv_dtype is None or layout is None}
     if kv_dtype is not None:
         runs.update({f"{name} kv={kv_dtype}": (layout, kv_dtype) for name, layout in layouts.items()})
+    return runs
+
+
+def answer_rows(params: Params, tokenizer: object, samples: Sequence[tasks.Sample], runs: Runs, *,
+                implementation: str | None = None, chunk: int | None = None) -> Iterator[dict]:
+    """One finished row per sample, as each completes (every configuration's answer and its comparisons),
+    so that a stopped run still has whole rows to report."""
     bases = _triangle_bases(runs)
     stop_ids = [i for i in (tokenizer.eos_token_id,) if i is not None]
     cache_room = max(s.max_new_tokens for s in samples)
-    rows = []
     for sample in samples:
         encoded = tasks.encode(tokenizer, sample)
         row = {"task": sample.task, "seed": sample.seed, "prompt_tokens": len(encoded.prompt_ids),
@@ -182,10 +199,15 @@ def evaluate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample],
                                     "first_token_kl": kl_divergence(dense_first, first)}
         for name, base in bases.items():
             row["configs"][name]["identical_to_triangle"] = tokens[name] == tokens[base]
-        rows.append(row)
+        yield row
+
+
+def assemble(runs: Runs, kv_dtype: str | None, rows: Sequence[dict]) -> dict:
+    """The report dict of finished ``rows`` (``evaluate``'s return value)."""
     return {"configs": {name: None if layout is None else dataclasses.asdict(layout)
                         for name, (layout, _) in runs.items()},
-            "kv_dtype": kv_dtype, "triangle_bases": bases, "results": summarise(rows, list(runs)), "samples": rows}
+            "kv_dtype": kv_dtype, "triangle_bases": _triangle_bases(runs), "results": summarise(rows, list(runs)),
+            "samples": list(rows)}
 
 
 def _triangle_bases(runs: dict[str, tuple[Layout | None, str | None]]) -> dict[str, str]:
@@ -584,19 +606,43 @@ def _eval(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     samples = tasks.generate_suite(names, samples_per_task=args.samples_per_task, seed=args.seed,
                                    max_tokens=max_tokens, count=tasks.token_counter(tokenizer))
-    report = evaluate(params, tokenizer, samples, layouts, implementation=args.implementation,
-                      kv_dtype=args.kv_dtype, chunk=args.chunk)
+    runs = plan_runs(params, layouts, **triangle, kv_dtype=args.kv_dtype)
+    rows: list[dict] = []
+    stopped: KeyboardInterrupt | None = None
+    try:  # a stop (SIGINT, SIGTERM: e.g. `timeout`) keeps the finished samples' report
+        for row in answer_rows(params, tokenizer, samples, runs, implementation=args.implementation, chunk=args.chunk):
+            rows.append(row)
+            interrupts.check()  # a signal whose exception jax swallowed (e.g. in a gc callback)
+    except KeyboardInterrupt as err:
+        if not rows:
+            raise
+        stopped = err
+    report = assemble(runs, args.kv_dtype, rows)
     marks = {name: marked[layout] for name, data in report["configs"].items()
              if (layout := layout_from_json(data)) in marked}
+    done = f"{len(rows)} samples" if stopped is None else f"{len(rows)} of {len(samples)} samples, interrupted"
     report = {"model": name, "dtype": str(params.weights["norm"]["scale"].dtype), "max_tokens": max_tokens,
               "samples_per_task": args.samples_per_task, "seed": args.seed, "recommended_switch_layer": recommended,
               "marks": marks, "seconds": round(time.perf_counter() - started, 1),
-              "xla_flags": os.environ.get("XLA_FLAGS", ""), **report}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "accuracy.json").write_text(json.dumps(report, indent=2))
+              "xla_flags": os.environ.get("XLA_FLAGS", ""),
+              "interrupted": None if stopped is None else f"{stopped} after {len(rows)} of {len(samples)} samples",
+              **report}
     table = markdown(report)
-    (out / "accuracy.md").write_text(f"# {name}: accuracy, dense vs sparse layouts ({max_tokens} tokens, "
-                                     f"{len(samples)} samples)\n\n{table}")
-    plot(report, out / "accuracy.png", f"{name}, {max_tokens} tokens")
+    with interrupts.deferred(raise_at_end=stopped is None):  # whole files, even if a signal comes now
+        out.mkdir(parents=True, exist_ok=True)
+        _write(out / "accuracy.json", json.dumps(report, indent=2))
+        _write(out / "accuracy.md", f"# {name}: accuracy, dense vs sparse layouts ({max_tokens} tokens, {done})\n\n{table}")
+        plot(report, out / "accuracy.png", f"{name}, {max_tokens} tokens")
     print(table)
+    if stopped is not None:
+        print(f"tmjax eval: interrupted ({stopped}): the report in {out} holds the {len(rows)} finished of "
+              f"{len(samples)} samples", file=sys.stderr)
+        raise stopped
     return 0
+
+
+def _write(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary name in the same folder, so a reader never sees half a file."""
+    part = path.with_name(f".{path.name}.part")
+    part.write_text(text)
+    os.replace(part, path)
