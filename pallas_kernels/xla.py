@@ -186,7 +186,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, length: jax.A
     qg = q.reshape(b, t, k.shape[2], hq // k.shape[2], d)
     if table.n_local is None or table.n_local >= t or table.n_init >= t:  # every key of a row's past is seen
         out = _causal(qg, k, v, jnp.max(length), tuning)
-    elif _fused_here(tuning):
+    elif fused_here(tuning):
         out = _fused(qg, k, v, jnp.max(length), tuning, n_init=table.n_init, n_local=table.n_local)
     else:
         out = _band(qg, k, v, n_init=table.n_init, n_local=table.n_local, length=jnp.max(length), tuning=tuning)
@@ -214,7 +214,7 @@ def last_rows(q_rows: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, t
     return _finish(carry).reshape(b, hkv, r, hq // hkv, d).transpose(0, 2, 1, 3, 4).reshape(b, r, hq, d)
 
 
-def _fused_here(tuning: Tuning) -> bool:
+def fused_here(tuning: Tuning) -> bool:
     """Whether the causal and band passes run ``cpu_fused``'s host kernel: the tuning asks, it is available
     (numba, scipy's BLAS on one thread), and the computation runs on one CPU device (with several, e.g. a
     mesh of virtual CPU devices, their concurrent callbacks hung numba's OpenMP threads in a test: the XLA
@@ -226,7 +226,7 @@ def _fused_here(tuning: Tuning) -> bool:
 def _causal(q: jax.Array, k: jax.Array, v: jax.Array, live: jax.Array, tuning: Tuning) -> jax.Array:
     """Dense causal attention of q ``[B, T, Hkv, G, D]``: the fused host kernel or the XLA pass; rows at or
     past ``live`` are not computed."""
-    if _fused_here(tuning):
+    if fused_here(tuning):
         return _fused(q, k, v, live, tuning, n_init=0, n_local=q.shape[1])
     return _causal_xla(q, k, v, live, tuning)
 

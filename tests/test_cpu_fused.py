@@ -22,7 +22,7 @@ from threadpoolctl import threadpool_info
 from tmjax.pallas_kernels import cpu_fused, tuning, xla
 chosen = tuning.choose(xla, "xla", q_heads=9, kv_heads=3, head_dim=64, pattern="causal")
 blas = {{lib["filepath"]: lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}}
-print(json.dumps(dict(fused=chosen.fused, available=cpu_fused.available(), runs=xla._fused_here(chosen), blas=blas)))
+print(json.dumps(dict(fused=chosen.fused, available=cpu_fused.available(), runs=xla.fused_here(chosen), blas=blas)))
 """
 
 

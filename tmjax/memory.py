@@ -19,7 +19,11 @@ sum of what it holds at once, in bytes (every term is stated in ``MemoryEstimate
   last ``block`` rows (its classification); on the ``xla`` backend, Triangle and
   sliding-window layers' band: its chunk (float32 scores and probabilities, ``band_chunk_scores``
   entries per head each) and its heads-first copies (q, k and v in float32, the output in
-  ``dtype``). The Pallas kernels keep their tiles on chip.
+  ``dtype``); where the CPU runs the fused host pass (``xla.fused_here``) instead, its buffers: q, k
+  and v handed to the callback, k and v padded head-major, the float32 output, its copy into XLA and
+  its cast (four q-sized and four k-sized float32 arrays; for Triangle layers also the last rows' K and
+  V heads-first and the band's float32 output that the merge reads). The Pallas kernels keep their
+  tiles on chip.
 
 ``T`` is the padded prompt (``tmjax.api.bucket_length``). The pre-flight (``preflight``) compares
 the total with the device's memory (``memory_stats()["bytes_limit"]`` on an accelerator; on CPU the
@@ -129,9 +133,17 @@ def memory_estimate(
     attention += 2 * batch * c.num_heads * min(last_q, t) * t * 4
     banded = any(isinstance(p, TriangleMix) for p in patterns) or any(
         (c.layer_window(i) or t) < t for i in range(c.num_layers))
-    if banded and (implementation or default_implementation()) == "xla":
-        band = tuning.choose(xla, "xla", q_heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                             pattern="triangle").band_chunk_scores
+    on_xla = (implementation or default_implementation()) == "xla"
+    heads = dict(q_heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=c.head_dim)
+    if on_xla and (banded or any(p is None for p in patterns) or layout is None) and xla.fused_here(
+            tuning.choose(xla, "xla", **heads, pattern="triangle" if banded else "causal")):
+        # the fused host pass: q, k, v handed to the callback, k and v padded head-major, its float32
+        # output, that output's copy into XLA and its cast
+        attention += 4 * (4 * q_numbers + 4 * kv_numbers)
+        if banded:  # the triangle's last rows (XLA): K and V heads-first, and the band's output the merge reads
+            attention += 4 * (q_numbers + 2 * kv_numbers)
+    elif banded and on_xla:
+        band = tuning.choose(xla, "xla", **heads, pattern="triangle").band_chunk_scores
         attention += 2 * batch * c.num_heads * band * 4 + (q_numbers + 2 * kv_numbers) * 4 + q_numbers * a
     return MemoryEstimate(weights, cache, sequence, per_chunk, attention, t, chunk)
 
