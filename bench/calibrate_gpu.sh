@@ -20,9 +20,10 @@
 # Expected time on an H100 (float32 XLA, from the 8K accuracy run: ~0.7 s per prompt and configuration):
 # calibrate ~5 min, shallow ~4 min, eval ~6 min; bf16 through the kernels is faster.
 #
-# The model: the GGUF (94 MiB) does not fit one call's 64 MiB, so carry it in two ignored halves,
-# `.carry/smollm2-a/part-aa` and `.carry/smollm2-b/part-ab` (`split -b 50M`), one per call: they are
-# joined into .carry/smollm2/ once both are there. Carry `gguf` as a wheel in .whl (device README).
+# The model: the GGUF (94 MiB) does not fit one call's 64 MiB, so carry it in the two ignored parts that
+# bench/carry_smollm2.sh writes, `.carry/smollm2a` with the first step's call and `.carry/smollm2b` with the
+# next (or `bash bench/gpu_check.sh prep` first): they are joined into .carry/smollm2/ once both are there.
+# Carry `gguf` as a wheel in .whl (device README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/out}"
@@ -36,8 +37,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
 fi
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
 gguf=.carry/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-if [[ ! -f $gguf && -f .carry/smollm2-a/part-aa && -f .carry/smollm2-b/part-ab ]]; then
-  mkdir -p .carry/smollm2 && cat .carry/smollm2-a/part-aa .carry/smollm2-b/part-ab >"$gguf"
+# the parts bench/carry_smollm2.sh writes; part a may wait in /tmp from an earlier call (gpu_check.sh prep)
+[[ -f .carry/smollm2a/smol.part.aa ]] && cp .carry/smollm2a/smol.part.aa /tmp/
+if [[ ! -f $gguf && -f /tmp/smol.part.aa && -f .carry/smollm2b/smol.part.ab ]]; then
+  mkdir -p .carry/smollm2 && cat /tmp/smol.part.aa .carry/smollm2b/smol.part.ab >"$gguf"
 fi
 [[ -f $gguf ]] || { echo "no $gguf: carry the two halves first (see the header)"; exit 1; }
 export TMJAX_SMOLLM2_GGUF="$PWD/$gguf" TMJAX_CACHE="$PWD/.carry/cache"

@@ -147,7 +147,9 @@ case "$what" in
     done
     wait "${pids[@]}"
     for f in "$OUT"/acc/*.log; do echo "--- $f"; grep "^| " "$f"; grep -h "identical to TriangleMix" "${f%.log}/accuracy.md" 2>/dev/null; done
-    python3 bench/eval_agreement.py "$OUT"/acc/*/accuracy.json --out "$OUT/acc/agreement.json" | grep -E "^\| (dense|switch=22) "
+    reports=("$OUT"/acc/*/accuracy.json)
+    (( ${#reports[@]} > 1 )) && python3 bench/eval_agreement.py "${reports[@]}" --out "$OUT/acc/agreement.json" \
+      | grep -E "^\| (dense|switch=22) "
     ( cd "$OUT" && find acc -name "*.png" -delete && tar czf acc.tgz acc && rm -rf acc ) ;;
   dynamic)
     parts="${2:-tests,accuracy,ttft,layer}"
