@@ -14,8 +14,8 @@ multiplied into the accumulator with BLAS. Jobs run in parallel, query block ``c
 Reached through ``jax.pure_callback`` from ``xla`` on a one-device CPU host, the default there (``xla``'s
 tuning table) where numba imports (the ``cpu`` extra) and scipy's BLAS runs one thread. That BLAS
 (``np.dot`` in numba calls scipy's OpenBLAS) serialises the parallel jobs when it was loaded with more
-than one thread, even when limited to one at run time (2.1x slower than the XLA pass's time; loaded
-with one thread it is not, ``bench/NOTES.md``): so importing this module loads scipy's BLAS with
+than one thread, even when limited to one at run time (281 ms a layer against 117 loaded with one
+thread, and the XLA pass's 204; ``bench/NOTES.md``): so importing this module loads scipy's BLAS with
 ``OPENBLAS_NUM_THREADS=1`` when scipy's BLAS is not loaded yet and the variable is unset (numpy's own
 BLAS, loaded before, keeps its threads; scipy's linear algebra then runs on one thread in this process),
 and where scipy came first with more threads the XLA pass runs instead (``available``). Several CPU
