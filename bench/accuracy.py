@@ -5,7 +5,7 @@ Steps (``--steps``, default all three, in this order; each reads the folders the
 - ``probe``: ``tmjax probe`` on ``PROBE_SEED`` prompts of the probe's tasks -> ``probe-<tag>/``
 - ``calibrate``: ``tmjax calibrate`` from that probe, on ``--samples`` prompts from ``CALIBRATION_SEED``
   -> ``calibration-<tag>/``
-- ``shallow``: ``tmjax calibrate --shallow vertical-slash --switch-layer <the calibrated layer>`` on the
+- ``shallow``: ``tmjax calibrate --shallow <--shallow-method> --switch-layer <the calibrated layer>`` on the
   same prompts -> ``shallow-<tag>/`` (a step of its own so that each fits a 10-minute device call)
 - ``eval``: ``tmjax eval`` on seeds 0, 1, ... of every task (the held-out ``prose_recall`` included):
   dense, the probe's layer, the calibrated layouts, and ``--switch-layers`` -> ``accuracy-<tag>/`` and
@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=120, help="calibration prompts per configuration")
     parser.add_argument("--identical", default="0.95", help="calibration: required Wilson lower bound")
     parser.add_argument("--max-kl", default="1e-3", help="calibration: required mean first-token KL")
+    parser.add_argument("--shallow-method", choices=["vertical-slash", "flexprefill"], default="vertical-slash",
+                        help="shallow step: the method whose budgets or masses are calibrated below the layer")
     parser.add_argument("--budgets", default=None, help="shallow step: vertical:slash ladder (default tmjax's)")
+    parser.add_argument("--masses", default=None, help="shallow step: a ladder of masses (default tmjax's)")
     parser.add_argument("--eval-samples", type=int, default=18, help="evaluation samples per task")
     parser.add_argument("--switch-layers", default=None, help="evaluation: a sweep beside the marked layers")
     parser.add_argument("--dtype", default="float32")
@@ -134,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             return code
     if "shallow" in steps:
         layer = json.loads((calibration_dir / "calibration.json").read_text())["recommended_switch_layer"]
-        code = calibrate_main([*calibration, "--shallow", "vertical-slash", "--switch-layer", str(layer),
-                               *(["--budgets", args.budgets] if args.budgets else []), "--out", str(shallow_dir), "--force"])
+        code = calibrate_main([*calibration, "--shallow", args.shallow_method, "--switch-layer", str(layer),
+                               *(["--budgets", args.budgets] if args.budgets else []),
+                               *(["--masses", args.masses] if args.masses else []), "--out", str(shallow_dir), "--force"])
         if code:
             return code
     if "eval" in steps:

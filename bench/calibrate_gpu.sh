@@ -7,7 +7,9 @@
 #
 #   bash bench/calibrate_gpu.sh probe            # tmjax probe, 3 prompts per task (~2 min)
 #   bash bench/calibrate_gpu.sh calibrate-bf16   # switch layer: 120 prompts per configuration
-#   bash bench/calibrate_gpu.sh shallow-bf16     # vertical-slash budgets below that layer, same prompts
+#   bash bench/calibrate_gpu.sh shallow-bf16     # the shallow method's ladder below that layer, same prompts
+#                                                # (SHALLOW=flexprefill|vertical-slash, default flexprefill;
+#                                                # MASSES=a,b,... or BUDGETS=v:s,... to replace tmjax's ladder)
 #   bash bench/calibrate_gpu.sh eval-bf16        # 18 samples x 7 tasks = 126 per configuration: dense,
 #                                                # the probe's layer, both calibrated layouts
 #   bash bench/calibrate_gpu.sh calibrate-f32    # the same three in float32 through XLA
@@ -51,7 +53,7 @@ probe_json="$RESULTS/probe-smollm2-8k/probe.json"
 run() {  # bench/accuracy.py with the evidence settings; $1 = step, $2 = tag suffix, the rest passed on
   local step=$1 tag=$2
   shift 2
-  timeout 590 python3 bench/accuracy.py --out "$RESULTS" --tag "smollm2-8k-$tag" --steps "$step" \
+  timeout "${STEP_S:-570}" python3 bench/accuracy.py --out "$RESULTS" --tag "smollm2-8k-$tag" --steps "$step" \
     --probe-json "$probe_json" --max-tokens 8192 --samples 120 --identical 0.90 --max-kl 1e-3 \
     --eval-samples 18 "$@" 2>&1 | tee "$OUT/$step-$tag.log" | grep -v "━" | tail -30
   local folder
@@ -59,6 +61,7 @@ run() {  # bench/accuracy.py with the evidence settings; $1 = step, $2 = tag suf
   cp "$RESULTS/$folder-smollm2-8k-$tag/"* "$OUT/"
 }
 
+shallow=(--shallow-method "${SHALLOW:-flexprefill}" ${MASSES:+--masses "$MASSES"} ${BUDGETS:+--budgets "$BUDGETS"})
 bf16=(--dtype bfloat16 --implementation default)
 f32=(--dtype float32 --implementation xla)
 case "$step" in
@@ -67,9 +70,9 @@ case "$step" in
       --probe-samples 3 2>&1 | tail -5
     cp "$RESULTS/probe-smollm2-8k/"* "$OUT/" ;;
   calibrate-bf16|shallow-bf16|eval-bf16)
-    run "${step%-bf16}" "bf16-$device" "${bf16[@]}" ;;
+    run "${step%-bf16}" "bf16-$device" "${bf16[@]}" "${shallow[@]}" ;;
   calibrate-f32|shallow-f32|eval-f32)
-    run "${step%-f32}" "f32-xla-$device" "${f32[@]}" ;;
+    run "${step%-f32}" "f32-xla-$device" "${f32[@]}" "${shallow[@]}" ;;
   cost)
     timeout 590 python3 bench/calibrate_cost.py --lengths 2048,8192 --prompts 8 --out "$OUT" 2>&1 | tail -5 ;;
   *)

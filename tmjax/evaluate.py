@@ -329,8 +329,10 @@ def plot(report: dict, path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    part = path.with_name(f".{path.name}.part")  # as _write: no half-drawn picture under the real name
+    fig.savefig(part, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
+    os.replace(part, path)
 
 
 def _layers(spec: str) -> list[int]:

@@ -126,7 +126,7 @@ def memory_estimate(
     per_chunk = rows * (c.intermediate_size * (2 * a + 4) + 3 * c.hidden_size * 4
                         + (c.num_heads + 2 * c.num_kv_heads) * c.head_dim * 4)
     attention = 2 * kv_numbers * a
-    patterns = [] if layout is None else [layout.attention_at(i) for i in range(c.num_layers)]
+    patterns = [None if layout is None else layout.attention_at(i) for i in range(c.num_layers)]  # None: dense
     # rows whose exact scores the estimation holds at once: vertical-slash's last_q, FlexPrefill's last block
     last_q = max((p.last_q if isinstance(p, VerticalSlash) else p.block for p in patterns
                   if isinstance(p, (VerticalSlash, FlexPrefill))), default=0)
@@ -135,7 +135,7 @@ def memory_estimate(
         (c.layer_window(i) or t) < t for i in range(c.num_layers))
     on_xla = (implementation or default_implementation()) == "xla"
     heads = dict(q_heads=c.num_heads, kv_heads=c.num_kv_heads, head_dim=c.head_dim)
-    if on_xla and (banded or any(p is None for p in patterns) or layout is None) and xla.fused_here(
+    if on_xla and (banded or None in patterns) and xla.fused_here(
             tuning.choose(xla, "xla", **heads, pattern="triangle" if banded else "causal")):
         # the fused host pass: q, k, v handed to the callback, k and v padded head-major, its float32
         # output, that output's copy into XLA and its cast
