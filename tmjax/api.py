@@ -41,13 +41,12 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def bucket_length(length: int) -> int:
-    """The padded length of a ``length``-token prompt: the next multiple of 128 up to 1024, then 8
-    steps per doubling (next multiple of ``2**(floor(log2 length) - 3)``), so padding wastes < 12.5%."""
+    """The padded length of a ``length``-token prompt: the next multiple of 128 up to 4096, then 16
+    steps per doubling (next multiple of ``2**(floor(log2 length) - 4)``), so padding past 2048 tokens
+    wastes < 6.25% (padded rows cost what real ones do) for one compiled program per step."""
     if length < 1:
         raise ValueError(f"prompt length must be >= 1, got {length}")
-    if length <= 1024:
-        return _round_up(length, _ALIGN)
-    return _round_up(length, 2 ** (length.bit_length() - 4))
+    return _round_up(length, max(_ALIGN, 2 ** (length.bit_length() - 5)))
 
 
 # --- argument checks ---------------------------------------------------------------------------------
