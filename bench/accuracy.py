@@ -99,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="shallow step: the method whose budgets or masses are calibrated below the layer")
     parser.add_argument("--budgets", default=None, help="shallow step: vertical:slash ladder (default tmjax's)")
     parser.add_argument("--masses", default=None, help="shallow step: a ladder of masses (default tmjax's)")
+    parser.add_argument("--resume", action="store_true",
+                        help="calibrate and shallow steps: continue a stopped search (tmjax calibrate --resume)")
     parser.add_argument("--eval-samples", type=int, default=18, help="evaluation samples per task")
     parser.add_argument("--switch-layers", default=None, help="evaluation: a sweep beside the marked layers")
     parser.add_argument("--dtype", default="float32")
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         args.checkpoint = str(smollm2_checkpoint())
     calibration = [args.checkpoint, *common, "--probe", str(probe_json), "--samples", str(args.samples),
                    "--seed", str(CALIBRATION_SEED), "--identical", args.identical, "--max-kl", args.max_kl,
-                   "--dtype", args.dtype, *implementation]
+                   "--dtype", args.dtype, *implementation, *(["--resume"] if args.resume else [])]
     if "calibrate" in steps:
         code = calibrate_main([*calibration, "--out", str(calibration_dir), "--force"])  # a rerun replaces it
         if code:

@@ -17,6 +17,9 @@
 #   bash bench/calibrate_gpu.sh eval-f32
 #   bash bench/calibrate_gpu.sh cost             # bench/calibrate_cost.py at 2K and 8K, 8 prompts each
 #
+# A step stopped by its call's limit (STEP_S, default 570 s) is continued by running it again in the next
+# call: tmjax calibrate --resume takes the verdicts its journal holds (the float32 switch search took
+# longer than one call on an H100, 2026-12-07). The eval step keeps the finished samples' report.
 # --identical 0.90: the issue's target is a Wilson lower bound >= 90% with a point estimate >= 95%;
 # over 120 prompts the bound reaches 0.90 only from 115/120 (95.8%) on, so the bound implies the point.
 # Expected time on an H100 (float32 XLA, from the 8K accuracy run: ~0.7 s per prompt and configuration):
@@ -55,7 +58,7 @@ run() {  # bench/accuracy.py with the evidence settings; $1 = step, $2 = tag suf
   shift 2
   timeout "${STEP_S:-570}" python3 bench/accuracy.py --out "$RESULTS" --tag "smollm2-8k-$tag" --steps "$step" \
     --probe-json "$probe_json" --max-tokens 8192 --samples 120 --identical 0.90 --max-kl 1e-3 \
-    --eval-samples 18 "$@" 2>&1 | tee "$OUT/$step-$tag.log" | grep -v "━" | tail -30
+    --eval-samples 18 --resume "$@" 2>&1 | tee "$OUT/$step-$tag.log" | grep -v "━" | tail -30
   local folder
   case "$step" in calibrate) folder=calibration ;; shallow) folder=shallow ;; eval) folder=accuracy ;; esac
   cp "$RESULTS/$folder-smollm2-8k-$tag/"* "$OUT/"

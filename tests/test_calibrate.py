@@ -163,6 +163,51 @@ def test_non_monotone_curve_can_hide_an_earlier_pass():
     check_measurements(curve, measured)
 
 
+class Stopped(Exception):
+    """What a run's end (a time limit) does to the search: it never returns."""
+
+
+@pytest.mark.parametrize("stop_after", [1, 9, 45, -1])
+def test_a_stopped_search_resumes_from_its_journal(tmp_path, stop_after):
+    """A search stopped after ``stop_after`` prompts (-1: one before the end) and resumed from its
+    journal chooses what an uninterrupted one does, with the same records, and measures no configuration
+    the first run decided."""
+    settings = {"identical": 0.8, "samples": N}
+    whole = Curve(MONOTONE.failures, MONOTONE.kl)
+    chosen, reference = run(whole, 3)
+    if stop_after < 0:
+        stop_after += len(whole.calls)
+    path = tmp_path / "calibration.journal.jsonl"
+    layers = [TriangleMix(s) for s in range(len(MONOTONE.failures))]
+
+    def stopping(layout: TriangleMix, k: int) -> tuple[bool, float]:
+        if len(first.calls) == stop_after:
+            raise Stopped
+        return first(layout, k)
+
+    first = Curve(MONOTONE.failures, MONOTONE.kl)
+    with pytest.raises(Stopped):
+        calibrate.search_layouts(layers, stopping, CRITERION, 3, journal=calibrate.Journal(path, settings, False))
+    with path.open("a") as f:
+        f.write('{"config": "half a line')  # a record cut off by the stop
+    journal = calibrate.Journal(path, settings, resume=True)
+    decided = [json.loads(line)["layout"]["switch_layer"] for line in path.read_text().splitlines()[1:-1]]
+    assert decided == [m["layout"]["switch_layer"] for m in reference[:len(decided)]]
+    second = Curve(MONOTONE.failures, MONOTONE.kl)
+    again, records = calibrate.search_layouts(layers, second, CRITERION, 3, journal=journal)
+    assert again == chosen == 10
+    assert [m.get("from_journal", False) for m in records] == [i < len(decided) for i in range(len(records))]
+    assert [{k: v for k, v in m.items() if k not in ("seconds", "from_journal")} for m in records] == \
+        [{k: v for k, v in m.items() if k != "seconds"} for m in reference]
+    assert not {layer for layer, _ in second.calls} & set(decided)
+    assert len(first.calls) + len(second.calls) - sum(m["samples"] for m in reference) < 2 * N  # one redone at most
+    # the journal now holds every record once; other settings cannot take it
+    with pytest.raises(ValueError, match="other settings"):
+        calibrate.Journal(path, {**settings, "samples": N + 1}, resume=True)
+    fresh = calibrate.Journal(path, settings, resume=False)  # without --resume: a new journal
+    assert fresh.decided == {} and len(path.read_text().splitlines()) == 1
+
+
 def test_search_on_every_threshold_and_start():
     """Threshold predicates on 0..count: the threshold is found, no candidate is tested twice, and the
     number of tests is logarithmic (plain bisection) or logarithmic in the distance from the start."""
@@ -298,6 +343,7 @@ def test_calibrate_cli_end_to_end(tiny, tmp_path, capsys):
     printed = capsys.readouterr().out
     report = json.loads((out / "calibration.json").read_text())
     assert (out / "calibration.png").stat().st_size > 0
+    assert sorted(p.name for p in out.iterdir()) == ["calibration.json", "calibration.png"]  # no journal left
     assert printed.startswith(f"recommended: {report['recommendation']['config']}: ")
     criterion = Criterion(**{k: report["criterion"][k] for k in ("identical", "max_kl", "samples")})
     for stage in (report["switch"]["measured"], report["shallow"]["measured"]):

@@ -34,6 +34,12 @@ soon as its verdict is certain: fail once even identical answers on every remain
 lift the Wilson lower bound to ``identical``, or once the KL already summed exceeds
 ``max_kl * samples`` (KL >= 0). That is the verdict all ``samples`` prompts would give; a pass always
 measures them all. The search stops when its bracket closes.
+
+Resuming (``Journal``, ``--resume``). Each configuration's record is appended to
+``calibration.journal.jsonl`` in ``--out`` as soon as its verdict is reached; a run stopped before the
+end (a time limit, a signal) and started again with ``--resume`` and the same settings takes those
+verdicts instead of measuring them again (the same prompts give the same answers), so a search longer
+than one sitting finishes in several. The journal is removed once ``calibration.json`` is written.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
 import shlex
 import sys
@@ -264,16 +271,64 @@ def _summary(name: str, layout: Layout, passed: bool, identical: list[bool], kls
             "identical": identical, "first_token_kl": kls, "seconds": seconds}
 
 
+class Journal:
+    """The records of the configurations a calibration has decided, one JSON line each after a first
+    line of the run's settings, appended as each verdict is reached (module docstring, "Resuming").
+    ``resume``: take the records of an existing journal written under the same ``settings`` (other
+    settings are refused: their verdicts would not be this run's); otherwise start a new one."""
+
+    def __init__(self, path: Path, settings: dict, resume: bool) -> None:
+        self.path, self.decided = path, {}
+        head = {"settings": json.loads(json.dumps(settings))}  # as read back: tuples become lists
+        if resume and path.is_file():
+            lines = path.read_text().splitlines()
+            if not lines or json.loads(lines[0]) != head:
+                raise ValueError(f"--resume: {path} was written under other settings ({lines[0] if lines else 'empty'}"
+                                 f"); this run's are {json.dumps(head['settings'])}. Drop --resume to start over")
+            for line in lines[1:]:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # the last line of a run stopped while writing it
+                    break
+                self.decided[self._key(record["layout"])] = record
+        else:
+            path.write_text(json.dumps(head) + "\n")
+
+    @staticmethod
+    def _key(layout: dict) -> str:
+        return json.dumps(layout, sort_keys=True)
+
+    def get(self, layout: Layout) -> dict | None:
+        """The record of ``layout`` decided by an earlier run, or None."""
+        return self.decided.get(self._key(dataclasses.asdict(layout)))
+
+    def add(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.decided[self._key(record["layout"])] = record
+
+
 def search_layouts(candidates: Sequence[Layout], divergence: Callable[[Layout, int], tuple[bool, float]],
-                   criterion: Criterion, start: int | None, progress: object | None = None) -> tuple[int, list[dict]]:
+                   criterion: Criterion, start: int | None, progress: object | None = None,
+                   journal: Journal | None = None) -> tuple[int, list[dict]]:
     """``search`` over ``candidates`` (most sparse first), each measured with ``measure`` on
-    ``divergence(layout, k)`` (a ``Divergence``); returns the chosen index (``len(candidates)``: none
-    passed) and every measurement in test order."""
+    ``divergence(layout, k)`` (a ``Divergence``), or taken from ``journal`` where an earlier run decided
+    it (and added to it otherwise); returns the chosen index (``len(candidates)``: none passed) and every
+    record in test order."""
     measured: list[dict] = []
 
     def passes(index: int) -> bool:
         layout = candidates[index]
         label = detailed_name(layout)
+        known = journal.get(layout) if journal is not None else None
+        if known is not None:
+            if progress is not None:
+                progress.console.print(f"{label}: {known['identical_count']}/{known['samples']} identical, "
+                                       f"{'pass' if known['passed'] else 'fail'} (from the journal)")
+            measured.append({**known, "from_journal": True})  # measured by an earlier run, not this one
+            return known["passed"]
         task = progress.add_task(label, total=criterion.samples) if progress is not None else None
         seconds: list[float] = []
 
@@ -295,6 +350,8 @@ def search_layouts(candidates: Sequence[Layout], divergence: Callable[[Layout, i
                 progress.console.print(f"{label}: {sum(identical)}/{len(identical)} identical, mean KL "
                                        f"{np.mean(kls):.2e}, {verdict}")
         measured.append(_summary(label, layout, passed, identical, kls, seconds, criterion))
+        if journal is not None:
+            journal.add(measured[-1])
         return passed
 
     return search(len(candidates), passes, start), measured
@@ -303,19 +360,19 @@ def search_layouts(candidates: Sequence[Layout], divergence: Callable[[Layout, i
 def calibrate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample], criterion: Criterion, *,
               start_layer: int | None, triangle: dict, budgets: Sequence[VerticalSlash | FlexPrefill] = (),
               switch_layer: int | None = None, implementation: str | None = None,
-              progress: object | None = None) -> dict:
+              progress: object | None = None, journal: Journal | None = None) -> dict:
     """The switch layer search from ``start_layer`` (the probe's), then, with ``budgets`` (a
     ``shallow_ladder``), the shallow search at the chosen layer; ``switch_layer`` skips the first search and takes that
     layer as chosen (e.g. from an earlier calibration). ``triangle``: the TriangleMix sizes.
-    ``progress``: a ``rich.progress.Progress`` showing each configuration's prompts, or None. Returns
-    the report dict."""
+    ``progress``: a ``rich.progress.Progress`` showing each configuration's prompts, or None;
+    ``journal``: where decided configurations are recorded and, resuming, read. Returns the report dict."""
     if len(samples) != criterion.samples:
         raise ValueError(f"calibrate needs criterion.samples={criterion.samples} samples, got {len(samples)}")
     num_layers = params.config.num_layers
     divergence = Divergence(params, tokenizer, samples, implementation)
     layers = [TriangleMix(s, **triangle) for s in range(num_layers)]
     if switch_layer is None:
-        switch, switch_measured = search_layouts(layers, divergence, criterion, start_layer, progress)
+        switch, switch_measured = search_layouts(layers, divergence, criterion, start_layer, progress, journal)
     else:
         TriangleMix(switch_layer, **triangle).check_layers(num_layers)
         switch, switch_measured = switch_layer, []
@@ -323,7 +380,7 @@ def calibrate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample]
     shallow = None
     if budgets:
         ladder = [TriangleMix(switch, **triangle, shallow=b) for b in budgets]
-        index, shallow_measured = search_layouts(ladder, divergence, criterion, None, progress)
+        index, shallow_measured = search_layouts(ladder, divergence, criterion, None, progress, journal)
         if index < len(ladder):
             chosen = ladder[index]
         shallow = {"budgets": [dataclasses.asdict(b) for b in budgets], "measured": shallow_measured,
@@ -342,7 +399,7 @@ def calibrate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample]
         "recommendation": chosen_summary,
         "switch": {"start": start_layer, "given": switch_layer, "measured": switch_measured},
         "shallow": shallow,
-        "prompts_measured": len(divergence.dense) + sum(m["samples"] for m in every),
+        "prompts_measured": len(divergence.dense) + sum(m["samples"] for m in every if not m.get("from_journal")),
         "dense_seconds": [divergence.dense_seconds[k] for k in sorted(divergence.dense_seconds)],
         "samples": [{"task": s.task, "seed": s.seed, "prompt_tokens": len(e.prompt_ids)}
                     for s, e in zip(samples, divergence.encoded)],
@@ -514,6 +571,9 @@ def calibrate_main(argv: Sequence[str] | None = None) -> int:
                         help="attention backend (default: the platform's)")
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument("--force", action="store_true", help="replace a calibration.json already in --out")
+    parser.add_argument("--resume", action="store_true",
+                        help="take the verdicts a stopped run with the same settings recorded in --out "
+                             "(calibration.journal.jsonl) instead of measuring them again")
     command = ["tmjax", "calibrate", *(sys.argv[1:] if argv is None else argv)]
     parser.set_defaults(command=" ".join(shlex.quote(part) for part in command))
     return run_cli("tmjax calibrate", parser, _calibrate_cli, argv)
@@ -557,10 +617,14 @@ def _calibrate_cli(args: argparse.Namespace) -> int:
     samples = tasks.generate_mixed(names, total=criterion.samples, seed=args.seed, max_tokens=max_tokens,
                                    count=tasks.token_counter(tokenizer))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "force", "resume", "command")}
+    journal = Journal(out / "calibration.journal.jsonl", {**settings, "probe_layer": probe_curve["recommended_switch_layer"]},
+                      args.resume)
     with Progress(*columns, console=Console(stderr=True)) as progress:
         report = calibrate(params, tokenizer, samples, criterion, start_layer=probe_curve["recommended_switch_layer"],
                            triangle=triangle, budgets=budgets, switch_layer=args.switch_layer,
-                           implementation=args.implementation, progress=progress)
+                           implementation=args.implementation, progress=progress, journal=journal)
     switch = report["recommended_switch_layer"]
     middle = probe_curve["middle_normalised"]
     probe_curve = {**probe_curve, "threshold_range_for_calibrated": probe_.threshold_ranges(middle)[switch],
@@ -568,8 +632,10 @@ def _calibrate_cli(args: argparse.Namespace) -> int:
     report = {"model": name, "dtype": str(params.weights["norm"]["scale"].dtype), "num_layers": num_layers,
               "max_tokens": max_tokens, "tasks": names, "seed": args.seed, "command": args.command,
               "seconds": round(time.perf_counter() - started, 1), "probe": probe_curve, **report}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "calibration.json").write_text(json.dumps(report, indent=2))
+    part = out / ".calibration.json.part"  # never half a report under the real name
+    part.write_text(json.dumps(report, indent=2))
+    os.replace(part, out / "calibration.json")
+    journal.path.unlink()
     plot(report, out / "calibration.png", f"{name}, {max_tokens} tokens")
     print(recommendation_text(report))
     print(f"wrote {out / 'calibration.json'} and {out / 'calibration.png'}")
