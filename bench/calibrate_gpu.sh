@@ -61,7 +61,8 @@ run() {  # bench/accuracy.py with the evidence settings; $1 = step, $2 = tag suf
     --eval-samples 18 --resume "$@" 2>&1 | tee "$OUT/$step-$tag.log" | grep -v "━" | tail -30
   local folder
   case "$step" in calibrate) folder=calibration ;; shallow) folder=shallow ;; eval) folder=accuracy ;; esac
-  cp "$RESULTS/$folder-smollm2-8k-$tag/"* "$OUT/"
+  # the folder's files (a stopped step's journal too; its dense answers stay on the machine)
+  find "$RESULTS/$folder-smollm2-8k-$tag" -maxdepth 1 -type f -exec cp {} "$OUT/" \;
 }
 
 shallow=(--shallow-method "${SHALLOW:-flexprefill}" ${MASSES:+--masses "$MASSES"} ${BUDGETS:+--budgets "$BUDGETS"})

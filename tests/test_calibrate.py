@@ -403,6 +403,60 @@ def test_calibrate_cli_end_to_end(tiny, tmp_path, capsys):
                                                             rel=1e-3, abs=1e-7)
 
 
+def test_calibrate_cli_resumes_a_stopped_run(tiny, tmp_path, monkeypatch, capsys):
+    """``tmjax calibrate`` stopped after its first configuration, then run again with ``--resume``: the
+    report an uninterrupted run writes (timings aside), with no configuration and no dense answer
+    measured twice; other settings refuse the journal."""
+    probe_file = tmp_path / "probe.json"
+    probe_file.write_text(json.dumps({"recommended_switch_layer": 1, "threshold": 0.1,
+                                      "middle_normalised": [1.0, 0.5, 0.05, 0.01]}))
+    args = [str(tiny), "--identical", "0.3", "--max-kl", "0.05", "--samples", "4", "--max-tokens", "1000",
+            "--tasks", "niah_single,prose_recall", "--n-init", "4", "--n-local", "64", "--n-last", "32",
+            "--probe", str(probe_file)]
+    assert calibrate.calibrate_main([*args, "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "calibration.json").read_text())
+    assert len(whole["switch"]["measured"]) >= 2
+    calls: list[tuple[int | None, int]] = []
+    greedy = calibrate.Divergence._greedy
+    monkeypatch.setattr(calibrate.Divergence, "_greedy", lambda self, k, layout, follow: calls.append(
+        (None if layout is None else layout.switch_layer, k)) or greedy(self, k, layout, follow))
+    measure = calibrate.measure
+
+    def stops_after_one(*a, **k):
+        if any(layer is not None for layer, _ in calls):
+            raise Halted  # as a time limit would: nothing after it runs
+        return measure(*a, **k)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(calibrate, "measure", stops_after_one)
+    with pytest.raises(Halted):
+        calibrate.calibrate_main([*args, "--out", str(out)])
+    first = list(calls)
+    assert not (out / "calibration.json").exists() and (out / "calibration.journal.jsonl").is_file()
+    monkeypatch.setattr(calibrate, "measure", measure)
+    capsys.readouterr()
+    assert calibrate.calibrate_main([*args, "--samples", "5", "--resume", "--out", str(out)]) == 1
+    assert "was written under other settings" in capsys.readouterr().err
+    calls.clear()
+    assert calibrate.calibrate_main([*args, "--resume", "--out", str(out)]) == 0
+    resumed = json.loads((out / "calibration.json").read_text())
+    assert sorted(p.name for p in out.iterdir()) == ["calibration.json", "calibration.png"]
+    drop = ("seconds", "from_journal")
+    for stage in ("switch", "shallow"):
+        assert [{k: v for k, v in m.items() if k not in drop} for m in (resumed[stage] or {}).get("measured", [])] == \
+            [{k: v for k, v in m.items() if k not in drop} for m in (whole[stage] or {}).get("measured", [])]
+    assert resumed["recommended_layout"] == whole["recommended_layout"]
+    assert [m.get("from_journal", False) for m in resumed["switch"]["measured"]] == \
+        [True] + [False] * (len(whole["switch"]["measured"]) - 1)
+    decided = {layer for layer, _ in first if layer is not None}
+    assert not {layer for layer, _ in calls} & decided  # the journal's configuration is not measured again
+    assert not {k for layer, k in calls if layer is None} & {k for layer, k in first if layer is None}
+
+
+class Halted(BaseException):
+    """A stop that no handler in the CLI catches (as a signal's default action would be)."""
+
+
 def test_calibrate_cli_refuses_bad_input_before_loading(tmp_path, capsys):
     missing = str(tmp_path / "no-model")
     cases = [

@@ -38,8 +38,9 @@ measures them all. The search stops when its bracket closes.
 Resuming (``Journal``, ``--resume``). Each configuration's record is appended to
 ``calibration.journal.jsonl`` in ``--out`` as soon as its verdict is reached; a run stopped before the
 end (a time limit, a signal) and started again with ``--resume`` and the same settings takes those
-verdicts instead of measuring them again (the same prompts give the same answers), so a search longer
-than one sitting finishes in several. The journal is removed once ``calibration.json`` is written.
+verdicts instead of measuring them again (the same prompts give the same answers), and the dense
+answers recorded beside it (``calibration.journal.jsonl.dense/``), so a search longer than one sitting
+finishes in several. Both are removed once ``calibration.json`` is written.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -233,8 +235,8 @@ class Divergence:
     answer is computed once and reused by every configuration."""
 
     def __init__(self, params: Params, tokenizer: object, samples: Sequence[tasks.Sample],
-                 implementation: str | None = None) -> None:
-        self.params, self.implementation = params, implementation
+                 implementation: str | None = None, journal: Journal | None = None) -> None:
+        self.params, self.implementation, self.journal = params, implementation, journal
         self.encoded = [tasks.encode(tokenizer, s) for s in samples]
         self.budgets = [s.max_new_tokens for s in samples]
         self.stop_ids = [i for i in (tokenizer.eos_token_id,) if i is not None]
@@ -250,9 +252,15 @@ class Divergence:
     def __call__(self, layout: Layout, k: int) -> tuple[bool, float]:
         """Whether prompt ``k``'s greedy answer under ``layout`` is dense's, and the first-token KL."""
         if k not in self.dense:
-            started = time.perf_counter()
-            self.dense[k] = self._greedy(k, None, None)
-            self.dense_seconds[k] = time.perf_counter() - started
+            recorded = self.journal.dense_answer(k) if self.journal is not None else None
+            if recorded is not None:
+                self.dense[k] = recorded
+            else:
+                started = time.perf_counter()
+                self.dense[k] = self._greedy(k, None, None)
+                self.dense_seconds[k] = time.perf_counter() - started
+                if self.journal is not None:
+                    self.journal.add_dense_answer(k, *self.dense[k])
         dense_first, dense_tokens = self.dense[k]
         first, tokens = self._greedy(k, layout, dense_tokens)
         return tokens == dense_tokens, kl_divergence(dense_first, first)
@@ -279,6 +287,7 @@ class Journal:
 
     def __init__(self, path: Path, settings: dict, resume: bool) -> None:
         self.path, self.decided = path, {}
+        self.answers = path.with_name(path.name + ".dense")  # dense's answer per prompt, one .npz each
         head = {"settings": json.loads(json.dumps(settings))}  # as read back: tuples become lists
         if resume and path.is_file():
             lines = path.read_text().splitlines()
@@ -292,7 +301,27 @@ class Journal:
                     break
                 self.decided[self._key(record["layout"])] = record
         else:
+            shutil.rmtree(self.answers, ignore_errors=True)
             path.write_text(json.dumps(head) + "\n")
+        self.answers.mkdir(exist_ok=True)
+
+    def dense_answer(self, k: int) -> tuple[np.ndarray, list[int]] | None:
+        """Prompt ``k``'s dense answer (first-token logits, tokens) as an earlier run recorded it, or None."""
+        file = self.answers / f"{k}.npz"
+        if not file.is_file():
+            return None
+        with np.load(file) as saved:
+            return saved["first"], saved["tokens"].tolist()
+
+    def add_dense_answer(self, k: int, first: np.ndarray, tokens: list[int]) -> None:
+        part = self.answers / f".{k}.part.npz"  # complete files only under the real name
+        np.savez(part, first=first, tokens=np.asarray(tokens, np.int64))
+        os.replace(part, self.answers / f"{k}.npz")
+
+    def remove(self) -> None:
+        """The run finished: its report holds everything the journal did."""
+        self.path.unlink()
+        shutil.rmtree(self.answers, ignore_errors=True)
 
     @staticmethod
     def _key(layout: dict) -> str:
@@ -369,7 +398,7 @@ def calibrate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample]
     if len(samples) != criterion.samples:
         raise ValueError(f"calibrate needs criterion.samples={criterion.samples} samples, got {len(samples)}")
     num_layers = params.config.num_layers
-    divergence = Divergence(params, tokenizer, samples, implementation)
+    divergence = Divergence(params, tokenizer, samples, implementation, journal)
     layers = [TriangleMix(s, **triangle) for s in range(num_layers)]
     if switch_layer is None:
         switch, switch_measured = search_layouts(layers, divergence, criterion, start_layer, progress, journal)
@@ -399,7 +428,8 @@ def calibrate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample]
         "recommendation": chosen_summary,
         "switch": {"start": start_layer, "given": switch_layer, "measured": switch_measured},
         "shallow": shallow,
-        "prompts_measured": len(divergence.dense) + sum(m["samples"] for m in every if not m.get("from_journal")),
+        "prompts_measured": len(divergence.dense_seconds) + sum(m["samples"] for m in every
+                                                                if not m.get("from_journal")),
         "dense_seconds": [divergence.dense_seconds[k] for k in sorted(divergence.dense_seconds)],
         "samples": [{"task": s.task, "seed": s.seed, "prompt_tokens": len(e.prompt_ids)}
                     for s, e in zip(samples, divergence.encoded)],
@@ -635,7 +665,7 @@ def _calibrate_cli(args: argparse.Namespace) -> int:
     part = out / ".calibration.json.part"  # never half a report under the real name
     part.write_text(json.dumps(report, indent=2))
     os.replace(part, out / "calibration.json")
-    journal.path.unlink()
+    journal.remove()
     plot(report, out / "calibration.png", f"{name}, {max_tokens} tokens")
     print(recommendation_text(report))
     print(f"wrote {out / 'calibration.json'} and {out / 'calibration.png'}")
