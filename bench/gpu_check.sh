@@ -41,7 +41,9 @@
 #          nvidia-h200-x2/-x4/-x8 machine; NVLink multicast stays off)
 #   prep   install only and stage the GGUF's first part in /tmp (a short first call of two; the second,
 #          within 30 s, carries part b)
-#   bash bench/gpu_check.sh prep|tests|bench|vs|ttft|sweep|gridsweep|evals|dynamic|long|fp8eval [seqs|parts]
+#   first  a session's first call when either card may come (kind nvidia-h200, needs_h200 false): on an
+#          H200, issue 20's 512K rows (`long 524288`, tm and tm+fp, bf16 cache); on an H100, prep
+#   bash bench/gpu_check.sh prep|first|tests|bench|vs|ttft|sweep|gridsweep|evals|dynamic|long|fp8eval [seqs|parts]
 # The device tool allows 10 minutes a call: one mode per call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -71,6 +73,13 @@ if [[ -f .carry/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]]; then
 fi
 case "$what" in
   prep) ls -la /tmp/smol.part.aa 2>/dev/null ;;
+  first)
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+      CONFIGS="${CONFIGS:-tm,tm+fp}" REPEATS="${REPEATS:-0}" ROW_S="${ROW_S:-280}" LONG_S="${LONG_S:-300}" \
+        bash "$0" long 524288
+    else
+      ls -la /tmp/smol.part.aa 2>/dev/null
+    fi ;;
   tests)
     # TESTS_K="expr" runs a part of the grid (pytest -k), for a grid longer than one call
     # WORKERS=n runs the grid in n processes (pytest-xdist; compiling dominates, the GPU is shared, each
