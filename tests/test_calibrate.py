@@ -436,7 +436,7 @@ def test_calibrate_cli_resumes_a_stopped_run(tiny, tmp_path, monkeypatch, capsys
     monkeypatch.setattr(calibrate, "measure", measure)
     capsys.readouterr()
     assert calibrate.calibrate_main([*args, "--samples", "5", "--resume", "--out", str(out)]) == 1
-    assert "was written under other settings" in capsys.readouterr().err
+    assert "was written under other settings (samples: 4 there, 5 here)" in capsys.readouterr().err
     calls.clear()
     assert calibrate.calibrate_main([*args, "--resume", "--out", str(out)]) == 0
     resumed = json.loads((out / "calibration.json").read_text())

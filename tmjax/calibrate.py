@@ -280,10 +280,11 @@ def _summary(name: str, layout: Layout, passed: bool, identical: list[bool], kls
 
 
 class Journal:
-    """The records of the configurations a calibration has decided, one JSON line each after a first
-    line of the run's settings, appended as each verdict is reached (module docstring, "Resuming").
-    ``resume``: take the records of an existing journal written under the same ``settings`` (other
-    settings are refused: their verdicts would not be this run's); otherwise start a new one."""
+    """What a calibration has measured so far: the record of each decided configuration, one JSON line
+    each after a first line of the run's settings, appended as each verdict is reached, and each dense
+    answer, one ``.npz`` per prompt in a folder beside it (module docstring, "Resuming"). ``resume``:
+    take those of an existing journal written under the same ``settings`` (other settings are refused:
+    their answers would not be this run's); otherwise start a new one."""
 
     def __init__(self, path: Path, settings: dict, resume: bool) -> None:
         self.path, self.decided = path, {}
@@ -291,9 +292,13 @@ class Journal:
         head = {"settings": json.loads(json.dumps(settings))}  # as read back: tuples become lists
         if resume and path.is_file():
             lines = path.read_text().splitlines()
-            if not lines or json.loads(lines[0]) != head:
-                raise ValueError(f"--resume: {path} was written under other settings ({lines[0] if lines else 'empty'}"
-                                 f"); this run's are {json.dumps(head['settings'])}. Drop --resume to start over")
+            there = json.loads(lines[0]).get("settings", {}) if lines else {}
+            if there != head["settings"]:
+                here = head["settings"]
+                differ = "; ".join(f"{key}: {there.get(key)!r} there, {here.get(key)!r} here"
+                                   for key in sorted(set(there) | set(here)) if there.get(key) != here.get(key))
+                raise ValueError(f"--resume: {path} was written under other settings ({differ}); drop --resume "
+                                 "to start over")
             for line in lines[1:]:
                 try:
                     record = json.loads(line)
