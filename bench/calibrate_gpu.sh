@@ -22,8 +22,9 @@
 # longer than one call on an H100, 2026-12-07). The eval step keeps the finished samples' report.
 # --identical 0.90: the issue's target is a Wilson lower bound >= 90% with a point estimate >= 95%;
 # over 120 prompts the bound reaches 0.90 only from 115/120 (95.8%) on, so the bound implies the point.
-# Expected time on an H100 (float32 XLA, from the 8K accuracy run: ~0.7 s per prompt and configuration):
-# calibrate ~5 min, shallow ~4 min, eval ~6 min; bf16 through the kernels is faster.
+# Time on an H100 in float32 through XLA: ~1 s per prompt and configuration. calibrate measured 410 of
+# them plus 120 dense answers in ~540 s before its last configuration (2026-12-07), so it needs two calls.
+# Expect the same of shallow; eval takes ~6-7 min. bf16 through the kernels is faster.
 #
 # The model: the GGUF (94 MiB) does not fit one call's 64 MiB, so carry it in the two ignored parts that
 # bench/carry_smollm2.sh writes, `.carry/smollm2a` with the first step's call and `.carry/smollm2b` with the
