@@ -163,8 +163,8 @@ def test_non_monotone_curve_can_hide_an_earlier_pass():
     check_measurements(curve, measured)
 
 
-class Stopped(Exception):
-    """What a run's end (a time limit) does to the search: it never returns."""
+class Halted(BaseException):
+    """A stop that no handler in the CLI catches, as a time limit's signal would be: nothing after it runs."""
 
 
 @pytest.mark.parametrize("stop_after", [1, 9, 45, -1])
@@ -182,11 +182,11 @@ def test_a_stopped_search_resumes_from_its_journal(tmp_path, stop_after):
 
     def stopping(layout: TriangleMix, k: int) -> tuple[bool, float]:
         if len(first.calls) == stop_after:
-            raise Stopped
+            raise Halted
         return first(layout, k)
 
     first = Curve(MONOTONE.failures, MONOTONE.kl)
-    with pytest.raises(Stopped):
+    with pytest.raises(Halted):
         calibrate.search_layouts(layers, stopping, CRITERION, 3, journal=calibrate.Journal(path, settings, False))
     with path.open("a") as f:
         f.write('{"config": "half a line')  # a record cut off by the stop
@@ -451,10 +451,6 @@ def test_calibrate_cli_resumes_a_stopped_run(tiny, tmp_path, monkeypatch, capsys
     decided = {layer for layer, _ in first if layer is not None}
     assert not {layer for layer, _ in calls} & decided  # the journal's configuration is not measured again
     assert not {k for layer, k in calls if layer is None} & {k for layer, k in first if layer is None}
-
-
-class Halted(BaseException):
-    """A stop that no handler in the CLI catches (as a signal's default action would be)."""
 
 
 def test_calibrate_cli_refuses_bad_input_before_loading(tmp_path, capsys):

@@ -64,8 +64,8 @@ from tmjax import checkpoint, tasks
 from tmjax import probe as probe_
 from tmjax.evaluate import (
     CONFIDENCE, Z_SCORE, add_flexprefill_arguments, add_vertical_slash_arguments, config_name, detailed_name,
-    flexprefill, greedy, kl_divergence, layout_from_json, load_model, output_folder, run_cli, shallow_label, task_list,
-    vertical_slash, wilson_interval,
+    flexprefill, greedy, kl_divergence, layout_from_json, load_model, output_folder, run_cli, save_figure, shallow_label,
+    task_list, vertical_slash, wilson_interval, write_atomically,
 )
 from tmjax.attention import IMPLEMENTATIONS
 from tmjax.layout import FlexPrefill, Layout, TriangleMix, VerticalSlash
@@ -556,8 +556,7 @@ def plot(report: dict, path: Path, title: str) -> None:
         ax.set_xlabel(f"shallow budget, switch layer {report['recommended_switch_layer']}")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def calibrate_main(argv: Sequence[str] | None = None) -> int:
@@ -667,9 +666,7 @@ def _calibrate_cli(args: argparse.Namespace) -> int:
     report = {"model": name, "dtype": str(params.weights["norm"]["scale"].dtype), "num_layers": num_layers,
               "max_tokens": max_tokens, "tasks": names, "seed": args.seed, "command": args.command,
               "seconds": round(time.perf_counter() - started, 1), "probe": probe_curve, **report}
-    part = out / ".calibration.json.part"  # never half a report under the real name
-    part.write_text(json.dumps(report, indent=2))
-    os.replace(part, out / "calibration.json")
+    write_atomically(out / "calibration.json", json.dumps(report, indent=2))
     journal.remove()
     plot(report, out / "calibration.png", f"{name}, {max_tokens} tokens")
     print(recommendation_text(report))

@@ -329,10 +329,7 @@ def plot(report: dict, path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    part = path.with_name(f".{path.name}.part")  # as _write: no half-drawn picture under the real name
-    fig.savefig(part, dpi=120, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    os.replace(part, path)
+    save_figure(fig, path)
 
 
 def _layers(spec: str) -> list[int]:
@@ -632,8 +629,8 @@ def _eval(args: argparse.Namespace) -> int:
     table = markdown(report)
     with interrupts.deferred(raise_at_end=stopped is None):  # whole files, even if a signal comes now
         out.mkdir(parents=True, exist_ok=True)
-        _write(out / "accuracy.json", json.dumps(report, indent=2))
-        _write(out / "accuracy.md", f"# {name}: accuracy, dense vs sparse layouts ({max_tokens} tokens, {done})\n\n{table}")
+        write_atomically(out / "accuracy.json", json.dumps(report, indent=2))
+        write_atomically(out / "accuracy.md", f"# {name}: accuracy, dense vs sparse layouts ({max_tokens} tokens, {done})\n\n{table}")
         plot(report, out / "accuracy.png", f"{name}, {max_tokens} tokens")
     print(table)
     if stopped is not None:
@@ -643,8 +640,19 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
     """``text`` into ``path`` through a temporary name in the same folder, so a reader never sees half a file."""
     part = path.with_name(f".{path.name}.part")
     part.write_text(text)
+    os.replace(part, path)
+
+
+def save_figure(fig: object, path: Path) -> None:
+    """A matplotlib figure into ``path`` as ``write_atomically`` writes text (the format from the
+    suffix), then closed."""
+    import matplotlib.pyplot as plt
+
+    part = path.with_name(f".{path.name}.part")
+    fig.savefig(part, dpi=120, format=path.suffix.lstrip(".") or "png")
+    plt.close(fig)
     os.replace(part, path)

@@ -45,7 +45,8 @@ from jax import lax
 
 from tmjax import tasks
 from tmjax.api import bucket_length
-from tmjax.evaluate import add_task_arguments, load_model, output_folder, run_cli, task_list
+from tmjax.evaluate import (add_task_arguments, load_model, output_folder, run_cli, save_figure, task_list,
+                            write_atomically)
 from tmjax.layout import TriangleMix
 from tmjax.models import decoder
 from tmjax.models.params import Params
@@ -289,8 +290,7 @@ def plot(result: ProbeResult, path: Path, title: str) -> None:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def probe_main(argv: Sequence[str] | None = None) -> int:
@@ -332,7 +332,7 @@ def _probe_cli(args: argparse.Namespace) -> int:
         "seconds": round(time.perf_counter() - started, 1),
         **result.to_json(),
     }
-    (out / "probe.json").write_text(json.dumps(report, indent=2))
+    write_atomically(out / "probe.json", json.dumps(report, indent=2))
     plot(result, out / "probe.png", f"{name}: gradient probe over {len(examples)} prompts")
     print(f"recommended switch layer: {result.switch_layer} of {params.config.num_layers} ({RULE}, "
           f"threshold {args.threshold}); wrote {out / 'probe.json'} and {out / 'probe.png'}")
