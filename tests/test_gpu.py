@@ -86,10 +86,11 @@ def _check(name, impl, dtype_name, out, ref, rows):
     assert _records[-1]["rel_l2"] <= bound, f"{name} {impl} {dtype_name}: relative L2 {_records[-1]['rel_l2']:.2e} > {bound}"
 
 
-# (T, Hq, Hkv, D): T a multiple of no block size, GQA 1, 4, 7, head_dim 64 and 128; then T shorter
-# than the window, and T shorter than n_init + n_last (every row dense).
+# (T, Hq, Hkv, D): T a multiple of no block size, GQA 1, 4, 7, head_dim 64 and 128; SmolLM2's heads
+# (GQA 3, head_dim 64: the tuning table's own entry on the H100); then T shorter than the window, and T
+# shorter than n_init + n_last (every row dense).
 GRID = [(1000, h * g, h, d) for g, h in ((1, 4), (4, 2), (7, 1)) for d in (64, 128)]
-GRID += [(300, 8, 2, 128), (100, 7, 1, 64)]
+GRID += [(1000, 9, 3, 64), (300, 8, 2, 128), (100, 7, 1, 64)]
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
@@ -121,18 +122,19 @@ def test_triangle_without_sinks(impl, case):
     _check("triangle_nosink_T%d_H%d_KV%d_D%d_last%d" % case, impl, "bf16", out, ref, t)
 
 
+@pytest.mark.parametrize("heads", [(8, 2, 128), (9, 3, 64)], ids=lambda h: "H%d_KV%d_D%d" % h)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_triangle_traced_length_ignores_padding(impl):
+def test_triangle_traced_length_ignores_padding(impl, heads):
     """Right-padded inputs with large garbage in the padding: rows < length match the unpadded
     reference (the padding's K/V are finite, as a model's are, but far off the real scale)."""
     t, length = 1000, 777
-    q, k, v = random_qkv(1, 2, t, 8, 2, 128, jnp.bfloat16)
+    q, k, v = random_qkv(1, 2, t, *heads, jnp.bfloat16)
     pad = (jnp.arange(t) >= length)[None, :, None, None]
     q, k, v = (jnp.where(pad, 300 * x, x) for x in (q, k, v))
     out = _triangle(q, k, v, jnp.int32(length), impl=impl, **SIZES)
     mask = reference.triangle_mask(length, **SIZES)
     ref = _reference(q[:, :length], k[:, :length], v[:, :length], mask)
-    _check("triangle_T1000_length777_padded", impl, "bf16", out, ref, length)
+    _check("triangle_T1000_length777_padded_H%d_KV%d_D%d" % heads, impl, "bf16", out, ref, length)
 
 
 @pytest.mark.parametrize("shape", [(1000, 4, 4, 128), (1000, 8, 2, 64), (1000, 7, 1, 128)], ids=str)
