@@ -42,7 +42,8 @@
 #   prep   install only and stage the GGUF's first part in /tmp (a short first call of two; the second,
 #          within 30 s, carries part b)
 #   first  a session's first call when either card may come (kind nvidia-h200, needs_h200 false): on an
-#          H200, issue 20's 512K rows (`long 524288`, tm and tm+fp, bf16 cache); on an H100, prep
+#          H200, issue 20's 512K rows (`long 524288`, tm and tm+fp, bf16 cache); on an H100, prep, then
+#          the grid's part TESTS_K when set
 #   bash bench/gpu_check.sh prep|first|tests|bench|vs|ttft|sweep|gridsweep|evals|dynamic|long|fp8eval [seqs|parts]
 # The device tool allows 10 minutes a call: one mode per call.
 set -uo pipefail
@@ -79,6 +80,7 @@ case "$what" in
         bash "$0" long 524288
     else
       ls -la /tmp/smol.part.aa 2>/dev/null
+      [[ -n "${TESTS_K:-}" ]] && bash "$0" tests  # a part of the grid while the H100 waits for part b
     fi ;;
   tests)
     # TESTS_K="expr" runs a part of the grid (pytest -k), for a grid longer than one call
