@@ -190,8 +190,8 @@ def test_a_stopped_search_resumes_from_its_journal(tmp_path, stop_after):
         calibrate.search_layouts(layers, stopping, CRITERION, 3, journal=calibrate.Journal(path, settings, False))
     with path.open("a") as f:
         f.write('{"config": "half a line')  # a record cut off by the stop
-    journal = calibrate.Journal(path, settings, resume=True)
-    decided = [json.loads(line)["layout"]["switch_layer"] for line in path.read_text().splitlines()[1:-1]]
+    journal = calibrate.Journal(path, settings, resume=True)  # takes the whole records, drops the cut one
+    decided = [json.loads(line)["layout"]["switch_layer"] for line in path.read_text().splitlines()[1:]]
     assert decided == [m["layout"]["switch_layer"] for m in reference[:len(decided)]]
     second = Curve(MONOTONE.failures, MONOTONE.kl)
     again, records = calibrate.search_layouts(layers, second, CRITERION, 3, journal=journal)
@@ -201,11 +201,18 @@ def test_a_stopped_search_resumes_from_its_journal(tmp_path, stop_after):
         [{k: v for k, v in m.items() if k != "seconds"} for m in reference]
     assert not {layer for layer, _ in second.calls} & set(decided)
     assert len(first.calls) + len(second.calls) - sum(m["samples"] for m in reference) < 2 * N  # one redone at most
-    # the journal now holds every record once; other settings cannot take it
+    # the journal now holds every record once (a record appended after the cut-off line would have been
+    # glued to it, and lost to the next resume); other settings cannot take it
+    later = calibrate.Journal(path, settings, resume=True)
+    assert sorted(later.decided) == sorted(calibrate.Journal._key(m["layout"]) for m in reference)
+    assert len(path.read_text().splitlines()) == 1 + len(reference)
     with pytest.raises(ValueError, match="other settings"):
         calibrate.Journal(path, {**settings, "samples": N + 1}, resume=True)
     fresh = calibrate.Journal(path, settings, resume=False)  # without --resume: a new journal
     assert fresh.decided == {} and len(path.read_text().splitlines()) == 1
+    path.write_text('{"settings": {"identi')  # a stop that cut off even the settings: nothing to take
+    cut = calibrate.Journal(path, settings, resume=True)
+    assert cut.decided == {} and json.loads(path.read_text()) == {"settings": settings}
 
 
 def test_search_on_every_threshold_and_start():

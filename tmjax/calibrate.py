@@ -290,21 +290,25 @@ class Journal:
         self.path, self.decided = path, {}
         self.answers = path.with_name(path.name + ".dense")  # dense's answer per prompt, one .npz each
         head = {"settings": json.loads(json.dumps(settings))}  # as read back: tuples become lists
-        if resume and path.is_file():
-            lines = path.read_text().splitlines()
-            there = json.loads(lines[0]).get("settings", {}) if lines else {}
+        lines = path.read_text().splitlines() if resume and path.is_file() else []
+        there = self._settings(lines[0]) if lines else None  # None: no journal, or not even its first line
+        if there is not None:
             if there != head["settings"]:
                 here = head["settings"]
                 differ = "; ".join(f"{key}: {there.get(key)!r} there, {here.get(key)!r} here"
                                    for key in sorted(set(there) | set(here)) if there.get(key) != here.get(key))
                 raise ValueError(f"--resume: {path} was written under other settings ({differ}); drop --resume "
                                  "to start over")
+            kept = lines[:1]
             for line in lines[1:]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:  # the last line of a run stopped while writing it
                     break
                 self.decided[self._key(record["layout"])] = record
+                kept.append(line)
+            if len(kept) < len(lines):  # drop the cut-off line, or the next record would be glued to it
+                write_atomically(path, "".join(line + "\n" for line in kept))
         else:
             shutil.rmtree(self.answers, ignore_errors=True)
             path.write_text(json.dumps(head) + "\n")
@@ -327,6 +331,14 @@ class Journal:
         """The run finished: its report holds everything the journal did."""
         self.path.unlink()
         shutil.rmtree(self.answers, ignore_errors=True)
+
+    @staticmethod
+    def _settings(line: str) -> dict | None:
+        """The settings a journal's first line holds; None when a stop cut that line off."""
+        try:
+            return json.loads(line)["settings"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return None
 
     @staticmethod
     def _key(layout: dict) -> str:
