@@ -311,7 +311,7 @@ class Journal:
                 write_atomically(path, "".join(line + "\n" for line in kept))
         else:
             shutil.rmtree(self.answers, ignore_errors=True)
-            path.write_text(json.dumps(head) + "\n")
+            write_atomically(path, json.dumps(head) + "\n")  # a stop leaves the old journal or the new one
         self.answers.mkdir(exist_ok=True)
 
     def dense_answer(self, k: int) -> tuple[np.ndarray, list[int]] | None:
@@ -334,7 +334,8 @@ class Journal:
 
     @staticmethod
     def _settings(line: str) -> dict | None:
-        """The settings a journal's first line holds; None when a stop cut that line off."""
+        """The settings a journal's first line holds; None when that line is not whole (a journal written
+        before the settings line was written atomically, or cut by hand)."""
         try:
             return json.loads(line)["settings"]
         except (json.JSONDecodeError, KeyError, TypeError):
