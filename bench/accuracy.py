@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--masses", default=None, help="shallow step: a ladder of masses (default tmjax's)")
     parser.add_argument("--resume", action="store_true",
                         help="calibrate and shallow steps: continue a stopped search (tmjax calibrate --resume)")
+    parser.add_argument("--start-layer", default=None,
+                        help="calibrate step: start the switch-layer search here (tmjax calibrate --start-layer)")
     parser.add_argument("--eval-samples", type=int, default=18, help="evaluation samples per task")
     parser.add_argument("--switch-layers", default=None, help="evaluation: a sweep beside the marked layers")
     parser.add_argument("--dtype", default="float32")
@@ -134,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                    "--seed", str(CALIBRATION_SEED), "--identical", args.identical, "--max-kl", args.max_kl,
                    "--dtype", args.dtype, *implementation, *(["--resume"] if args.resume else [])]
     if "calibrate" in steps:
-        code = calibrate_main([*calibration, "--out", str(calibration_dir), "--force"])  # a rerun replaces it
+        start = ["--start-layer", args.start_layer] if args.start_layer else []
+        code = calibrate_main([*calibration, *start, "--out", str(calibration_dir), "--force"])  # a rerun replaces it
         if code:
             return code
     if "shallow" in steps:

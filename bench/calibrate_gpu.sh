@@ -20,6 +20,8 @@
 # A step stopped by its call's limit (STEP_S, default 570 s) is continued by running it again in the next
 # call: tmjax calibrate --resume takes the verdicts its journal holds (the float32 switch search took
 # longer than one call on an H100, 2026-12-07). The eval step keeps the finished samples' report.
+# START_LAYER=N starts the calibrate step's search at layer N instead of the probe's (where an earlier
+# run's verdicts bracket the answer; the guarantee is the same from any start).
 # --identical 0.90: the issue's target is a Wilson lower bound >= 90% with a point estimate >= 95%;
 # over 120 prompts the bound reaches 0.90 only from 115/120 (95.8%) on, so the bound implies the point.
 # Time on an H100 in float32 through XLA: ~1 s per prompt and configuration. calibrate measured 410 of
@@ -75,9 +77,9 @@ case "$step" in
       --probe-samples 3 2>&1 | tail -5
     cp "$RESULTS/probe-smollm2-8k/"* "$OUT/" ;;
   calibrate-bf16|shallow-bf16|eval-bf16)
-    run "${step%-bf16}" "bf16-$device" "${bf16[@]}" "${shallow[@]}" ;;
+    run "${step%-bf16}" "bf16-$device" "${bf16[@]}" "${shallow[@]}" ${START_LAYER:+--start-layer "$START_LAYER"} ;;
   calibrate-f32|shallow-f32|eval-f32)
-    run "${step%-f32}" "f32-xla-$device" "${f32[@]}" "${shallow[@]}" ;;
+    run "${step%-f32}" "f32-xla-$device" "${f32[@]}" "${shallow[@]}" ${START_LAYER:+--start-layer "$START_LAYER"} ;;
   cost)
     timeout 590 python3 bench/calibrate_cost.py --lengths 2048,8192 --prompts 8 --out "$OUT" 2>&1 | tail -5 ;;
   *)

@@ -460,6 +460,28 @@ def test_calibrate_cli_resumes_a_stopped_run(tiny, tmp_path, monkeypatch, capsys
     assert not {k for layer, k in calls if layer is None} & {k for layer, k in first if layer is None}
 
 
+def test_calibrate_cli_starts_the_search_where_told(tiny, tmp_path):
+    """``--start-layer`` replaces the probe's layer as the search's first measurement, and the answer
+    keeps its certificate: measured to pass (or all dense), the layer below measured to fail."""
+    probe_file = tmp_path / "probe.json"
+    probe_file.write_text(json.dumps({"recommended_switch_layer": 1, "threshold": 0.1,
+                                      "middle_normalised": [1.0, 0.5, 0.05, 0.01]}))
+    for start in (0, TINY_LAYERS - 1):
+        out = tmp_path / f"from-{start}"
+        assert calibrate.calibrate_main([
+            str(tiny), "--identical", "0.3", "--max-kl", "0.05", "--samples", "4", "--max-tokens", "1000",
+            "--tasks", "niah_single,prose_recall", "--n-init", "4", "--n-local", "64", "--n-last", "32",
+            "--probe", str(probe_file), "--start-layer", str(start), "--out", str(out)]) == 0
+        report = json.loads((out / "calibration.json").read_text())
+        measured = report["switch"]["measured"]
+        assert report["switch"]["start"] == start and measured[0]["layout"]["switch_layer"] == start
+        assert report["probe"]["recommended_switch_layer"] == 1
+        verdicts = {m["layout"]["switch_layer"]: m["passed"] for m in measured}
+        switch = report["recommended_switch_layer"]
+        assert switch == TINY_LAYERS or verdicts[switch]
+        assert switch == 0 or verdicts[switch - 1] is False
+
+
 def test_calibrate_cli_refuses_bad_input_before_loading(tmp_path, capsys):
     missing = str(tmp_path / "no-model")
     cases = [
@@ -498,6 +520,11 @@ def test_calibrate_refuses_bad_arguments_before_any_model_work(tiny, tmp_path, c
         (["--masses", "0.5,0.9"], "--masses needs --shallow vertical-slash or flexprefill"),
         (["--shallow", "vertical-slash", "--switch-layer", "99"],
          f"--switch-layer must be in 0..{TINY_LAYERS} (the model has {TINY_LAYERS} layers), got 99"),
+        (["--start-layer", str(TINY_LAYERS)],
+         f"--start-layer must be in 0..{TINY_LAYERS - 1} (the model has {TINY_LAYERS} layers), got {TINY_LAYERS}"),
+        (["--start-layer", "-1"], "--start-layer must be >= 0, got -1"),
+        (["--shallow", "vertical-slash", "--switch-layer", "1", "--start-layer", "2"],
+         "--start-layer starts the switch-layer search, which --switch-layer skips: pass one"),
         (["--out", str(done)], f"--out {done} already holds a calibration.json; pass --force to replace it"),
     ]
     for extra, needle in cases[:1] + cases[4:5]:

@@ -12,7 +12,8 @@ every layer that switching at ``s + 1`` does, and one more. Each layer's error r
 through all the layers after it, so divergence accumulates over the Triangle layers and is expected
 to grow as ``s`` falls: "passes" is a threshold predicate, false below some ``s*`` and true from it
 on (``s = L``, all dense, passes by definition). ``search`` keeps a bracket: the highest layer measured
-to fail and the lowest measured to pass. It starts at the probe's layer, gallops away from it by
+to fail and the lowest measured to pass. It starts at the probe's layer (or ``--start-layer``, e.g. where
+an earlier run's verdicts bracket the answer), gallops away from it by
 doubling steps until the bracket closes around a failure/pass pair, then bisects. Under the threshold
 assumption that is the earliest passing layer, after ``O(log |s* - s_probe|)`` measurements. When the
 assumption fails (interactions, noise) the answer is still a layer measured to pass, with the layer
@@ -439,7 +440,8 @@ def calibrate(params: Params, tokenizer: object, samples: Sequence[tasks.Sample]
         "criterion": {**dataclasses.asdict(criterion), "confidence": CONFIDENCE, "interval": "Wilson score",
                       "passes_when": "Wilson lower bound of the identical-answer rate >= identical and mean "
                                      "first-token KL <= max_kl, over all samples"},
-        "search": "gallop from the probe's layer, then bisection (module docstring of tmjax.calibrate)",
+        "search": "gallop from switch.start (the probe's layer unless --start-layer), then bisection (module "
+                  "docstring of tmjax.calibrate)",
         "recommended_switch_layer": switch,
         "recommended_layout": None if chosen is None else dataclasses.asdict(chosen),
         "recommended_config": config_name(chosen),
@@ -600,6 +602,9 @@ def calibrate_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shallow", choices=["dense", "vertical-slash", "flexprefill"], default="dense",
                         help="vertical-slash or flexprefill: also calibrate that method's budget for the layers "
                              "below the switch layer (default dense)")
+    parser.add_argument("--start-layer", type=int, default=None,
+                        help="start the switch-layer search here instead of at the probe's layer (e.g. where an "
+                             "earlier run's verdicts bracket the answer); the guarantee is the same from any start")
     parser.add_argument("--switch-layer", type=int, default=None,
                         help="with --shallow vertical-slash: skip the switch-layer search and calibrate the budgets "
                              "at this layer (e.g. an earlier calibration's)")
@@ -639,6 +644,11 @@ def _calibrate_cli(args: argparse.Namespace) -> int:
         if not budgets:
             raise ValueError("--switch-layer leaves nothing to calibrate without --shallow vertical-slash")
         TriangleMix(args.switch_layer, **triangle)  # validates it; the model's layer count is checked later
+    if args.start_layer is not None:
+        if args.switch_layer is not None:
+            raise ValueError("--start-layer starts the switch-layer search, which --switch-layer skips: pass one")
+        if args.start_layer < 0:
+            raise ValueError(f"--start-layer must be >= 0, got {args.start_layer}")
     if args.probe_samples < 1:
         raise ValueError(f"--probe-samples must be >= 1, got {args.probe_samples}")
     out = output_folder(args.out)
@@ -652,6 +662,9 @@ def _calibrate_cli(args: argparse.Namespace) -> int:
     if args.switch_layer is not None and args.switch_layer > layers:
         raise ValueError(f"--switch-layer must be in 0..{layers} (the model has {layers} layers), "
                          f"got {args.switch_layer}")
+    if args.start_layer is not None and args.start_layer >= layers:
+        raise ValueError(f"--start-layer must be in 0..{layers - 1} (the model has {layers} layers), "
+                         f"got {args.start_layer}")
     started = time.perf_counter()
     params, tokenizer, name = load_model(args.checkpoint, args.dtype)
     num_layers = params.config.num_layers
@@ -669,7 +682,8 @@ def _calibrate_cli(args: argparse.Namespace) -> int:
     journal = Journal(out / "calibration.journal.jsonl", {**settings, "probe_layer": probe_curve["recommended_switch_layer"]},
                       args.resume)
     with Progress(*columns, console=Console(stderr=True)) as progress:
-        report = calibrate(params, tokenizer, samples, criterion, start_layer=probe_curve["recommended_switch_layer"],
+        start = probe_curve["recommended_switch_layer"] if args.start_layer is None else args.start_layer
+        report = calibrate(params, tokenizer, samples, criterion, start_layer=start,
                            triangle=triangle, budgets=budgets, switch_layer=args.switch_layer,
                            implementation=args.implementation, progress=progress, journal=journal)
     switch = report["recommended_switch_layer"]
