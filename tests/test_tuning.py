@@ -58,7 +58,8 @@ def test_shipped_entries_name_their_backends_fields_and_sources(name):
 
 
 @pytest.mark.parametrize("run", ["attention-NVIDIA_H100_80GB_HBM3-20261123-1621.json",
-                                 "attention-hd64-sweep-H100-20261207/attention-NVIDIA_H100_80GB_HBM3-20261207-0259.json"])
+                                 "attention-hd64-sweep-H100-20261207/attention-NVIDIA_H100_80GB_HBM3-20261207-0259.json",
+                                 "attention-hd64-sweep-H100-20261207/attention-NVIDIA_H100_80GB_HBM3-20261207-1333.json"])
 def test_mosaic_gpu_triangle_runs_what_the_recorded_figures_measured(run):
     """``implementation=None`` on that device and those shapes runs the tuning of the recorded run's
     fastest mosaic_gpu triangle row at its longest length (the figure the README quotes)."""
