@@ -9,8 +9,9 @@ that layer of SmolLM2-135M-Instruct (dense prefill of the demo's haystack prompt
 SmolLM2's own heads (9 q / 3 KV, head_dim 64) whatever ``--heads`` says. Methods: vertical-slash with fixed
 budgets (``--vertical``/``--slash``, default 1000/6096), vertical-slash with ``mass=--mass`` (those
 budgets as caps), FlexPrefill (``--gamma``), all with the density guard on (``--no-guard``: off); then
-``causal_attention(implementation=...)`` (our causal table kernel) and
-``jax.nn.dot_product_attention(implementation="cudnn")``. Per dynamic row: its table's steps (key
+``causal_attention(implementation=...)`` (our causal table kernel),
+``jax.nn.dot_product_attention(implementation="cudnn")`` and, at head_dim 128 where its wheel loads,
+FlashAttention-3's dense causal kernel (``bench/fa3_peer.py``; a row saying why when it does not load). Per dynamic row: its table's steps (key
 blocks plus column chunks) over the causal key blocks, mean over heads (above 1 when columns add
 chunks), and whether the whole layer ran dense (every head's table the full causal one). Medians
 (``bench/attention.py``'s ``median_ms``). Writes ``dynamic-layer-<device>-<date>.json`` and ``.md`` to
@@ -135,6 +136,7 @@ def main() -> None:
                                                            attention.default_implementation()))
     cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
     stats = jax.jit(table_of, static_argnums=0)
+    fa3, fa3_missing = fa3_dense() if on_gpu else (None, "not a GPU")
     for n in (int(s) for s in args.seqs.split(",")):
         for kind in args.inputs.split(","):
             if kind.startswith("smollm2:"):
@@ -156,6 +158,9 @@ def main() -> None:
             if on_gpu and dtype in (jnp.bfloat16, jnp.float16):
                 record(dict(n=n, inputs=kind, method="cuDNN dense causal", ms=median_ms(cudnn, q, k, v,
                                                                                       min_time_s=args.min_time_s)))
+                if q.shape[-1] == 128:
+                    record(dict(n=n, inputs=kind, method="FlashAttention-3 dense causal",
+                                ms=fa3 and median_ms(fa3, q, k, v, min_time_s=args.min_time_s), error=fa3_missing))
     device = jax.devices()[0].device_kind
     meta = dict(device=device, jax=jax.__version__, host=platform.node(), heads=[hq, hkv, d], dtype=args.dtype,
                 implementation=args.implementation or attention.default_implementation(), guard=not args.no_guard,
@@ -173,6 +178,17 @@ def main() -> None:
         lines.append(f"| {r['n']} | {r['inputs']} | {r['method']} | {ms} | {visited} | {r.get('dense_layer', '')} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def fa3_dense() -> tuple[object | None, str | None]:
+    """FlashAttention-3's dense causal kernel (``bench/fa3_peer.py``), or None and why it did not load."""
+    try:
+        import fa3_peer
+
+        found = {name: fn for name, _, fn in fa3_peer.systems(8, 512, 128)}
+        return jax.jit(found["flash-attn3-jax dense causal"]), None
+    except Exception as ex:  # optional peer: say why it is missing, run the rest
+        return None, repr(ex)[:300]
 
 
 ARGS: argparse.Namespace
