@@ -5,7 +5,8 @@
 #          vertical-slash, key-block-list and padding-poison cases for every implementation
 #          (TESTS_K="triangle_grid" / TESTS_K="not triangle_grid": the grid in two calls)
 #   bench  bench/attention.py beside cuDNN, FlashAttention-3 (when its wheel loads) and the peers in
-#          .carry/peers; then the same at SmolLM2's heads (9 q / 3 KV, head_dim 64)
+#          .carry/peers; then the same at SmolLM2's heads (9 q / 3 KV, head_dim 64); SWEEP=1 adds the tuning
+#          sweep (--sweep) and writes each head shape's fastest rows as a tuning table to $OUT
 #   vs     bench/smollm2_vs_indices.py (SmolLM2's own picks), bench/vertical_slash.py (local/real/random)
 #          and bench/ttft.py for SmolLM2 (needs the GGUF: see bench/NOTES.md, "next GPU session")
 #   ttft   bench/ttft.py at Llama-3.1-8B shapes: dense, TriangleMix(16), TriangleMix(16) + vertical-slash,
@@ -94,8 +95,10 @@ case "$what" in
   bench)
     peers=()
     [[ -d .carry/peers ]] && peers=(--peers .carry/peers)
-    python3 bench/attention.py --seqs "$seqs" --out "$OUT" "${peers[@]}" 2>&1 | tee "$OUT/bench.log" | grep -v "^ROW" | tail -40
-    python3 bench/attention.py --seqs "$seqs" --heads 9,3,64 --out "$OUT" 2>&1 | grep -v "^ROW" | tail -20 ;;
+    python3 bench/attention.py --seqs "$seqs" --out "$OUT" "${peers[@]}" ${SWEEP:+--sweep --write-tuning "$OUT/mosaic_gpu-d128.json"} \
+      2>&1 | tee "$OUT/bench.log" | grep -v "^ROW" | tail -40
+    python3 bench/attention.py --seqs "$seqs" --heads 9,3,64 --out "$OUT" ${SWEEP:+--sweep --write-tuning "$OUT/mosaic_gpu-d64.json"} \
+      2>&1 | grep -v "^ROW" | tail -20 ;;
   vs)
     python3 bench/smollm2_vs_indices.py --lengths 32768,65536,131072 --out "$OUT" 2>&1 | tail -3
     python3 bench/vertical_slash.py --seqs 32768,65536,131072 --implementation mosaic_gpu \
