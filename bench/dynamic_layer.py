@@ -38,7 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import median_ms  # noqa: E402
+from attention import fa3_systems, median_ms  # noqa: E402
 from smollm2_capture import capture  # noqa: E402
 
 import tmjax  # noqa: E402
@@ -136,7 +136,9 @@ def main() -> None:
                                                            attention.default_implementation()))
     cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
     stats = jax.jit(table_of, static_argnums=0)
-    fa3, fa3_missing = fa3_dense() if on_gpu else (None, "not a GPU")
+    missing: list[dict] = []  # fa3_systems' row saying why the peer did not load
+    fa3 = {name: jax.jit(fn) for name, _, fn in (fa3_systems(missing.append) if on_gpu else [])}.get(
+        "flash-attn3-jax dense causal")
     for n in (int(s) for s in args.seqs.split(",")):
         for kind in args.inputs.split(","):
             if kind.startswith("smollm2:"):
@@ -160,7 +162,8 @@ def main() -> None:
                                                                                       min_time_s=args.min_time_s)))
                 if q.shape[-1] == 128:
                     record(dict(n=n, inputs=kind, method="FlashAttention-3 dense causal",
-                                ms=fa3 and median_ms(fa3, q, k, v, min_time_s=args.min_time_s), error=fa3_missing))
+                                ms=fa3 and median_ms(fa3, q, k, v, min_time_s=args.min_time_s),
+                                error=missing[0]["note"] if missing else None))
     device = jax.devices()[0].device_kind
     meta = dict(device=device, jax=jax.__version__, host=platform.node(), heads=[hq, hkv, d], dtype=args.dtype,
                 implementation=args.implementation or attention.default_implementation(), guard=not args.no_guard,
@@ -178,17 +181,6 @@ def main() -> None:
         lines.append(f"| {r['n']} | {r['inputs']} | {r['method']} | {ms} | {visited} | {r.get('dense_layer', '')} |")
     (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def fa3_dense() -> tuple[object | None, str | None]:
-    """FlashAttention-3's dense causal kernel (``bench/fa3_peer.py``), or None and why it did not load."""
-    try:
-        import fa3_peer
-
-        found = {name: fn for name, _, fn in fa3_peer.systems(8, 512, 128)}
-        return jax.jit(found["flash-attn3-jax dense causal"]), None
-    except Exception as ex:  # optional peer: say why it is missing, run the rest
-        return None, repr(ex)[:300]
 
 
 ARGS: argparse.Namespace
