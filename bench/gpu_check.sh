@@ -28,7 +28,8 @@
 #                    tm:22+vs@0.95; fp@<gamma> / vs@<mass> per configuration); SAMPLES per task (default 15:
 #                    105 over the seven tasks)
 #          ttft      bench/ttft.py SmolLM2 32K/128K: dense, tm, tm+vs, tm+vs-mass, tm+fp (MASS, GAMMA: 0.95)
-#          layer     bench/dynamic_layer.py: one Llama-3.1-8B-shaped layer at 32K/128K
+#          layer     bench/dynamic_layer.py: one Llama-3.1-8B-shaped layer at 32K/128K (INPUTS, default
+#                    local,random; smollm2:<layer> needs the GGUF), MASS and GAMMA as for ttft
 #          replay    (not in the default) SmolLM2's picks at 32K/128K (bench/smollm2_vs_indices.py), replayed
 #                    in a Llama-3.1-8B-shaped prefill: bench/ttft.py --replay-picks (tm+vs-decoder, tm+vs-replay)
 #          e.g. bash bench/gpu_check.sh dynamic accuracy,ttft,layer
@@ -188,7 +189,8 @@ case "$what" in
             --configs dense,tm,tm+vs,tm+vs-mass,tm+fp --mass "${MASS:-0.95}" --gamma "${GAMMA:-0.95}" \
             --out "$OUT/smollm2-dynamic" 2>&1 | tail -12 ;;
         layer)
-          timeout "$(left)" python3 bench/dynamic_layer.py --seqs 32768,131072 --out "$OUT" 2>&1 | grep -v "^ROW" | tail -25 ;;
+          timeout "$(left)" python3 bench/dynamic_layer.py --seqs 32768,131072 --inputs "${INPUTS:-local,random}" \
+            --mass "${MASS:-0.95}" --gamma "${GAMMA:-0.95}" --min-time-s 0.3 --out "$OUT" 2>&1 | grep -v "^ROW" | tail -25 ;;
         replay)
           timeout "$(left)" python3 bench/smollm2_vs_indices.py --lengths 32768,131072 --out "$OUT" 2>&1 | tail -2
           timeout "$(left)" python3 bench/ttft.py --lengths 32768,131072 --configs tm+vs-decoder,tm+vs-replay \
