@@ -43,15 +43,21 @@ GUARD_VALUES = True  # masked steps use V as it is: the dispatch passes K and V 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
     """Block sizes: ``block_kv`` keys per step, ``stages`` K/V slots in flight, ``kv_chunk`` keys per
-    CTA in the last-rows pass. Measured values: ``tuning_tables/mosaic_gpu.json``."""
+    CTA in the last-rows pass, ``items`` consecutive query blocks per CTA in a static table (band or
+    causal; 1: one block per CTA). With several, the K/V ring runs on from one block to the next and
+    the next block's queries load while the current one computes, so a short band block no longer pays
+    the pipeline's fill and the query load alone. Measured values: ``tuning_tables/mosaic_gpu.json``."""
 
     block_kv: int = 128
     stages: int = 2
     kv_chunk: int = 4096
+    items: int = 1
 
     def __post_init__(self) -> None:
         if self.block_kv not in (64, 128):
             raise ValueError(f"block_kv must be 64 or 128, got {self.block_kv}")
+        if not isinstance(self.items, int) or self.items < 1:
+            raise ValueError(f"items must be a positive int, got {self.items!r}")
         if self.stages < 2:
             raise ValueError(f"stages must be >= 2, got {self.stages}")
         if self.kv_chunk % self.block_kv:
@@ -83,17 +89,23 @@ class _Work:
     col_bits: object = None
 
 
-def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale, n_init, n_local, dtype, consumers=2):
-    """Producer/consumer attention over the steps ``work_of(wg)`` lists (see the module docstring).
+def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale, n_init, n_local, dtype, consumers=2,
+              n_items=None):
+    """Producer/consumer attention over the steps ``work_of(wg, item)`` lists (see the module docstring).
 
     ``consumers`` compute warpgroups (1 or 2; two ping-pong on the tensor cores) share every K/V
-    tile; the warpgroup after them is the producer."""
-    qo_smem2, k_smem, v_smem, lse_smem2 = smem
+    tile; the warpgroup after them is the producer. ``n_items`` (None: one item) is how many work
+    items the CTA runs one after the other: step ``s`` of an item is the ring's step ``base + s``,
+    ``base`` the steps of the items before it, so the producer fills the ring for the next item while
+    the consumers finish the current one; an item's queries load (into the other of two query
+    buffers) while the item before it computes, and its output leaves through a buffer of its own."""
+    q_smem2, o_smem2, k_smem, v_smem, lse_smem2 = smem
     (k_ready, v_ready, q_ready), (k_free, v_free), turn = barriers
     wg = lax.axis_index("wg")
     head_dim = k_smem.shape[-1]
     c = scale * _common.LOG2E
     pingpong = consumers == 2
+    q_buffers = q_smem2.shape[1]  # 2 with several items (double-buffered queries), else 1
 
     def take_turn():
         if pingpong:
@@ -106,137 +118,170 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
         word = jnp.where(lane < 32, lane * 0 + low, lane * 0 + high)
         return ((word >> (lane & 31)) & 1) == 1
 
+    def items(body):
+        """``body(item, base) -> base``, over the CTA's items."""
+        if n_items is None:
+            body(0, 0)
+        else:
+            lax.fori_loop(0, n_items, body, jnp.int32(0))
+
     @pl.when(wg < consumers)
     def _compute():
         plgpu.set_max_registers(232, action="increase")
-        w = work_of(wg)
-        qo_smem = qo_smem2.at[wg]
-        plgpu.copy_gmem_to_smem(w.q_src, qo_smem, q_ready.at[wg])
-        plgpu.barrier_wait(q_ready.at[wg])
-        m_i = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        l_i = plgpu.layout_cast(jnp.full((ROWS,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        acc = plgpu.layout_cast(jnp.full((ROWS, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
 
-        total = w.n_steps + w.n_cols
+        def load_queries(item, buffer):
+            plgpu.copy_gmem_to_smem(work_of(wg, item).q_src, q_smem2.at[wg, buffer], q_ready.at[wg * q_buffers + buffer])
 
-        @pl.when(total > 0)
-        def _():
-            plgpu.barrier_wait(k_ready.at[0])
+        def item_body(item, base):
+            w = work_of(wg, item)
+            buffer = 0 if n_items is None else lax.rem(item, jnp.int32(q_buffers))
+            q_tile = q_smem2.at[wg, buffer]
+            plgpu.barrier_wait(q_ready.at[wg * q_buffers + buffer])
+            if n_items is not None:  # the other buffer's queries (the item before) are no longer read
 
-        pl.when(wg == 1)(take_turn)
-
-        def step(s, carry, masked):
-            acc, m_i, l_i = carry
-            slot = lax.rem(s, jnp.int32(stages))
-
-            def qk_product(acc_ref):
-                plgpu.wgmma(acc_ref, qo_smem, k_smem.at[slot].transpose((1, 0)))
-                take_turn()
-                return acc_ref[...]
-
-            qk = pl.run_scoped(qk_product, plgpu.ACC((ROWS, block_kv), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
-            if masked:
-                if masked == "columns":
-                    visible = column_mask(w, s)
-                else:
-                    rows = w.row + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=plgpu.Layout.WGMMA)
-                    cols = w.kv_block(s) * block_kv + plgpu.broadcasted_iota(
-                        jnp.int32, (ROWS, block_kv), 1, layout=plgpu.Layout.WGMMA
-                    )
-                    visible = cols <= rows
-                    if n_local is not None:
-                        visible = visible & ((cols < n_init) | (rows - cols < n_local))
-                # Scale, then mask with -inf: a finite mask value M scaled inside exp2(M * c - m) is
-                # contracted into an FMA whose unrounded product differs from the rounded maximum m by
-                # up to ~1e21, so a row that sees nothing yet got p = exp2(+1e21) = inf and later NaN
-                # (issue 17: head_dim 64 without sinks). A row with no visible key so far keeps
-                # m = -inf and takes 0 as its reference, so its p and alpha are exactly 0.
-                scaled = jnp.where(visible, qk * c, -jnp.inf)
-                m_new = jnp.maximum(m_i, scaled.max(axis=1))
-                m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                alpha = jnp.exp2(m_i - m_ref)
-                p = jnp.exp2(scaled - lax.broadcast_in_dim(m_ref, qk.shape, [0]))
-            else:  # every row sees every key: m_new is finite
-                m_new = jnp.maximum(m_i, qk.max(axis=1) * c)
-                alpha = jnp.exp2(m_i - m_new)
-                p = jnp.exp2(qk * c - lax.broadcast_in_dim(m_new, qk.shape, [0]))
-            acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
-            l_i = l_i * alpha + p.sum(axis=1)
-            p16 = p.astype(dtype)
-            acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-            if pingpong:
-                plgpu.barrier_arrive(turn)
-            plgpu.barrier_wait(v_ready.at[slot])
-            if pingpong:
-                plgpu.barrier_wait(turn)
-
-            def pv_product(acc_ref):
-                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-                nxt = s + 1
-
-                @pl.when(nxt < total)
+                @pl.when(item + 1 < n_items)
                 def _():
-                    plgpu.barrier_wait(k_ready.at[lax.rem(nxt, jnp.int32(stages))])
+                    load_queries(item + 1, 1 - buffer)
 
-            acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
-            plgpu.barrier_arrive(v_free.at[slot])
-            return acc, m_new, l_i
+            m_i = plgpu.layout_cast(jnp.full((ROWS,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            l_i = plgpu.layout_cast(jnp.full((ROWS,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+            acc = plgpu.layout_cast(jnp.full((ROWS, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
 
-        carry = lax.fori_loop(0, w.n_full, functools.partial(_unmasked, step), (acc, m_i, l_i))
-        carry = lax.fori_loop(w.n_full, w.n_steps, functools.partial(_masked, step), carry)
-        if w.col_src is not None:
-            carry = lax.fori_loop(w.n_steps, total, functools.partial(step, masked="columns"), carry)
-        acc, m_i, l_i = carry
-        pl.when(wg == 0)(take_turn)
+            total = w.n_steps + w.n_cols
 
-        l_safe = jnp.where(l_i == 0, 1.0, l_i)  # a row with no key in this chunk: output 0, lse -inf
-        acc /= lax.broadcast_in_dim(l_safe, (ROWS, head_dim), [0])
-        qo_smem[...] = acc.astype(dtype)
-        if lse_smem2 is not None:
-            lse_smem2.at[wg][...] = m_i + jnp.log(l_safe) * (1 / math.log(2))
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo_smem, w.o_dst)
-        if lse_smem2 is not None:
-            plgpu.copy_smem_to_gmem(lse_smem2.at[wg], w.lse_dst)
+            def slot_of(s):
+                ring_step = s + base
+                return ring_step % stages if isinstance(ring_step, int) else lax.rem(ring_step, jnp.int32(stages))
+
+            @pl.when(total > 0)
+            def _():
+                plgpu.barrier_wait(k_ready.at[slot_of(0)])
+
+            pl.when(wg == 1)(take_turn)
+
+            def step(s, carry, masked):
+                acc, m_i, l_i = carry
+                slot = slot_of(s)
+
+                def qk_product(acc_ref):
+                    plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
+                    take_turn()
+                    return acc_ref[...]
+
+                qk = pl.run_scoped(qk_product, plgpu.ACC((ROWS, block_kv), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                if masked:
+                    if masked == "columns":
+                        visible = column_mask(w, s)
+                    else:
+                        rows = w.row + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=plgpu.Layout.WGMMA)
+                        cols = w.kv_block(s) * block_kv + plgpu.broadcasted_iota(
+                            jnp.int32, (ROWS, block_kv), 1, layout=plgpu.Layout.WGMMA
+                        )
+                        visible = cols <= rows
+                        if n_local is not None:
+                            visible = visible & ((cols < n_init) | (rows - cols < n_local))
+                    # Scale, then mask with -inf: a finite mask value M scaled inside exp2(M * c - m) is
+                    # contracted into an FMA whose unrounded product differs from the rounded maximum m by
+                    # up to ~1e21, so a row that sees nothing yet got p = exp2(+1e21) = inf and later NaN
+                    # (issue 17: head_dim 64 without sinks). A row with no visible key so far keeps
+                    # m = -inf and takes 0 as its reference, so its p and alpha are exactly 0.
+                    scaled = jnp.where(visible, qk * c, -jnp.inf)
+                    m_new = jnp.maximum(m_i, scaled.max(axis=1))
+                    m_ref = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                    alpha = jnp.exp2(m_i - m_ref)
+                    p = jnp.exp2(scaled - lax.broadcast_in_dim(m_ref, qk.shape, [0]))
+                else:  # every row sees every key: m_new is finite
+                    m_new = jnp.maximum(m_i, qk.max(axis=1) * c)
+                    alpha = jnp.exp2(m_i - m_new)
+                    p = jnp.exp2(qk * c - lax.broadcast_in_dim(m_new, qk.shape, [0]))
+                acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
+                l_i = l_i * alpha + p.sum(axis=1)
+                p16 = p.astype(dtype)
+                acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+                if pingpong:
+                    plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(v_ready.at[slot])
+                if pingpong:
+                    plgpu.barrier_wait(turn)
+
+                def pv_product(acc_ref):
+                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    nxt = s + 1
+
+                    @pl.when(nxt < total)
+                    def _():
+                        plgpu.barrier_wait(k_ready.at[slot_of(nxt)])
+
+                acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return acc, m_new, l_i
+
+            carry = lax.fori_loop(0, w.n_full, functools.partial(_unmasked, step), (acc, m_i, l_i))
+            carry = lax.fori_loop(w.n_full, w.n_steps, functools.partial(_masked, step), carry)
+            if w.col_src is not None:
+                carry = lax.fori_loop(w.n_steps, total, functools.partial(step, masked="columns"), carry)
+            acc, m_i, l_i = carry
+            pl.when(wg == 0)(take_turn)
+
+            l_safe = jnp.where(l_i == 0, 1.0, l_i)  # a row with no key in this chunk: output 0, lse -inf
+            acc /= lax.broadcast_in_dim(l_safe, (ROWS, head_dim), [0])
+            if o_smem2 is None:  # one item: the output leaves through its query buffer
+                o_tile = q_tile
+            else:  # the item before's output must have left its buffer
+                o_tile = o_smem2.at[wg]
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            o_tile[...] = acc.astype(dtype)
+            if lse_smem2 is not None:
+                lse_smem2.at[wg][...] = m_i + jnp.log(l_safe) * (1 / math.log(2))
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_tile, w.o_dst)
+            if lse_smem2 is not None:
+                plgpu.copy_smem_to_gmem(lse_smem2.at[wg], w.lse_dst)
+            return base + total
+
+        load_queries(0, 0)
+        items(item_body)
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == consumers)
     def _produce():
         plgpu.set_max_registers(40, action="decrease")
-        w = work_of(0)
-        total = w.n_steps + w.n_cols
 
-        def fetch(which, s, slot):
-            """Copy step ``s``'s K (which=0) or V (which=1) tile into ``slot``."""
-            ref, dst, ready = (k_ref, k_smem, k_ready) if which == 0 else (v_ref, v_smem, v_ready)
+        def item_body(item, base):
+            w = work_of(0, item)
+            total = w.n_steps + w.n_cols
 
-            def listed_block():
-                rows = pl.ds(w.kv_block(s) * block_kv, block_kv)
-                plgpu.copy_gmem_to_smem(ref.at[w.batch, rows, w.kv_head], dst.at[slot], ready.at[slot])
+            def fetch(which, s, slot):
+                """Copy step ``s``'s K (which=0) or V (which=1) tile into ``slot``."""
+                ref, dst, ready = (k_ref, k_smem, k_ready) if which == 0 else (v_ref, v_smem, v_ready)
 
-            if w.col_src is None:
-                listed_block()
-                return
-            pl.when(s < w.n_steps)(listed_block)
+                def listed_block():
+                    rows = pl.ds(w.kv_block(s) * block_kv, block_kv)
+                    plgpu.copy_gmem_to_smem(ref.at[w.batch, rows, w.kv_head], dst.at[slot], ready.at[slot])
 
-            @pl.when(s >= w.n_steps)
-            def _():
-                plgpu.copy_gmem_to_smem(w.col_src(s - w.n_steps)[which], dst.at[slot], ready.at[slot])
+                if w.col_src is None:
+                    listed_block()
+                    return
+                pl.when(s < w.n_steps)(listed_block)
 
-        for i in range(stages):
-            @pl.when(i < total)
-            def _(i=i):
-                fetch(0, jnp.int32(i), i)
-                fetch(1, jnp.int32(i), i)
+                @pl.when(s >= w.n_steps)
+                def _():
+                    plgpu.copy_gmem_to_smem(w.col_src(s - w.n_steps)[which], dst.at[slot], ready.at[slot])
 
-        @pl.loop(0, jnp.maximum(total - stages, 0))
-        def _(s):
-            slot = lax.rem(s, jnp.int32(stages))
-            plgpu.barrier_wait(k_free.at[slot])
-            fetch(0, s + stages, slot)
-            plgpu.barrier_wait(v_free.at[slot])
-            fetch(1, s + stages, slot)
+            @pl.loop(0, total)
+            def _(s):
+                ring_step = s + base
+                slot = lax.rem(ring_step, jnp.int32(stages))
+                refill = ring_step >= stages  # the slot's previous tile must have been consumed
+                pl.when(refill)(lambda: plgpu.barrier_wait(k_free.at[slot]))
+                fetch(0, s, slot)
+                pl.when(refill)(lambda: plgpu.barrier_wait(v_free.at[slot]))
+                fetch(1, s, slot)
+
+            return base + total
+
+        items(item_body)
 
 
 def _unmasked(step, s, carry):
@@ -247,13 +292,16 @@ def _masked(step, s, carry):
     return step(s, carry, True)
 
 
-def _launch(body, inputs, out_types, *, grid, tuning, head_dim, dtype, with_lse, consumers=2):
+def _launch(body, inputs, out_types, *, grid, tuning, head_dim, dtype, with_lse, consumers=2, several_items=False):
     """Run ``body(refs, smem, barriers)`` as a ``plgpu.kernel`` of ``consumers`` compute warpgroups and
-    one producer, with the shared scratch."""
+    one producer, with the shared scratch (``several_items``: two query buffers and an output buffer
+    per compute warpgroup, as ``_pipeline`` runs several items)."""
     stages = tuning.stages
+    q_buffers = 2 if several_items else 1
     tiled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
     smem = [
-        plgpu.SMEM((consumers, ROWS, head_dim), dtype, **tiled),
+        plgpu.SMEM((consumers, q_buffers, ROWS, head_dim), dtype, **tiled),
+        plgpu.SMEM((consumers, ROWS, head_dim), dtype, **tiled) if several_items else None,
         plgpu.SMEM((stages, tuning.block_kv, head_dim), dtype, **tiled),
         plgpu.SMEM((stages, tuning.block_kv, head_dim), dtype, **tiled),
         plgpu.SMEM((consumers, ROWS), jnp.float32) if with_lse else None,
@@ -263,7 +311,8 @@ def _launch(body, inputs, out_types, *, grid, tuning, head_dim, dtype, with_lse,
         pl.run_scoped(
             lambda *scratch: body(refs, scratch[0], scratch[1:]),
             smem,
-            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=consumers)),
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+             plgpu.Barrier(num_barriers=consumers * q_buffers)),
             (plgpu.Barrier(num_arrivals=consumers, num_barriers=stages),) * 2,
             plgpu.Barrier(num_arrivals=2),
             collective_axes="wg",
@@ -308,12 +357,14 @@ def _static(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, tuning: Tuni
     group = hq // k.shape[2]
     heads_per_cta, rows_per_cta = _pairing(group)
     nq = table.num_q_blocks
+    per_cta = min(tuning.items, nq)  # consecutive query blocks per CTA; the last CTA may run fewer
 
     def body(refs, smem, barriers):
         index_ref, first_ref, num_full_ref, num_steps_ref, q_ref, k_ref, v_ref, o_ref = refs
-        qb, batch = lax.axis_index("blocks"), lax.axis_index("batch")
+        first_qb, batch = lax.axis_index("blocks") * per_cta, lax.axis_index("batch")
 
-        def work_of(wg):
+        def work_of(wg, item):
+            qb = first_qb + item
             first = first_ref[qb]
             if heads_per_cta == 2:
                 head, row = 2 * lax.axis_index("heads") + wg, qb * ROWS
@@ -329,13 +380,14 @@ def _static(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, tuning: Tuni
         _pipeline(
             work_of, k_ref, v_ref, smem, barriers, block_kv=tuning.block_kv, stages=tuning.stages,
             scale=d ** -0.5, n_init=table.n_init, n_local=table.n_local, dtype=q.dtype,
+            n_items=None if per_cta == 1 else jnp.minimum(per_cta, nq - first_qb),
         )
 
     arrays = table.arrays()
     inputs = (arrays["index"], arrays["first"], arrays["num_full"], arrays["num_steps"], q, k, v)
     return _launch(
-        body, inputs, jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(hq // heads_per_cta, nq, b),
-        tuning=tuning, head_dim=d, dtype=q.dtype, with_lse=False,
+        body, inputs, jax.ShapeDtypeStruct(q.shape, q.dtype), grid=(hq // heads_per_cta, -(-nq // per_cta), b),
+        tuning=tuning, head_dim=d, dtype=q.dtype, with_lse=False, several_items=per_cta > 1,
     )
 
 
@@ -361,7 +413,8 @@ def last_rows(q_rows: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, t
         n_steps = jnp.clip(last_needed + 1 - first, 0, chunk_blocks)
         n_full = jnp.clip(lax.div(first_row + 1, jnp.int32(bkv)) - first, 0, n_steps)
 
-        def work_of(wg):
+        def work_of(wg, item):
+            del item  # one item per CTA
             if heads_per_cta == 2:
                 head, local = 2 * lax.axis_index("heads") + wg, ri * rows_per_cta
             else:
@@ -419,7 +472,8 @@ def _dynamic(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, tuning: Tun
         o_ref = refs[-1]
         qb, batch = lax.axis_index("blocks"), lax.axis_index("batch")
 
-        def work_of(wg):
+        def work_of(wg, item):
+            del item  # one item per CTA
             head = consumers * lax.axis_index("heads") + wg
             sel = lax.div(head, jnp.int32(group))
             first = first_ref[batch, sel, qb]

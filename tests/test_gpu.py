@@ -147,6 +147,36 @@ def test_causal(impl, shape):
     _check("causal_T%d_H%d_KV%d_D%d" % shape, impl, "bf16", out, ref, t)
 
 
+# Several query blocks per CTA (mosaic_gpu's Tuning.items): the K/V ring and the query buffers run on
+# from one block to the next. 1000 tokens are 16 blocks of 64 rows (an even group: two heads per CTA) or
+# 8 of 128 (an odd group: two row halves), so 3 per CTA leaves a shorter last CTA; batch 2 with a traced
+# length per row; bkv 128 / 2 stages and bkv 64 / 3 stages (the triangle's table entry).
+ITEMS_CASES = [(3, 64, 3, (8, 2, 128)), (3, 128, 2, (7, 1, 64)), (2, 64, 3, (9, 3, 64)), (4, 128, 2, (4, 4, 128))]
+
+
+@pytest.mark.skipif("mosaic_gpu" not in PALLAS, reason="needs a Hopper GPU (mosaic_gpu)")
+@pytest.mark.parametrize("case", ITEMS_CASES, ids=lambda c: "items%d_bkv%d_st%d_H%d_KV%d_D%d" % (*c[:3], *c[3]))
+def test_several_query_blocks_per_cta(case):
+    from tmjax.pallas_kernels.mosaic_gpu import Tuning
+
+    items, block_kv, stages, heads = case
+    t, lengths = 1000, (1000, 811)
+    tuning = Tuning(block_kv, stages, 2048, items)
+    q, k, v = random_qkv(8, 2, t, *heads, jnp.bfloat16)
+    traced = jnp.asarray(lengths, jnp.int32)
+    triangle = jax.jit(lambda q, k, v, n: tmjax.triangle_attention(
+        q, k, v, **SIZES, length=n, implementation="mosaic_gpu", tuning=tuning))
+    causal = jax.jit(lambda q, k, v, n: tmjax.causal_attention(q, k, v, length=n, implementation="mosaic_gpu",
+                                                               tuning=tuning))
+    name = "items%d_bkv%d_st%d_H%d_KV%d_D%d" % (*case[:3], *heads)
+    for pattern, run, mask_of in (("triangle", triangle, lambda n: reference.triangle_mask(n, **SIZES)),
+                                  ("causal", causal, reference.causal_mask)):
+        out = run(q, k, v, traced)
+        for row, n in enumerate(lengths):
+            ref = _reference(q[row:row + 1, :n], k[row:row + 1, :n], v[row:row + 1, :n], mask_of(n))
+            _check(f"{pattern}_{name}_length{n}", "mosaic_gpu", "bf16", out[row:row + 1], ref, n)
+
+
 @pytest.mark.parametrize("impl", PALLAS)
 def test_unlisted_blocks_are_never_read(impl):
     """K/V set to NaN outside the blocks a query block's table row lists leave its rows unchanged."""

@@ -121,6 +121,31 @@ def test_mosaic_gpu_kernels_lower_on_cpu(q_heads, kv_heads, head_dim):
     assert "wgmma.mma_async" in text
 
 
+@pytest.mark.parametrize("q_heads, kv_heads, head_dim", [(8, 2, 128), (7, 1, 64)])
+def test_mosaic_gpu_several_query_blocks_per_cta_lower_on_cpu(q_heads, kv_heads, head_dim):
+    """``Tuning.items=3`` (the K/V ring and double-buffered queries running on over three query blocks;
+    16 or 8 blocks leave a shorter last CTA) lowers for the band and the causal table, both pairings."""
+    from tmjax.pallas_kernels.mosaic_gpu import Tuning
+
+    q = jax.ShapeDtypeStruct((1, 1000, q_heads, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1000, kv_heads, head_dim), jnp.bfloat16)
+    tuning = Tuning(block_kv=64, stages=3, items=3)
+    for fn, kernels in ((functools.partial(tmjax.triangle_attention, n_init=8, n_local=512, n_last=128), 2),
+                        (tmjax.causal_attention, 1)):
+        text = jax.jit(functools.partial(fn, implementation="mosaic_gpu", tuning=tuning)).trace(q, kv, kv).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert text.count("stablehlo.custom_call @mosaic_gpu") == kernels
+        assert "wgmma.mma_async" in text
+
+
+@pytest.mark.parametrize("items", [0, -1, 2.0])
+def test_mosaic_gpu_tuning_refuses_bad_items(items):
+    from tmjax.pallas_kernels.mosaic_gpu import Tuning
+
+    with pytest.raises(ValueError, match="items must be a positive int"):
+        Tuning(items=items)
+
+
 @pytest.mark.parametrize("q_heads, kv_heads, head_dim, heads_selected", [(8, 2, 128, 2), (7, 1, 64, 1), (4, 1, 64, 4)],
                          ids=["two_warpgroups", "one_warpgroup", "per_head_selection"])
 def test_mosaic_gpu_vertical_slash_lowers_on_cpu(q_heads, kv_heads, head_dim, heads_selected):
