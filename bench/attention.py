@@ -11,8 +11,8 @@ when it imports (``bench/fa3_peer.py``: dense causal, sliding window, FA3-compos
 dense float32 reference on a slice of rows first. Each of our rows records the backend and the
 tuning it ran (``implementation``, ``tuning``; ``tuning_source``: ``table`` when read from
 ``tmjax/pallas_kernels/tuning_tables``). ``--sweep`` times mosaic_gpu over a grid of tunings
-(triangle and causal); ``--items 2,4`` adds the table's tunings with several query blocks per CTA
-(``Tuning.items``; triangle, band and causal); ``--write-tuning FILE`` then writes the packaged table with the fastest
+(triangle and causal); ``--variants 'items=2;guard=nonfinite'`` adds the table's tunings with those
+fields changed (triangle, band and causal); ``--write-tuning FILE`` then writes the packaged table with the fastest
 tuning of each pattern at this run's device, head_dim and group (entries for other keys kept), to
 be copied over ``tmjax/pallas_kernels/tuning_tables/mosaic_gpu.json`` after review. Writes
 ``attention-<device>-<date>.json`` and ``.md`` to ``--out``.
@@ -109,15 +109,30 @@ def _ours(implementation: str, pattern: str, tuning=None):
     return lambda q, k, v: tmjax.triangle_attention(q, k, v, **sizes, implementation=implementation, tuning=tuning)
 
 
-def _label(tuning) -> str:
+def _extras(tuning) -> str:
+    """The fields past block_kv, stages and kv_chunk that differ from ``Tuning()``, as a name suffix."""
     items = f" items{tuning.items}" if tuning.items != 1 else ""
-    return f"bkv{tuning.block_kv} st{tuning.stages} chunk{tuning.kv_chunk}{items}"
+    guard = f" guard-{tuning.guard}" if tuning.guard != type(tuning)().guard else ""
+    return items + guard
 
 
-def our_systems(sweep: bool, more_items: tuple[int, ...] = ()):
+def _label(tuning) -> str:
+    return f"bkv{tuning.block_kv} st{tuning.stages} chunk{tuning.kv_chunk}{_extras(tuning)}"
+
+
+def parse_variants(text: str) -> list[dict]:
+    """``"items=2;items=4,guard=nonfinite"`` -> ``[{"items": 2}, {"items": 4, "guard": "nonfinite"}]``."""
+    variants = []
+    for part in filter(None, text.split(";")):
+        fields = dict(item.split("=", 1) for item in part.split(","))
+        variants.append({key: int(value) if value.isdigit() else value for key, value in fields.items()})
+    return variants
+
+
+def our_systems(sweep: bool, variants: list[dict] = ()):
     """``(name, pattern, fn, implementation, tuning or None)`` rows; None: the table's entry. Names
-    carry the tuning (the table's rows too, so they read as in earlier runs). ``more_items``: the table's
-    triangle, band and causal tunings again with each of these ``Tuning.items``."""
+    carry the tuning (the table's rows too, so they read as in earlier runs). ``variants``: the table's
+    triangle, band and causal tunings again with each of these field overrides (``parse_variants``)."""
     from tmjax import attention
     from tmjax.pallas_kernels import mosaic_gpu
 
@@ -131,8 +146,7 @@ def our_systems(sweep: bool, more_items: tuple[int, ...] = ()):
         if tuning != table:
             systems.append((f"tmjax mosaic_gpu {_label(tuning)}", "triangle", _ours("mosaic_gpu", "triangle", tuning),
                             "mosaic_gpu", tuning))
-    items = f" items{table.items}" if table.items != 1 else ""
-    systems.append((f"tmjax mosaic_gpu bkv{table.block_kv} st{table.stages}{items} band only (n_last=0)", "band",
+    systems.append((f"tmjax mosaic_gpu bkv{table.block_kv} st{table.stages}{_extras(table)} band only (n_last=0)", "band",
                     _ours("mosaic_gpu", "band"), "mosaic_gpu", None))
     systems.append(("tmjax triton", "triangle", _ours("triton", "triangle"), "triton", None))
     systems.append(("tmjax mosaic_gpu causal table", "dense-causal", _ours("mosaic_gpu", "dense-causal"), "mosaic_gpu", None))
@@ -143,10 +157,10 @@ def our_systems(sweep: bool, more_items: tuple[int, ...] = ()):
             if tuning != causal:
                 systems.append((f"tmjax mosaic_gpu causal table {_label(tuning)}", "dense-causal",
                                 _ours("mosaic_gpu", "dense-causal", tuning), "mosaic_gpu", tuning))
-    for n in more_items:
+    for fields in variants:
         for pattern, base in (("triangle", table), ("band", table), ("dense-causal", causal)):
-            tuning = dataclasses.replace(base, items=n)
-            if tuning != base:
+            tuning = dataclasses.replace(base, **fields)
+            if tuning != base and not any(s[1] == pattern and s[4] == tuning for s in systems):
                 suffix = {"triangle": "", "band": " band only (n_last=0)", "dense-causal": ""}[pattern]
                 prefix = "tmjax mosaic_gpu causal table " if pattern == "dense-causal" else "tmjax mosaic_gpu "
                 systems.append((f"{prefix}{_label(tuning)}{suffix}", pattern, _ours("mosaic_gpu", pattern, tuning),
@@ -215,14 +229,14 @@ def fa3_systems(log) -> list:
         return []
 
 
-def run_ours(seqs, rows_out, log, sweep=False, items=()):
+def run_ours(seqs, rows_out, log, sweep=False, variants=()):
     extra = [(name, pattern, fn, None, None) for name, pattern, fn in (fa3_systems(log) if D == 128 else [])]
     for n in seqs:
         kq, kk, kv = jax.random.split(jax.random.PRNGKey(n), 3)
         q = jax.random.normal(kq, (1, n, HQ, D), jnp.bfloat16)
         k = jax.random.normal(kk, (1, n, HKV, D), jnp.bfloat16)
         v = jax.random.normal(kv, (1, n, HKV, D), jnp.bfloat16)
-        for name, pattern, fn, implementation, tuning in our_systems(sweep, items) + extra:
+        for name, pattern, fn, implementation, tuning in our_systems(sweep, variants) + extra:
             row = dict(system=name, pattern=pattern, n=n)
             try:
                 row.update(tuning_record(implementation, pattern, tuning, q, k))
@@ -314,8 +328,8 @@ def main(argv=None) -> None:
     parser.add_argument("--heads", default=None, help="query heads, KV heads, head_dim (default 32,8,128)")
     parser.add_argument("--sweep", action="store_true", help="time mosaic_gpu over a grid of tunings")
     parser.add_argument("--write-tuning", default=None, help="write a mosaic_gpu tuning table from this run")
-    parser.add_argument("--items", default="", help="also time the table's mosaic_gpu tunings with these "
-                        "Tuning.items (query blocks per CTA), comma-separated, e.g. 2,4,8")
+    parser.add_argument("--variants", default="", help="also time the table's mosaic_gpu tunings with these "
+                        "field overrides, ';' between variants, e.g. 'items=2;items=4;guard=nonfinite'")
     args = parser.parse_args(argv)
     if args.heads:
         global HQ, HKV, D
@@ -326,7 +340,7 @@ def main(argv=None) -> None:
     rows: list[dict] = []
     if args.dump_hlo:
         dump_hlo(args.out, max(seqs))
-    run_ours(seqs, rows, log, sweep=args.sweep, items=tuple(int(n) for n in args.items.split(",") if n))
+    run_ours(seqs, rows, log, sweep=args.sweep, variants=parse_variants(args.variants))
     if args.peers:
         run_peers(args.peers, seqs, rows, log)
     device = jax.devices()[0].device_kind

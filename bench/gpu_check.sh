@@ -7,8 +7,8 @@
 #   bench  bench/attention.py beside cuDNN, FlashAttention-3 (when its wheel loads) and the peers in
 #          .carry/peers; then the same at SmolLM2's heads (9 q / 3 KV, head_dim 64); SWEEP=1 adds the tuning
 #          sweep (--sweep) and writes each head shape's fastest rows as a tuning table to $OUT
-#   items  the mosaic_gpu part of the test grid, then bench/attention.py --items ITEMS (default 2,4,8: several
-#          query blocks per CTA) at both head shapes [seqs] (issue 21)
+#   variants  GPU tests TESTS_K, then bench/attention.py --variants VARIANTS (mosaic_gpu Tuning fields changed
+#          from the table's, e.g. 'items=2;guard=nonfinite') at both head shapes [seqs] (issue 21)
 #   vs     bench/smollm2_vs_indices.py (SmolLM2's own picks), bench/vertical_slash.py (local/real/random)
 #          and bench/ttft.py for SmolLM2 (needs the GGUF: see bench/NOTES.md, "next GPU session")
 #   ttft   bench/ttft.py at Llama-3.1-8B shapes: dense, TriangleMix(16), TriangleMix(16) + vertical-slash,
@@ -48,7 +48,7 @@
 #   first  a session's first call when either card may come (kind nvidia-h200, needs_h200 false): on an
 #          H200, issue 20's 512K rows (`long 524288`, tm and tm+fp, bf16 cache); on an H100, prep, then
 #          the grid's part TESTS_K when set
-#   bash bench/gpu_check.sh prep|first|tests|bench|items|vs|ttft|sweep|gridsweep|evals|dynamic|long|fp8eval [seqs|parts]
+#   bash bench/gpu_check.sh prep|first|tests|bench|variants|vs|ttft|sweep|gridsweep|evals|dynamic|long|fp8eval [seqs|parts]
 # The device tool allows 10 minutes a call: one mode per call.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -102,17 +102,19 @@ case "$what" in
       2>&1 | tee "$OUT/bench.log" | grep -v "^ROW" | tail -40
     python3 bench/attention.py --seqs "$seqs" --heads 9,3,64 --out "$OUT" ${SWEEP:+--sweep --write-tuning "$OUT/mosaic_gpu-d64.json"} \
       2>&1 | grep -v "^ROW" | tail -20 ;;
-  items)
-    # several query blocks per CTA (mosaic_gpu's Tuning.items, issue 21): the mosaic_gpu part of the GPU test
-    # grid (every mosaic_gpu path runs the changed pipeline) with the items cases (-> grid.tgz), then the
-    # table's tunings with ITEMS (default 2,4,8) beside the rest at Llama-3.1-8B heads (FA3's rows when its
-    # wheel is in .whl), then at SmolLM2's heads
-    ( OUT="$OUT/grid" WORKERS="${WORKERS:-4}" TESTS_K="mosaic_gpu or several" TESTS_TIMEOUT="${TESTS_TIMEOUT:-240}" \
+  variants)
+    # kernel variants (issue 21; mosaic_gpu Tuning fields): the GPU tests TESTS_K (default: the several-items
+    # and guard cases, the causal and unlisted-blocks ones on mosaic_gpu; -> grid.tgz), then the table's
+    # tunings with VARIANTS (default 'guard=nonfinite;items=1,guard=nonfinite') beside the rest at Llama-3.1-8B
+    # heads (FA3's rows when its wheel is in .whl), then at SmolLM2's heads
+    ( OUT="$OUT/grid" WORKERS="${WORKERS:-4}" TESTS_TIMEOUT="${TESTS_TIMEOUT:-200}" \
+      TESTS_K="${TESTS_K:-several or guard or (causal and mosaic_gpu) or (unlisted and mosaic_gpu) or values_a_row}" \
       bash "$0" tests > "$OUT/grid.log" 2>&1 )
     tail -4 "$OUT/grid.log"
     ( cd "$OUT" && tar czf grid.tgz grid && rm -rf grid )
-    python3 bench/attention.py --seqs "$seqs" --items "${ITEMS:-2,4,8}" --out "$OUT" 2>&1 | grep -v "^ROW" | tail -30
-    python3 bench/attention.py --seqs "$seqs" --heads 9,3,64 --items "${ITEMS:-2,4,8}" --out "$OUT" 2>&1 \
+    variants="${VARIANTS:-guard=nonfinite;items=1,guard=nonfinite}"
+    python3 bench/attention.py --seqs "$seqs" --variants "$variants" --out "$OUT" 2>&1 | grep -v "^ROW" | tail -30
+    python3 bench/attention.py --seqs "$seqs" --heads 9,3,64 --variants "$variants" --out "$OUT" 2>&1 \
       | grep -v "^ROW" | tail -16 ;;
   vs)
     python3 bench/smollm2_vs_indices.py --lengths 32768,65536,131072 --out "$OUT" 2>&1 | tail -3

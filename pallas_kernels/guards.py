@@ -8,8 +8,11 @@ cuDNN) get K and V through ``guard_values`` once, before the kernel (the dispatc
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from tmjax.pallas_kernels.lengths import row_lengths
 
@@ -51,3 +54,20 @@ def guard_values(k: jax.Array, v: jax.Array, length: int | jax.Array | None) -> 
         keep &= real
         bad &= real
     return jnp.where(bad, jnp.asarray(jnp.nan, k.dtype), k), jnp.where(keep, v, jnp.zeros((), v.dtype))
+
+
+GUARDS = ("always", "nonfinite")
+
+
+def guarded(body: Callable[[jax.Array, jax.Array], jax.Array], k: jax.Array, v: jax.Array,
+            length: int | jax.Array | None, when: str) -> jax.Array:
+    """``body(k, v)`` with K and V through ``guard_values`` ``when="always"``, or ``when="nonfinite"`` only
+    if V holds a non-finite entry, which one read of V decides on device. With every value finite
+    nothing needs guarding: a weight the mask zeroes is exactly 0, and 0 times a finite value is 0, so
+    rows before their length come out as guarded ones do (padding included), and the pass that copies
+    K and V is skipped. K's own non-finite entries need no guard either way (see ``guard_values``)."""
+    if when not in GUARDS:
+        raise ValueError(f"when must be one of {GUARDS}, got {when!r}")
+    if when == "always":
+        return body(*guard_values(k, v, length))
+    return lax.cond(jnp.isfinite(v).all(), body, lambda k, v: body(*guard_values(k, v, length)), k, v)

@@ -33,6 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from tmjax.pallas_kernels import _common, tables
+from tmjax.pallas_kernels.guards import GUARDS
 from tmjax.pallas_kernels.tables import Table
 from tmjax.pallas_kernels.two_pass import merge_partials
 
@@ -46,18 +47,24 @@ class Tuning:
     CTA in the last-rows pass, ``items`` consecutive query blocks per CTA in a static table (band or
     causal; 1: one block per CTA). With several, the K/V ring runs on from one block to the next and
     the next block's queries load while the current one computes, so a short band block no longer pays
-    the pipeline's fill and the query load alone. Measured values: ``tuning_tables/mosaic_gpu.json``."""
+    the pipeline's fill and the query load alone. ``guard``: when the dispatch passes K and V through
+    ``guards.guard_values`` (``guards.guarded``: "always", the default until a GPU run measures
+    "nonfinite", which runs it only when V holds a non-finite entry). Measured values:
+    ``tuning_tables/mosaic_gpu.json``."""
 
     block_kv: int = 128
     stages: int = 2
     kv_chunk: int = 4096
     items: int = 1
+    guard: str = "always"
 
     def __post_init__(self) -> None:
         if self.block_kv not in (64, 128):
             raise ValueError(f"block_kv must be 64 or 128, got {self.block_kv}")
         if not isinstance(self.items, int) or self.items < 1:
             raise ValueError(f"items must be a positive int, got {self.items!r}")
+        if self.guard not in GUARDS:
+            raise ValueError(f"guard must be one of {GUARDS}, got {self.guard!r}")
         if self.stages < 2:
             raise ValueError(f"stages must be >= 2, got {self.stages}")
         if self.kv_chunk % self.block_kv:

@@ -24,6 +24,7 @@ import numpy as np
 from jax import lax
 
 from tmjax.pallas_kernels import cpu_fused, tables
+from tmjax.pallas_kernels.guards import GUARDS
 from tmjax.pallas_kernels.lengths import pad_seq, round_up
 from tmjax.pallas_kernels.tables import Table
 
@@ -38,7 +39,9 @@ class Tuning:
     ``chunk`` rows (rounded down to whole query chunks); the dense last rows take key steps of
     ``chunk`` rows. ``fused`` (the CPU table sets it): the causal and band passes run ``cpu_fused``'s kernel
     (host only, one CPU device, where ``cpu_fused.available()``) with ``fused_block_q`` query rows per
-    head against ``fused_block_kv`` keys a step. Measured values: ``tuning_tables/xla.json``."""
+    head against ``fused_block_kv`` keys a step. ``guard``: when the dispatch passes K and V through
+    ``guards.guard_values`` (``guards.guarded``: "always", or "nonfinite": only when V holds a non-finite
+    entry). Measured values: ``tuning_tables/xla.json``."""
 
     band_block: int = 64
     band_chunk_scores: int = 1 << 20
@@ -47,6 +50,11 @@ class Tuning:
     fused: bool = False
     fused_block_q: int = 32
     fused_block_kv: int = 128
+    guard: str = "nonfinite"
+
+    def __post_init__(self) -> None:
+        if self.guard not in GUARDS:
+            raise ValueError(f"guard must be one of {GUARDS}, got {self.guard!r}")
 
 
 def unsupported(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:

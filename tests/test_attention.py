@@ -364,6 +364,52 @@ def test_guarded_values_protect_a_kernel_that_multiplies_v_as_it_is(value):
     assert not np.isfinite(np.asarray(unguarded)[0, : key]).all(), "the stand-in kernel does leak 0 * NaN"
 
 
+def test_guard_runs_only_when_a_value_is_not_finite():
+    """``guards.guarded(..., "nonfinite")`` hands the body K and V as they are while every value is finite
+    (padding garbage included: the body sees it unzeroed), and ``guard_values``' K and V as soon as one
+    entry of V is NaN or Inf (anywhere, padding included); ``"always"`` guards either way."""
+    from tmjax.pallas_kernels import guards
+
+    c, lengths = PADDED, jnp.asarray((237, 300), jnp.int32)
+    q, k, v = random_qkv(14, 2, c.seq_len, c.q_heads, c.kv_heads, c.head_dim, jnp.float32)
+    padding = np.arange(c.seq_len)[None, :] >= np.asarray(lengths)[:, None]
+    v = poison(v, padding, 1e4)  # finite garbage in the padding
+    spy = jax.jit(lambda k, v, when: guards.guarded(lambda k, v: (k, v), k, v, lengths, when), static_argnums=2)
+    as_is = spy(k, v, "nonfinite")
+    for got, want in zip(as_is, (k, v)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    for bad_v in (v, poison(v, padding & (np.arange(c.seq_len) == 250)[None, :], np.nan),
+                  poison_entries(v, [(1, 7, 0, 3)], np.inf)):
+        want = guards.guard_values(k, bad_v, lengths)
+        for when in ("always", "nonfinite") if bad_v is not v else ("always",):
+            for got, expected in zip(spy(k, bad_v, when), want):
+                np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    with pytest.raises(ValueError, match="when must be one of"):
+        guards.guarded(lambda k, v: v, k, v, lengths, "never")
+
+
+def test_skipping_the_guard_for_finite_values_changes_no_real_row():
+    """Finite inputs with large garbage in the padding: the xla backend gives rows before their length
+    bit for bit the same output whether K and V were guarded or not (a masked weight is exactly 0)."""
+    from tmjax.pallas_kernels import xla
+
+    c, lengths = PADDED, (237, 300)
+    q, k, v = random_qkv(15, 2, c.seq_len, c.q_heads, c.kv_heads, c.head_dim, jnp.float32)
+    padding = np.arange(c.seq_len)[None, :] >= np.asarray(lengths)[:, None]
+    k, v = poison(k, padding, -3e3), poison(v, padding, 1e4)
+    sizes = dict(n_init=c.n_init, n_local=c.n_local, n_last=c.n_last)
+    traced = jnp.asarray(lengths, jnp.int32)
+    runs = {}
+    for when in ("always", "nonfinite"):
+        tuning = xla.Tuning(guard=when)
+        runs[when] = [np.asarray(f(q, k, v, length=traced, implementation="xla", tuning=tuning))
+                      for f in (functools.partial(tmjax.triangle_attention, **sizes), tmjax.causal_attention)]
+    for got, want in zip(runs["nonfinite"], runs["always"]):
+        for b, length in enumerate(lengths):
+            np.testing.assert_array_equal(got[b, :length], want[b, :length])
+            assert np.isfinite(got[b, :length]).all()
+
+
 BOTH_WAYS_CASES = {**{f"causal-{n}": c for n, c in CAUSAL_CASES.items()},
                    **{f"triangle-{n}": TRIANGLE_CASES[n] for n in ("ragged", "longer", "no_sinks_no_last_rows",
                                                                    "diagonal_only_window")}}

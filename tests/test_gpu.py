@@ -6,6 +6,7 @@ Skipped without a CUDA GPU. Set ``TMJAX_ERRORS_JSON=path`` to record each case's
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -175,6 +176,39 @@ def test_several_query_blocks_per_cta(case):
         for row, n in enumerate(lengths):
             ref = _reference(q[row:row + 1, :n], k[row:row + 1, :n], v[row:row + 1, :n], mask_of(n))
             _check(f"{pattern}_{name}_length{n}", "mosaic_gpu", "bf16", out[row:row + 1], ref, n)
+
+
+@pytest.mark.skipif("mosaic_gpu" not in PALLAS, reason="needs a Hopper GPU (mosaic_gpu)")
+def test_mosaic_gpu_guard_only_for_nonfinite_values():
+    """``Tuning(guard="nonfinite")``: finite inputs with garbage in the padding give rows before their length
+    bit for bit the output of the always-guarded run; NaN in V (padding and one real key) reaches exactly
+    the rows that see the key (the guard ran)."""
+    from test_attention import assert_only_seeing_rows_change, poison
+    from tmjax.pallas_kernels.mosaic_gpu import Tuning
+
+    t, lengths, key = 1000, (1000, 777), 300
+    q, k, v = random_qkv(7, 2, t, 8, 2, 128, jnp.bfloat16)
+    padding = np.arange(t)[None, :] >= np.asarray(lengths)[:, None]
+    k, v = poison(k, padding, 40.0), poison(v, padding, 300.0)
+    traced = jnp.asarray(lengths, jnp.int32)
+    runs = {}
+    for when in ("always", "nonfinite"):
+        tuning = attention.kernel("mosaic_gpu", "triangle", q, k, v).tuning
+        tri = jax.jit(lambda q, k, v, n, tuning=dataclasses.replace(tuning, guard=when): tmjax.triangle_attention(
+            q, k, v, **SIZES, length=n, implementation="mosaic_gpu", tuning=tuning))
+        causal = jax.jit(lambda q, k, v, n, tuning=Tuning(guard=when): tmjax.causal_attention(
+            q, k, v, length=n, implementation="mosaic_gpu", tuning=tuning))
+        runs[when] = (tri, causal)
+    for fast, guarded in zip(runs["nonfinite"], runs["always"]):
+        out, want = np.asarray(fast(q, k, v, traced), np.float32), np.asarray(guarded(q, k, v, traced), np.float32)
+        for b, n in enumerate(lengths):
+            np.testing.assert_array_equal(out[b, :n], want[b, :n])
+    bad_v = poison(v, padding | (np.arange(t) == key)[None, :], np.nan)
+    tri, causal = runs["nonfinite"]
+    sees = np.stack([np.pad(reference.triangle_mask(n, **SIZES)[:, key], (0, t - n)) for n in lengths])
+    assert_only_seeing_rows_change(tri(q, k, v, traced), tri(q, k, bad_v, traced), sees, lengths)
+    sees = np.broadcast_to(np.arange(t) >= key, (2, t))
+    assert_only_seeing_rows_change(causal(q, k, v, traced), causal(q, k, bad_v, traced), sees, lengths)
 
 
 @pytest.mark.parametrize("impl", PALLAS)

@@ -9,6 +9,7 @@ Interpret mode is slow, so the shapes are small and few; the shared suite
 from __future__ import annotations
 
 import functools
+import importlib
 
 import chex
 import jax
@@ -136,6 +137,26 @@ def test_mosaic_gpu_several_query_blocks_per_cta_lower_on_cpu(q_heads, kv_heads,
             lowering_platforms=("cuda",)).as_text()
         assert text.count("stablehlo.custom_call @mosaic_gpu") == kernels
         assert "wgmma.mma_async" in text
+
+
+def test_mosaic_gpu_guard_nonfinite_lowers_on_cpu():
+    """``Tuning(guard="nonfinite")``: one conditional on V's finiteness, each branch with the band and
+    last-rows kernels (the guarded branch runs them on ``guard_values``' K and V)."""
+    from tmjax.pallas_kernels.mosaic_gpu import Tuning
+
+    q = jax.ShapeDtypeStruct((1, 1000, 8, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)
+    fn = functools.partial(tmjax.triangle_attention, implementation="mosaic_gpu", tuning=Tuning(64, 3, guard="nonfinite"))
+    text = jax.jit(fn).trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.case") == 1
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 4
+
+
+@pytest.mark.parametrize("backend", ["mosaic_gpu", "xla"])
+def test_tuning_refuses_an_unknown_guard(backend):
+    module = importlib.import_module(f"tmjax.pallas_kernels.{backend}")
+    with pytest.raises(ValueError, match="guard must be one of"):
+        module.Tuning(guard="sometimes")
 
 
 @pytest.mark.parametrize("items", [0, -1, 2.0])

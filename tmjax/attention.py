@@ -80,13 +80,14 @@ class Kernel:
         return -(-seq_len // math.lcm(self.block_q, self.block_kv, self.rows_block)) * math.lcm(
             self.block_q, self.block_kv, self.rows_block)
 
-    def guard(self, k: jax.Array, v: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """K and V as the backend's steps need them (``guards.guard_values`` where steps use V as it is)."""
+    def guarded(self, body, k: jax.Array, v: jax.Array, lengths: jax.Array) -> jax.Array:
+        """``body(k, v)`` with K and V as the backend's steps need them: through ``guards.guard_values``
+        where steps use V as it is, when the tuning's ``guard`` says (``guards.guarded``)."""
         if not self.module.GUARD_VALUES:
-            return k, v
-        from tmjax.pallas_kernels.guards import guard_values
+            return body(k, v)
+        from tmjax.pallas_kernels.guards import guarded
 
-        return guard_values(k, v, lengths)
+        return guarded(body, k, v, lengths, self.tuning.guard)
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, table, lengths: jax.Array) -> jax.Array:
         """The backend running ``table`` over inputs already ``table.seq_len`` long."""
@@ -191,10 +192,10 @@ def triangle_attention(
     if n_local >= seq_len or n_init >= seq_len or (static is not None and n_last >= static):
         return _causal(q, k, v, lengths, implementation, tuning)  # every visible row is dense
     run = kernel(implementation, "triangle", q, k, v, tuning)
-    k, v = run.guard(k, v, lengths)
     table = block_tables.band(run.padded(seq_len), run.block_q, run.block_kv, n_init=n_init, n_local=n_local)
-    return two_pass.triangle(q, k, v, table, lengths, n_last, band_pass=run.attend, rows_pass=run.last_rows,
-                             rows_block=run.rows_block)
+    return run.guarded(lambda k, v: two_pass.triangle(q, k, v, table, lengths, n_last, band_pass=run.attend,
+                                                      rows_pass=run.last_rows, rows_block=run.rows_block),
+                       k, v, lengths)
 
 
 def causal_attention(
@@ -228,9 +229,8 @@ def _causal(q, k, v, lengths, implementation, tuning) -> jax.Array:
     from tmjax.pallas_kernels import block_tables
 
     run = kernel(implementation, "causal", q, k, v, tuning)
-    k, v = run.guard(k, v, lengths)
     table = block_tables.causal(run.padded(q.shape[1]), run.block_q, run.block_kv)
-    return run.run(q, k, v, table, lengths)
+    return run.guarded(lambda k, v: run.run(q, k, v, table, lengths), k, v, lengths)
 
 
 def vertical_slash_indices(
@@ -294,8 +294,7 @@ def _run_dynamic(run: Kernel, q: jax.Array, k: jax.Array, v: jax.Array, table, l
     from tmjax.pallas_kernels import density
 
     def sparse() -> jax.Array:
-        kg, vg = run.guard(k, v, lengths)
-        return run.run(q, kg, vg, table, lengths)
+        return run.guarded(lambda kg, vg: run.run(q, kg, vg, table, lengths), k, v, lengths)
 
     if not guarded:
         return sparse()
@@ -398,5 +397,4 @@ def attend_table(q: jax.Array, k: jax.Array, v: jax.Array, table, *, length: int
     lengths = _lengths(length, q)
     pattern = "vertical_slash" if table.dynamic else ("causal" if table.n_local is None else "triangle")
     run = kernel(implementation, pattern, q, k, v, tuning)
-    k, v = run.guard(k, v, lengths)
-    return run.run(q, k, v, table, lengths)
+    return run.guarded(lambda k, v: run.run(q, k, v, table, lengths), k, v, lengths)
