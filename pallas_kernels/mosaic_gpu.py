@@ -49,7 +49,10 @@ class Tuning:
     the next block's queries load while the current one computes, so a short band block no longer pays
     the pipeline's fill and the query load alone. ``guard``: when the dispatch passes K and V through
     ``guards.guard_values`` (``guards.guarded``: "always", the default until a GPU run measures
-    "nonfinite", which runs it only when V holds a non-finite entry). Measured values:
+    "nonfinite", which runs it only when V holds a non-finite entry). ``sink_keys`` (0: off; 64 with
+    ``block_kv=128``): in a band table whose sinks fit (``n_init <= sink_keys``), a step on key block 0
+    that only sees the sinks computes the block's first ``sink_keys`` keys instead of all ``block_kv``
+    (a whole 128-key block for 8 sinks is a sixth of a 64-row block's band steps). Measured values:
     ``tuning_tables/mosaic_gpu.json``."""
 
     block_kv: int = 128
@@ -57,6 +60,7 @@ class Tuning:
     kv_chunk: int = 4096
     items: int = 1
     guard: str = "always"
+    sink_keys: int = 0
 
     def __post_init__(self) -> None:
         if self.block_kv not in (64, 128):
@@ -65,6 +69,9 @@ class Tuning:
             raise ValueError(f"items must be a positive int, got {self.items!r}")
         if self.guard not in GUARDS:
             raise ValueError(f"guard must be one of {GUARDS}, got {self.guard!r}")
+        if self.sink_keys % 64 or not 0 <= self.sink_keys < self.block_kv:
+            raise ValueError(f"sink_keys must be 0 or a multiple of 64 below block_kv ({self.block_kv}; the P.V "
+                             f"product's K dimension follows the tiles' 128-byte swizzle), got {self.sink_keys}")
         if self.stages < 2:
             raise ValueError(f"stages must be >= 2, got {self.stages}")
         if self.kv_chunk % self.block_kv:
@@ -97,7 +104,7 @@ class _Work:
 
 
 def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale, n_init, n_local, dtype, consumers=2,
-              n_items=None):
+              n_items=None, sink_keys=0):
     """Producer/consumer attention over the steps ``work_of(wg, item)`` lists (see the module docstring).
 
     ``consumers`` compute warpgroups (1 or 2; two ping-pong on the tensor cores) share every K/V
@@ -105,7 +112,9 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
     items the CTA runs one after the other: step ``s`` of an item is the ring's step ``base + s``,
     ``base`` the steps of the items before it, so the producer fills the ring for the next item while
     the consumers finish the current one; an item's queries load (into the other of two query
-    buffers) while the item before it computes, and its output leaves through a buffer of its own."""
+    buffers) while the item before it computes, and its output leaves through a buffer of its own.
+    ``sink_keys`` (0: off; band tables with ``0 < n_init <= sink_keys``) runs a step that sees only the
+    sinks of key block 0 on the tile's first ``sink_keys`` keys instead of all ``block_kv``."""
     q_smem2, o_smem2, k_smem, v_smem, lse_smem2 = smem
     (k_ready, v_ready, q_ready), (k_free, v_free), turn = barriers
     wg = lax.axis_index("wg")
@@ -124,6 +133,13 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
         low, high = w.col_bits(s - w.n_steps)
         word = jnp.where(lane < 32, lane * 0 + low, lane * 0 + high)
         return ((word >> (lane & 31)) & 1) == 1
+
+    def narrow_sink_steps(w) -> jax.Array:
+        """1 when the work's first partial step is key block 0 and every row sees only its sinks there
+        (the window of its first row starts past the block), else 0."""
+        first_partial = w.kv_block(jnp.clip(w.n_full, 0, jnp.maximum(w.n_steps - 1, 0)))
+        sinks_only = (w.n_full < w.n_steps) & (first_partial == 0) & (w.row >= n_local + block_kv - 1)
+        return sinks_only.astype(jnp.int32)
 
     def items(body):
         """``body(item, base) -> base``, over the CTA's items."""
@@ -169,17 +185,25 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
             def step(s, carry, masked):
                 acc, m_i, l_i = carry
                 slot = slot_of(s)
+                # A sink step computes only the tile's first sink_keys keys: the sinks (the rest of the
+                # block is outside every row's window, see narrow_sink_steps)
+                width = sink_keys if masked == "sinks" else block_kv
+                k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
+                if width != block_kv:
+                    k_tile, v_tile = k_tile.at[pl.ds(0, width)], v_tile.at[pl.ds(0, width)]
 
                 def qk_product(acc_ref):
-                    plgpu.wgmma(acc_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
+                    plgpu.wgmma(acc_ref, q_tile, k_tile.transpose((1, 0)))
                     take_turn()
                     return acc_ref[...]
 
-                qk = pl.run_scoped(qk_product, plgpu.ACC((ROWS, block_kv), jnp.float32))
+                qk = pl.run_scoped(qk_product, plgpu.ACC((ROWS, width), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
                 if masked:
                     if masked == "columns":
                         visible = column_mask(w, s)
+                    elif masked == "sinks":
+                        visible = plgpu.broadcasted_iota(jnp.int32, (ROWS, width), 1, layout=plgpu.Layout.WGMMA) < n_init
                     else:
                         rows = w.row + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=plgpu.Layout.WGMMA)
                         cols = w.kv_block(s) * block_kv + plgpu.broadcasted_iota(
@@ -213,7 +237,7 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
                     plgpu.barrier_wait(turn)
 
                 def pv_product(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    plgpu.wgmma(acc_ref, p16, v_tile)
                     nxt = s + 1
 
                     @pl.when(nxt < total)
@@ -225,7 +249,11 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
                 return acc, m_new, l_i
 
             carry = lax.fori_loop(0, w.n_full, functools.partial(_unmasked, step), (acc, m_i, l_i))
-            carry = lax.fori_loop(w.n_full, w.n_steps, functools.partial(_masked, step), carry)
+            masked_from = w.n_full
+            if sink_keys:  # 0 or 1 sink step, the first partial one
+                masked_from = w.n_full + narrow_sink_steps(w)
+                carry = lax.fori_loop(w.n_full, masked_from, functools.partial(step, masked="sinks"), carry)
+            carry = lax.fori_loop(masked_from, w.n_steps, functools.partial(_masked, step), carry)
             if w.col_src is not None:
                 carry = lax.fori_loop(w.n_steps, total, functools.partial(step, masked="columns"), carry)
             acc, m_i, l_i = carry
@@ -388,6 +416,7 @@ def _static(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, tuning: Tuni
             work_of, k_ref, v_ref, smem, barriers, block_kv=tuning.block_kv, stages=tuning.stages,
             scale=d ** -0.5, n_init=table.n_init, n_local=table.n_local, dtype=q.dtype,
             n_items=None if per_cta == 1 else jnp.minimum(per_cta, nq - first_qb),
+            sink_keys=tuning.sink_keys if table.n_local is not None and 0 < table.n_init <= tuning.sink_keys else 0,
         )
 
     arrays = table.arrays()

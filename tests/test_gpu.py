@@ -178,6 +178,31 @@ def test_several_query_blocks_per_cta(case):
             _check(f"{pattern}_{name}_length{n}", "mosaic_gpu", "bf16", out[row:row + 1], ref, n)
 
 
+# A narrow sink step (mosaic_gpu Tuning(block_kv=128, sink_keys=64)): at T=1000 the query blocks from row
+# 639 on (n_local 512 + 127) see only the sinks in key block 0; both pairings, one and several items,
+# lengths per row; sinks at the step's limit (64), none (0: no narrow step) and past it (70: whole blocks).
+SINK_CASES = [((8, 2, 128), 1, 8), ((8, 2, 128), 4, 64), ((7, 1, 64), 1, 8), ((9, 3, 64), 4, 8), ((8, 2, 128), 1, 0),
+              ((8, 2, 128), 1, 70)]
+
+
+@pytest.mark.skipif("mosaic_gpu" not in PALLAS, reason="needs a Hopper GPU (mosaic_gpu)")
+@pytest.mark.parametrize("case", SINK_CASES, ids=lambda c: "H%d_KV%d_D%d_items%d_init%d" % (*c[0], c[1], c[2]))
+def test_narrow_sink_steps(case):
+    from tmjax.pallas_kernels.mosaic_gpu import Tuning
+
+    heads, items, n_init = case
+    t, lengths = 1000, (1000, 811)
+    sizes = dict(SIZES, n_init=n_init)
+    tuning = Tuning(block_kv=128, stages=2, items=items, sink_keys=64)
+    q, k, v = random_qkv(9, 2, t, *heads, jnp.bfloat16)
+    out = jax.jit(lambda q, k, v, n: tmjax.triangle_attention(
+        q, k, v, **sizes, length=n, implementation="mosaic_gpu", tuning=tuning))(q, k, v, jnp.asarray(lengths, jnp.int32))
+    for row, n in enumerate(lengths):
+        ref = _reference(q[row:row + 1, :n], k[row:row + 1, :n], v[row:row + 1, :n], reference.triangle_mask(n, **sizes))
+        _check("sinks_H%d_KV%d_D%d_items%d_init%d_length%d" % (*heads, items, n_init, n), "mosaic_gpu", "bf16",
+               out[row:row + 1], ref, n)
+
+
 @pytest.mark.skipif("mosaic_gpu" not in PALLAS, reason="needs a Hopper GPU (mosaic_gpu)")
 def test_mosaic_gpu_guard_only_for_nonfinite_values():
     """``Tuning(guard="nonfinite")``: finite inputs with garbage in the padding give rows before their length

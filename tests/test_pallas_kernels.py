@@ -8,6 +8,7 @@ Interpret mode is slow, so the shapes are small and few; the shared suite
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 
@@ -137,6 +138,30 @@ def test_mosaic_gpu_several_query_blocks_per_cta_lower_on_cpu(q_heads, kv_heads,
             lowering_platforms=("cuda",)).as_text()
         assert text.count("stablehlo.custom_call @mosaic_gpu") == kernels
         assert "wgmma.mma_async" in text
+
+
+@pytest.mark.parametrize("q_heads, kv_heads, head_dim, items", [(8, 2, 128, 1), (7, 1, 64, 4)])
+def test_mosaic_gpu_narrow_sink_steps_lower_on_cpu(q_heads, kv_heads, head_dim, items):
+    """``Tuning(block_kv=128, sink_keys=64)``: the band kernel's 64-key sink step (its own QK and PV
+    products on the first half of the K/V tiles) lowers for both pairings, with one and several items."""
+    from tmjax.pallas_kernels.mosaic_gpu import Tuning
+
+    q = jax.ShapeDtypeStruct((1, 1000, q_heads, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1000, kv_heads, head_dim), jnp.bfloat16)
+    narrow = Tuning(block_kv=128, stages=2, items=items, sink_keys=64)
+    texts = [jax.jit(functools.partial(tmjax.triangle_attention, implementation="mosaic_gpu", tuning=tuning))
+             .trace(q, kv, kv).lower(lowering_platforms=("cuda",)).as_text()
+             for tuning in (narrow, dataclasses.replace(narrow, sink_keys=0))]
+    assert [t.count("stablehlo.custom_call @mosaic_gpu") for t in texts] == [2, 2]
+    assert texts[0].count("wgmma.mma_async") > texts[1].count("wgmma.mma_async")  # the sink step's own products
+
+
+@pytest.mark.parametrize("block_kv, sink_keys", [(128, 16), (64, 64), (128, 128), (128, -64)])
+def test_mosaic_gpu_tuning_refuses_sink_keys_the_products_cannot_take(block_kv, sink_keys):
+    from tmjax.pallas_kernels.mosaic_gpu import Tuning
+
+    with pytest.raises(ValueError, match="sink_keys must be 0 or a multiple of 64"):
+        Tuning(block_kv=block_kv, sink_keys=sink_keys)
 
 
 def test_mosaic_gpu_guard_nonfinite_lowers_on_cpu():
