@@ -6,7 +6,8 @@
 #          (TESTS_K="triangle_grid" / TESTS_K="not triangle_grid": the grid in two calls)
 #   bench  bench/attention.py beside cuDNN, FlashAttention-3 (when its wheel loads) and the peers in
 #          .carry/peers; then the same at SmolLM2's heads (9 q / 3 KV, head_dim 64); SWEEP=1 adds the tuning
-#          sweep (--sweep) and writes each head shape's fastest rows as a tuning table to $OUT
+#          sweep (--sweep) and writes each head shape's fastest rows as a tuning table to $OUT; VARIANTS adds
+#          --variants (see the variants mode)
 #   variants  GPU tests TESTS_K, then bench/attention.py --variants VARIANTS (mosaic_gpu Tuning fields changed
 #          from the table's, e.g. 'items=2;guard=nonfinite') at both head shapes [seqs] (issue 21)
 #   vs     bench/smollm2_vs_indices.py (SmolLM2's own picks), bench/vertical_slash.py (local/real/random)
@@ -99,8 +100,10 @@ case "$what" in
     peers=()
     [[ -d .carry/peers ]] && peers=(--peers .carry/peers)
     python3 bench/attention.py --seqs "$seqs" --out "$OUT" "${peers[@]}" ${SWEEP:+--sweep --write-tuning "$OUT/mosaic_gpu-d128.json"} \
+      ${VARIANTS:+--variants "$VARIANTS"} \
       2>&1 | tee "$OUT/bench.log" | grep -v "^ROW" | tail -40
     python3 bench/attention.py --seqs "$seqs" --heads 9,3,64 --out "$OUT" ${SWEEP:+--sweep --write-tuning "$OUT/mosaic_gpu-d64.json"} \
+      ${VARIANTS:+--variants "$VARIANTS"} \
       2>&1 | grep -v "^ROW" | tail -20 ;;
   variants)
     # kernel variants (issue 21; mosaic_gpu Tuning fields): the GPU tests TESTS_K (default: the several-items
