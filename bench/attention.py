@@ -111,10 +111,10 @@ def _ours(implementation: str, pattern: str, tuning=None):
 
 def _extras(tuning) -> str:
     """The fields past block_kv, stages and kv_chunk that differ from ``Tuning()``, as a name suffix."""
-    items = f" items{tuning.items}" if tuning.items != 1 else ""
-    guard = f" guard-{tuning.guard}" if tuning.guard != type(tuning)().guard else ""
-    sinks = f" sinks{tuning.sink_keys}" if tuning.sink_keys else ""
-    return items + guard + sinks
+    default = type(tuning)()
+    named = (("items", "items{}"), ("guard", "guard-{}"), ("sink_keys", "sinks{}"))
+    return "".join(f" {form.format(getattr(tuning, field))}" for field, form in named
+                   if getattr(tuning, field) != getattr(default, field))
 
 
 def _label(tuning) -> str:

@@ -148,6 +148,14 @@ def test_causal(impl, shape):
     _check("causal_T%d_H%d_KV%d_D%d" % shape, impl, "bf16", out, ref, t)
 
 
+def _check_rows(name, out, q, k, v, lengths, mask_of):
+    """``_check`` (mosaic_gpu, bf16) of each batch row's first ``lengths[row]`` rows against the reference
+    on that row alone, under ``mask_of(length)``."""
+    for row, n in enumerate(lengths):
+        ref = _reference(q[row:row + 1, :n], k[row:row + 1, :n], v[row:row + 1, :n], mask_of(n))
+        _check(f"{name}_length{n}", "mosaic_gpu", "bf16", out[row:row + 1], ref, n)
+
+
 # Several query blocks per CTA (mosaic_gpu's Tuning.items): the K/V ring and the query buffers run on
 # from one block to the next. 1000 tokens are 16 blocks of 64 rows (an even group: two heads per CTA) or
 # 8 of 128 (an odd group: two row halves), so 3 per CTA leaves a shorter last CTA; batch 2 with a traced
@@ -172,10 +180,7 @@ def test_several_query_blocks_per_cta(case):
     name = "items%d_bkv%d_st%d_H%d_KV%d_D%d" % (*case[:3], *heads)
     for pattern, run, mask_of in (("triangle", triangle, lambda n: reference.triangle_mask(n, **SIZES)),
                                   ("causal", causal, reference.causal_mask)):
-        out = run(q, k, v, traced)
-        for row, n in enumerate(lengths):
-            ref = _reference(q[row:row + 1, :n], k[row:row + 1, :n], v[row:row + 1, :n], mask_of(n))
-            _check(f"{pattern}_{name}_length{n}", "mosaic_gpu", "bf16", out[row:row + 1], ref, n)
+        _check_rows(f"{pattern}_{name}", run(q, k, v, traced), q, k, v, lengths, mask_of)
 
 
 # A narrow sink step (mosaic_gpu Tuning(block_kv=128, sink_keys=64)): at T=1000 the query blocks from row
@@ -197,10 +202,8 @@ def test_narrow_sink_steps(case):
     q, k, v = random_qkv(9, 2, t, *heads, jnp.bfloat16)
     out = jax.jit(lambda q, k, v, n: tmjax.triangle_attention(
         q, k, v, **sizes, length=n, implementation="mosaic_gpu", tuning=tuning))(q, k, v, jnp.asarray(lengths, jnp.int32))
-    for row, n in enumerate(lengths):
-        ref = _reference(q[row:row + 1, :n], k[row:row + 1, :n], v[row:row + 1, :n], reference.triangle_mask(n, **sizes))
-        _check("sinks_H%d_KV%d_D%d_items%d_init%d_length%d" % (*heads, items, n_init, n), "mosaic_gpu", "bf16",
-               out[row:row + 1], ref, n)
+    _check_rows("sinks_H%d_KV%d_D%d_items%d_init%d" % (*heads, items, n_init), out, q, k, v, lengths,
+                lambda n: reference.triangle_mask(n, **sizes))
 
 
 @pytest.mark.skipif("mosaic_gpu" not in PALLAS, reason="needs a Hopper GPU (mosaic_gpu)")
