@@ -117,9 +117,10 @@ case "$what" in
     tail -4 "$OUT/grid.log"
     ( cd "$OUT" && tar czf grid.tgz grid && rm -rf grid )
     variants="${VARIANTS:-guard=nonfinite;block_kv=128,stages=2;block_kv=128,stages=2,sink_keys=64;sink_keys=64}"
-    python3 bench/attention.py --seqs "$seqs" --variants "$variants" --out "$OUT" 2>&1 | grep -v "^ROW" | tail -30
+    python3 bench/attention.py --seqs "$seqs" --variants "$variants" --out "$OUT" 2>&1 | tee "$OUT/variants-d128.log" \
+      | grep -v "^ROW" | tail -30
     python3 bench/attention.py --seqs "$seqs" --heads 9,3,64 --variants "$variants" --out "$OUT" 2>&1 \
-      | grep -v "^ROW" | tail -16 ;;
+      | tee "$OUT/variants-d64.log" | grep -v "^ROW" | tail -16 ;;
   vs)
     python3 bench/smollm2_vs_indices.py --lengths 32768,65536,131072 --out "$OUT" 2>&1 | tail -3
     python3 bench/vertical_slash.py --seqs 32768,65536,131072 --implementation mosaic_gpu \
