@@ -111,12 +111,15 @@ case "$what" in
     # tunings with VARIANTS (default: the value guard only for non-finite V; 128-key blocks with and without
     # 64-key sink steps; sink steps on the table's own entry where its blocks are 128) beside the rest at Llama-3.1-8B
     # heads (FA3's rows when its wheel is in .whl), then at SmolLM2's heads
-    ( OUT="$OUT/grid" WORKERS="${WORKERS:-4}" TESTS_TIMEOUT="${TESTS_TIMEOUT:-200}" \
-      TESTS_K="${TESTS_K:-several or sink or guard or (causal and mosaic_gpu) or (unlisted and mosaic_gpu) or values_a_row}" \
-      bash "$0" tests > "$OUT/grid.log" 2>&1 )
-    tail -4 "$OUT/grid.log"
-    ( cd "$OUT" && tar czf grid.tgz grid && rm -rf grid )
-    variants="${VARIANTS:-guard=nonfinite;block_kv=128,stages=2;block_kv=128,stages=2,sink_keys=64;sink_keys=64}"
+    # (SKIP_TESTS=1: the bench alone, after a tests call)
+    if [[ -z "${SKIP_TESTS:-}" ]]; then
+      ( OUT="$OUT/grid" WORKERS="${WORKERS:-4}" TESTS_TIMEOUT="${TESTS_TIMEOUT:-200}" \
+        TESTS_K="${TESTS_K:-several or sink or guard or (causal and mosaic_gpu) or (unlisted and mosaic_gpu) or values_a_row or overlap}" \
+        bash "$0" tests > "$OUT/grid.log" 2>&1 )
+      tail -4 "$OUT/grid.log"
+      ( cd "$OUT" && tar czf grid.tgz grid && rm -rf grid )
+    fi
+    variants="${VARIANTS:-guard=nonfinite;block_kv=128,stages=2;block_kv=128,stages=2,sink_keys=64;sink_keys=64;overlap=1;overlap=1,block_kv=64,stages=3,items=1}"
     python3 bench/attention.py --seqs "$seqs" --variants "$variants" --out "$OUT" 2>&1 | tee "$OUT/variants-d128.log" \
       | grep -v "^ROW" | tail -30
     python3 bench/attention.py --seqs "$seqs" --heads 9,3,64 --variants "$variants" --out "$OUT" 2>&1 \
