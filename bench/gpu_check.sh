@@ -114,12 +114,12 @@ case "$what" in
     # (SKIP_TESTS=1: the bench alone, after a tests call)
     if [[ -z "${SKIP_TESTS:-}" ]]; then
       ( OUT="$OUT/grid" WORKERS="${WORKERS:-4}" TESTS_TIMEOUT="${TESTS_TIMEOUT:-200}" \
-        TESTS_K="${TESTS_K:-several or sink or guard or (causal and mosaic_gpu) or (unlisted and mosaic_gpu) or values_a_row or overlap}" \
+        TESTS_K="${TESTS_K:-several or sink or guard or (causal and mosaic_gpu) or (unlisted and mosaic_gpu) or values_a_row}" \
         bash "$0" tests > "$OUT/grid.log" 2>&1 )
       tail -4 "$OUT/grid.log"
       ( cd "$OUT" && tar czf grid.tgz grid && rm -rf grid )
     fi
-    variants="${VARIANTS:-guard=nonfinite;block_kv=128,stages=2;block_kv=128,stages=2,sink_keys=64;sink_keys=64;overlap=1;overlap=1,block_kv=64,stages=3,items=1}"
+    variants="${VARIANTS:-guard=nonfinite;block_kv=128,stages=2;block_kv=128,stages=2,sink_keys=64;sink_keys=64}"
     python3 bench/attention.py --seqs "$seqs" --variants "$variants" --out "$OUT" 2>&1 | tee "$OUT/variants-d128.log" \
       | grep -v "^ROW" | tail -30
     python3 bench/attention.py --seqs "$seqs" --heads 9,3,64 --variants "$variants" --out "$OUT" 2>&1 \

@@ -52,10 +52,8 @@ class Tuning:
     "nonfinite", which runs it only when V holds a non-finite entry). ``sink_keys`` (0: off; 64 with
     ``block_kv=128``): in a band table whose sinks fit (``n_init <= sink_keys``), a step on key block 0
     that only sees the sinks computes the block's first ``sink_keys`` keys instead of all ``block_kv``
-    (a whole 128-key block for 8 sinks is a sixth of a 64-row block's band steps). ``overlap``: each
-    compute warpgroup issues step s's QK product and step s-1's PV product together and runs step s's
-    softmax while the PV product is on the tensor cores (FlashAttention-3's intra-warpgroup overlap; one
-    more live score tile of registers). Measured values: ``tuning_tables/mosaic_gpu.json``."""
+    (a whole 128-key block for 8 sinks is a sixth of a 64-row block's band steps). Measured values:
+    ``tuning_tables/mosaic_gpu.json``."""
 
     block_kv: int = 128
     stages: int = 2
@@ -63,7 +61,6 @@ class Tuning:
     items: int = 1
     guard: str = "always"
     sink_keys: int = 0
-    overlap: bool = False
 
     def __post_init__(self) -> None:
         if self.block_kv not in (64, 128):
@@ -75,11 +72,6 @@ class Tuning:
         if self.sink_keys % 64 or not 0 <= self.sink_keys < self.block_kv:
             raise ValueError(f"sink_keys must be 0 or a multiple of 64 below block_kv ({self.block_kv}; the P.V "
                              f"product's K dimension follows the tiles' 128-byte swizzle), got {self.sink_keys}")
-        if self.overlap not in (False, True):
-            raise ValueError(f"overlap must be a bool, got {self.overlap!r}")
-        if self.overlap and self.sink_keys:
-            raise ValueError("overlap and sink_keys cannot be combined (a sink step's probabilities are narrower "
-                             "than the next step's product takes)")
         if self.stages < 2:
             raise ValueError(f"stages must be >= 2, got {self.stages}")
         if self.kv_chunk % self.block_kv:
@@ -112,7 +104,7 @@ class _Work:
 
 
 def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale, n_init, n_local, dtype, consumers=2,
-              n_items=None, sink_keys=0, overlap=False):
+              n_items=None, sink_keys=0):
     """Producer/consumer attention over the steps ``work_of(wg, item)`` lists (see the module docstring).
 
     ``consumers`` compute warpgroups (1 or 2; two ping-pong on the tensor cores) share every K/V
@@ -122,8 +114,7 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
     the consumers finish the current one; an item's queries load (into the other of two query
     buffers) while the item before it computes, and its output leaves through a buffer of its own.
     ``sink_keys`` (0: off; band tables with ``0 < n_init <= sink_keys``) runs a step that sees only the
-    sinks of key block 0 on the tile's first ``sink_keys`` keys instead of all ``block_kv``. ``overlap``:
-    ``Tuning.overlap`` (step 0 alone, then steps that issue QK(s) with PV(s-1), then the last PV)."""
+    sinks of key block 0 on the tile's first ``sink_keys`` keys instead of all ``block_kv``."""
     q_smem2, o_smem2, k_smem, v_smem, lse_smem2 = smem
     (k_ready, v_ready, q_ready), (k_free, v_free), turn = barriers
     wg = lax.axis_index("wg")
@@ -264,103 +255,15 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
                 plgpu.barrier_arrive(v_free.at[slot])
                 return acc, m_new, l_i
 
-            def wait_turn_and(ready=None):
-                """Let the other warpgroup issue its products, wait for ``ready``, then take the turn."""
-                if pingpong:
-                    plgpu.barrier_arrive(turn)
-                if ready is not None:
-                    plgpu.barrier_wait(ready)
-                if pingpong:
-                    plgpu.barrier_wait(turn)
-
-            def wait_next_keys(s):
-                @pl.when(s + 1 < total)
-                def _():
-                    plgpu.barrier_wait(k_ready.at[slot_of(s + 1)])
-
-            def overlapped_step(s, carry, masked):
-                """Step s >= 1 with ``overlap``: QK(s) and PV(s-1) issued together; softmax(s) runs while
-                PV(s-1) is on the tensor cores; the output is rescaled once PV(s-1) is in."""
-                acc, m_i, l_i, p_prev = carry
-                slot, prev = slot_of(s), slot_of(s - 1)
-                wait_turn_and(v_ready.at[prev])
-
-                def products(s_ref, o_ref):
-                    o_ref[...] = acc
-                    plgpu.wgmma(s_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
-                    plgpu.wgmma(o_ref, p_prev, v_smem.at[prev])
-                    take_turn()
-                    qk = plgpu.wgmma_accumulator_load(s_ref, wait_n=1)  # QK(s) in, PV(s-1) in flight
-                    plgpu.barrier_arrive(k_free.at[slot])
-                    alpha, m_new, l_new, p = online_softmax(
-                        qk, m_i, l_i, visible_keys(s, masked, block_kv) if masked else None)
-                    wait_next_keys(s)
-                    return o_ref[...], m_new, l_new, alpha, p.astype(dtype)  # o_ref[...] waits for PV(s-1)
-
-                acc, m_new, l_new, alpha, p16 = pl.run_scoped(
-                    products, plgpu.ACC((ROWS, block_kv), jnp.float32), plgpu.ACC(acc.shape, jnp.float32))
-                plgpu.barrier_arrive(v_free.at[prev])
-                acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
-                return acc, m_new, l_new, p16
-
-            def first_step(m_i, l_i, p_zero):
-                """Step 0 with ``overlap``: QK(0) and softmax(0); its PV waits for the next step."""
-                wait_turn_and()  # K(0) has arrived (waited for before the steps)
-
-                def scores(s_ref):
-                    plgpu.wgmma(s_ref, q_tile, k_smem.at[slot_of(0)].transpose((1, 0)))
-                    take_turn()
-                    return s_ref[...]
-
-                qk = pl.run_scoped(scores, plgpu.ACC((ROWS, block_kv), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot_of(0)])
-                visible = visible_keys(0, True, block_kv)
-                if w.col_src is not None:  # a table of no listed block starts with its columns
-                    listed = lax.broadcast_in_dim(w.n_steps > 0, visible.shape, [])
-                    visible = jnp.where(listed, visible, column_mask(w, jnp.maximum(0 - w.n_steps, 0)))
-                _, m_new, l_new, p = online_softmax(qk, m_i, l_i, visible)
-                wait_next_keys(0)
-                return m_new, l_new, p.astype(dtype)
-
-            def last_product(acc, p_prev):
-                """The last step's PV with ``overlap``."""
-                last = slot_of(total - 1)
-                wait_turn_and(v_ready.at[last])
-
-                def pv_product(acc_ref):
-                    plgpu.wgmma(acc_ref, p_prev, v_smem.at[last])
-                    take_turn()
-
-                acc = pl.run_state(pv_product)(plgpu.ACC.init(acc))
-                plgpu.barrier_arrive(v_free.at[last])
-                return acc
-
-            if overlap:
-                p_zero = plgpu.layout_cast(jnp.full((ROWS, block_kv), 0, dtype), plgpu.Layout.WGMMA)
-                m_i, l_i, p_prev = lax.cond(total > 0, first_step, lambda *init: init, m_i, l_i, p_zero)
-                run, carry = overlapped_step, (acc, m_i, l_i, p_prev)
-            else:
-                run, carry = step, (acc, m_i, l_i)
-
-            def begin(start):
-                """A loop's first step: step 0 ran alone with ``overlap``."""
-                if not overlap:
-                    return start
-                return max(start, 1) if isinstance(start, int) else jnp.maximum(start, 1)
-
-            carry = lax.fori_loop(begin(0), w.n_full, functools.partial(_unmasked, run), carry)
+            carry = lax.fori_loop(0, w.n_full, functools.partial(_unmasked, step), (acc, m_i, l_i))
             masked_from = w.n_full
             if sink_keys:  # 0 or 1 sink step, the first partial one
                 masked_from = w.n_full + narrow_sink_steps(w)
                 carry = lax.fori_loop(w.n_full, masked_from, functools.partial(step, masked="sinks"), carry)
-            carry = lax.fori_loop(begin(masked_from), w.n_steps, functools.partial(_masked, run), carry)
+            carry = lax.fori_loop(masked_from, w.n_steps, functools.partial(_masked, step), carry)
             if w.col_src is not None:
-                carry = lax.fori_loop(begin(w.n_steps), total, functools.partial(run, masked="columns"), carry)
-            if overlap:
-                acc, m_i, l_i, p_prev = carry
-                acc = lax.cond(total > 0, last_product, lambda acc, _: acc, acc, p_prev)
-            else:
-                acc, m_i, l_i = carry
+                carry = lax.fori_loop(w.n_steps, total, functools.partial(step, masked="columns"), carry)
+            acc, m_i, l_i = carry
             pl.when(wg == 0)(take_turn)
 
             l_safe = jnp.where(l_i == 0, 1.0, l_i)  # a row with no key in this chunk: output 0, lse -inf
@@ -521,7 +424,6 @@ def _static(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, tuning: Tuni
             scale=d ** -0.5, n_init=table.n_init, n_local=table.n_local, dtype=q.dtype,
             n_items=None if per_cta == 1 else jnp.minimum(per_cta, nq - first_qb),
             sink_keys=tuning.sink_keys if table.n_local is not None and 0 < table.n_init <= tuning.sink_keys else 0,
-            overlap=tuning.overlap,
         )
 
     arrays = table.arrays()
@@ -570,7 +472,7 @@ def last_rows(q_rows: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, t
 
         _pipeline(
             work_of, k_ref, v_ref, smem, barriers, block_kv=bkv, stages=tuning.stages,
-            scale=d ** -0.5, n_init=0, n_local=None, dtype=q_rows.dtype, overlap=tuning.overlap,
+            scale=d ** -0.5, n_init=0, n_local=None, dtype=q_rows.dtype,
         )
 
     out_types = (
@@ -640,7 +542,7 @@ def _dynamic(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, tuning: Tun
 
         _pipeline(
             work_of, k_ref, v_ref, smem, barriers, block_kv=bq, stages=tuning.stages, scale=d ** -0.5,
-            n_init=table.n_init, n_local=table.n_local, dtype=q.dtype, consumers=consumers, overlap=tuning.overlap,
+            n_init=table.n_init, n_local=table.n_local, dtype=q.dtype, consumers=consumers,
         )
 
     arrays = table.arrays()

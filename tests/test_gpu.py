@@ -169,20 +169,15 @@ def test_several_query_blocks_per_cta(case):
     from tmjax.pallas_kernels.mosaic_gpu import Tuning
 
     items, block_kv, stages, heads = case
-    _check_triangle_and_causal("items%d_bkv%d_st%d_H%d_KV%d_D%d" % (*case[:3], *heads), heads, 8,
-                               Tuning(block_kv, stages, 2048, items))
-
-
-def _check_triangle_and_causal(name, heads, seed, tuning):
-    """Triangle and causal attention on mosaic_gpu with ``tuning``, batch 2 of lengths 1000 and 811 (traced),
-    each row against the dense float32 reference."""
     t, lengths = 1000, (1000, 811)
-    q, k, v = random_qkv(seed, 2, t, *heads, jnp.bfloat16)
+    tuning = Tuning(block_kv, stages, 2048, items)
+    q, k, v = random_qkv(8, 2, t, *heads, jnp.bfloat16)
     traced = jnp.asarray(lengths, jnp.int32)
     triangle = jax.jit(lambda q, k, v, n: tmjax.triangle_attention(
         q, k, v, **SIZES, length=n, implementation="mosaic_gpu", tuning=tuning))
     causal = jax.jit(lambda q, k, v, n: tmjax.causal_attention(q, k, v, length=n, implementation="mosaic_gpu",
                                                                tuning=tuning))
+    name = "items%d_bkv%d_st%d_H%d_KV%d_D%d" % (*case[:3], *heads)
     for pattern, run, mask_of in (("triangle", triangle, lambda n: reference.triangle_mask(n, **SIZES)),
                                   ("causal", causal, reference.causal_mask)):
         _check_rows(f"{pattern}_{name}", run(q, k, v, traced), q, k, v, lengths, mask_of)
@@ -209,34 +204,6 @@ def test_narrow_sink_steps(case):
         q, k, v, **sizes, length=n, implementation="mosaic_gpu", tuning=tuning))(q, k, v, jnp.asarray(lengths, jnp.int32))
     _check_rows("sinks_H%d_KV%d_D%d_items%d_init%d" % (*heads, items, n_init), out, q, k, v, lengths,
                 lambda n: reference.triangle_mask(n, **sizes))
-
-
-# FlashAttention-3's intra-warpgroup overlap (mosaic_gpu's Tuning.overlap): step 0 alone, then QK(s) issued
-# with PV(s-1), then the last PV. Both pairings and one warpgroup (4 heads of 4 KV heads: G = 1), one and
-# several items, 64- and 128-key blocks; 128-key chunks in the last-rows pass leave the 811-token row's
-# last chunk without a step (an item of no step: no first step, no last product).
-OVERLAP_CASES = [((8, 2, 128), 64, 3, 1), ((7, 1, 64), 128, 2, 3), ((9, 3, 64), 64, 3, 2), ((4, 4, 128), 128, 2, 1)]
-
-
-@pytest.mark.skipif("mosaic_gpu" not in PALLAS, reason="needs a Hopper GPU (mosaic_gpu)")
-@pytest.mark.parametrize("case", OVERLAP_CASES, ids=lambda c: "H%d_KV%d_D%d_bkv%d_st%d_items%d" % (*c[0], *c[1:]))
-def test_overlapped_products(case):
-    from tmjax.pallas_kernels.mosaic_gpu import Tuning
-
-    heads, block_kv, stages, items = case
-    _check_triangle_and_causal("overlap_H%d_KV%d_D%d_bkv%d_st%d_items%d" % (*heads, *case[1:]), heads, 10,
-                               Tuning(block_kv, stages, 128, items, overlap=True))
-
-
-@pytest.mark.skipif("mosaic_gpu" not in PALLAS, reason="needs a Hopper GPU (mosaic_gpu)")
-@pytest.mark.parametrize("shape", [(4096, 32, 8, 128, "group"), (2000, 8, 2, 128, "head")],
-                         ids=lambda s: "T%d_H%d_KV%d_D%d_%s" % s)
-def test_overlapped_products_vertical_slash(shape):
-    """The dynamic kernel with ``overlap``: listed blocks, then the gathered column chunks (two warpgroups
-    sharing a selection, and one)."""
-    from tmjax.pallas_kernels.mosaic_gpu import Tuning
-
-    _check_vertical_slash("mosaic_gpu", shape, 11, Tuning(64, 3, overlap=True), "overlap_vertical_slash")
 
 
 @pytest.mark.skipif("mosaic_gpu" not in PALLAS, reason="needs a Hopper GPU (mosaic_gpu)")
@@ -299,25 +266,21 @@ VS_SHAPES = [(4096, 32, 8, 128, "group"), (4000, 9, 3, 64, "group"), (2000, 8, 2
 def test_vertical_slash(impl, shape):
     """Vertical-slash kernels vs dense float32 attention under the contract's mask (hand-built sparse
     columns and diagonals; B = 2 with the second sequence right-padded)."""
-    _check_vertical_slash(impl, shape, 5, None, "vertical_slash")
-
-
-def _check_vertical_slash(impl, shape, seed, tuning, name):
     from test_vertical_slash import _reference, sparse_indices
 
     t, hq, hkv, d, selection = shape
     lengths = (t, t - 333)
-    q, k, v = random_qkv(seed, 2, t, hq, hkv, d, jnp.bfloat16)
+    q, k, v = random_qkv(5, 2, t, hq, hkv, d, jnp.bfloat16)
     cols, diags = sparse_indices(1, hkv if selection == "group" else hq, t, lengths, 300, 40)
     def attend(q, k, v, cols, diags, lengths):
         table = dynamic_tables.vertical_slash(cols, diags, lengths, -(-t // 64) * 64)
-        return attention.attend_table(q, k, v, table, length=lengths, implementation=impl, tuning=tuning)
+        return attention.attend_table(q, k, v, table, length=lengths, implementation=impl)
 
     fn = jax.jit(attend)
     out = fn(q, k, v, cols, diags, jnp.asarray(lengths))
     ref = _reference(q, k, v, np.asarray(cols), np.asarray(diags), lengths)
     for b, length in enumerate(lengths):
-        _check(f"{name}_T%d_H%d_KV%d_D%d_%s" % shape + f"_row{b}", impl, "bf16", out[b:b + 1], ref[b:b + 1], length)
+        _check("vertical_slash_T%d_H%d_KV%d_D%d_%s" % shape + f"_row{b}", impl, "bf16", out[b:b + 1], ref[b:b + 1], length)
 
 
 LIST_SHAPES = [(1000, 16, 4, 128, 4), (1000, 9, 3, 64, 9)]  # two warpgroups sharing a selection; one

@@ -156,33 +156,6 @@ def test_mosaic_gpu_narrow_sink_steps_lower_on_cpu(q_heads, kv_heads, head_dim, 
     assert texts[0].count("wgmma.mma_async") > texts[1].count("wgmma.mma_async")  # the sink step's own products
 
 
-@pytest.mark.parametrize("q_heads, kv_heads, head_dim, items", [(8, 2, 128, 1), (7, 1, 64, 3), (4, 4, 128, 1)])
-def test_mosaic_gpu_overlapped_products_lower_on_cpu(q_heads, kv_heads, head_dim, items):
-    """``Tuning(overlap=True)``: the band, last-rows and causal kernels with QK(s) and PV(s-1) issued
-    together lower for both pairings and one warpgroup, one and several items, and differ from the
-    kernels without it."""
-    from tmjax.pallas_kernels.mosaic_gpu import Tuning
-
-    q = jax.ShapeDtypeStruct((1, 1000, q_heads, head_dim), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, 1000, kv_heads, head_dim), jnp.bfloat16)
-    overlapped = Tuning(block_kv=64, stages=3, items=items, overlap=True)
-    for fn, kernels in ((functools.partial(tmjax.triangle_attention, n_init=8, n_local=512, n_last=128), 2),
-                        (tmjax.causal_attention, 1)):
-        texts = [jax.jit(functools.partial(fn, implementation="mosaic_gpu", tuning=tuning)).trace(q, kv, kv).lower(
-            lowering_platforms=("cuda",)).as_text() for tuning in (overlapped, dataclasses.replace(overlapped, overlap=False))]
-        assert [t.count("stablehlo.custom_call @mosaic_gpu") for t in texts] == [kernels, kernels]
-        assert texts[0] != texts[1]
-
-
-def test_mosaic_gpu_tuning_refuses_overlap_with_sink_steps():
-    from tmjax.pallas_kernels.mosaic_gpu import Tuning
-
-    with pytest.raises(ValueError, match="overlap and sink_keys cannot be combined"):
-        Tuning(block_kv=128, sink_keys=64, overlap=True)
-    with pytest.raises(ValueError, match="overlap must be a bool"):
-        Tuning(overlap="yes")
-
-
 @pytest.mark.parametrize("block_kv, sink_keys", [(128, 16), (64, 64), (128, 128), (128, -64)])
 def test_mosaic_gpu_tuning_refuses_sink_keys_the_products_cannot_take(block_kv, sink_keys):
     from tmjax.pallas_kernels.mosaic_gpu import Tuning
