@@ -48,8 +48,8 @@ class Tuning:
     causal; 1: one block per CTA). With several, the K/V ring runs on from one block to the next and
     the next block's queries load while the current one computes, so a short band block no longer pays
     the pipeline's fill and the query load alone. ``guard``: when the dispatch passes K and V through
-    ``guards.guard_values`` (``guards.guarded``: "always", the default until a GPU run measures
-    "nonfinite", which runs it only when V holds a non-finite entry). ``sink_keys`` (0: off; 64 with
+    ``guards.guard_values`` (``guards.guarded``: "always", the default, or "nonfinite", only when V holds
+    a non-finite entry: measured faster at 32/8/128 on an H100, where the table sets it). ``sink_keys`` (0: off; 64 with
     ``block_kv=128``): in a band table whose sinks fit (``n_init <= sink_keys``), a step on key block 0
     that only sees the sinks computes the block's first ``sink_keys`` keys instead of all ``block_kv``
     (a whole 128-key block for 8 sinks is a sixth of a 64-row block's band steps). Measured values:
