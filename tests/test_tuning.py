@@ -56,7 +56,7 @@ def test_shipped_entries_name_their_backends_fields_and_sources(name):
         assert entry["source"].strip()
 
 
-@pytest.mark.parametrize("run", ["attention-variants-H100-20261207/attention-NVIDIA_H100_80GB_HBM3-20261207-1857.json",
+@pytest.mark.parametrize("run", ["attention-combined-H100-20261207/attention-NVIDIA_H100_80GB_HBM3-20261207-2105.json",
                                  "attention-variants-H100-20261207/attention-NVIDIA_H100_80GB_HBM3-20261207-1859.json"])
 def test_mosaic_gpu_triangle_runs_what_the_recorded_figures_measured(run):
     """``implementation=None`` on that device and those shapes runs the tuning of the recorded run's
