@@ -160,7 +160,8 @@ def our_systems(sweep: bool, variants: list[dict] = ()):
                                 _ours("mosaic_gpu", "dense-causal", tuning), "mosaic_gpu", tuning))
     for fields in variants:
         for pattern, base in (("triangle", table), ("band", table), ("dense-causal", causal)):
-            used = {k: v for k, v in fields.items() if not (pattern == "dense-causal" and k == "sink_keys")}  # no sinks there
+            unused = {"band": {"kv_chunk"}, "dense-causal": {"kv_chunk", "sink_keys"}}.get(pattern, set())  # no last rows, no sinks
+            used = {k: v for k, v in fields.items() if k not in unused}
             try:
                 tuning = dataclasses.replace(base, **used)
             except ValueError as err:  # e.g. sink_keys=64 on a table entry of 64-key blocks
