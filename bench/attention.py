@@ -112,7 +112,7 @@ def _ours(implementation: str, pattern: str, tuning=None):
 def _extras(tuning) -> str:
     """The fields past block_kv, stages and kv_chunk that differ from ``Tuning()``, as a name suffix."""
     default = type(tuning)()
-    named = (("items", "items{}"), ("guard", "guard-{}"), ("sink_keys", "sinks{}"))
+    named = (("items", "items{}"), ("guard", "guard-{}"), ("sink_keys", "sinks{}"), ("edges", "edges"))
     return "".join(f" {form.format(getattr(tuning, field))}" for field, form in named
                    if getattr(tuning, field) != getattr(default, field))
 

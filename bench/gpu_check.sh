@@ -113,7 +113,7 @@ case "$what" in
     # (SKIP_TESTS=1: the bench alone, after a tests call)
     if [[ -z "${SKIP_TESTS:-}" ]]; then
       ( OUT="$OUT/grid" WORKERS="${WORKERS:-4}" TESTS_TIMEOUT="${TESTS_TIMEOUT:-200}" \
-        TESTS_K="${TESTS_K:-several or sink or guard or (causal and mosaic_gpu) or (unlisted and mosaic_gpu) or values_a_row}" \
+        TESTS_K="${TESTS_K:-several or sink or edge or guard or (causal and mosaic_gpu) or (unlisted and mosaic_gpu) or values_a_row}" \
         bash "$0" tests > "$OUT/grid.log" 2>&1 )
       tail -4 "$OUT/grid.log"
       ( cd "$OUT" && tar czf grid.tgz grid && rm -rf grid )

@@ -28,6 +28,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -52,8 +53,10 @@ class Tuning:
     a non-finite entry: measured faster at 32/8/128 on an H100, where the table sets it). ``sink_keys`` (0: off; 64 with
     ``block_kv=128``): in a band table whose sinks fit (``n_init <= sink_keys``), a step on key block 0
     that only sees the sinks computes the block's first ``sink_keys`` keys instead of all ``block_kv``
-    (a whole 128-key block for 8 sinks is a sixth of a 64-row block's band steps). Measured values:
-    ``tuning_tables/mosaic_gpu.json``."""
+    (a whole 128-key block for 8 sinks is a sixth of a 64-row block's band steps). ``edges`` (with
+    ``block_kv=128``): a partial step whose visible keys all lie in one 64-key half of the block (the
+    window's first block, the diagonal block of a 64-row warpgroup) computes only that half (see
+    ``edge_halves``). Measured values: ``tuning_tables/mosaic_gpu.json``."""
 
     block_kv: int = 128
     stages: int = 2
@@ -61,6 +64,7 @@ class Tuning:
     items: int = 1
     guard: str = "always"
     sink_keys: int = 0
+    edges: bool = False
 
     def __post_init__(self) -> None:
         if self.block_kv not in (64, 128):
@@ -72,10 +76,30 @@ class Tuning:
         if self.sink_keys % 64 or not 0 <= self.sink_keys < self.block_kv:
             raise ValueError(f"sink_keys must be 0 or a multiple of 64 below block_kv ({self.block_kv}; the P.V "
                              f"product's K dimension follows the tiles' 128-byte swizzle), got {self.sink_keys}")
+        if self.edges not in (False, True) or (self.edges and self.block_kv != 128):
+            raise ValueError(f"edges (half-block edge steps) needs block_kv 128 and a bool, got edges={self.edges!r} "
+                             f"with block_kv {self.block_kv}")
         if self.stages < 2:
             raise ValueError(f"stages must be >= 2, got {self.stages}")
         if self.kv_chunk % self.block_kv:
             raise ValueError(f"kv_chunk ({self.kv_chunk}) must be a multiple of block_kv ({self.block_kv})")
+
+
+def edge_halves(row, first_block, last_block, n_masked, *, block_kv: int, n_init: int, n_local: int | None):
+    """(high, low), each 0 or 1: whether a warpgroup's first masked step (key block ``first_block``)
+    sees keys only in the block's second half, and whether its last one (``last_block``, another step)
+    sees keys only in the first half. Rows ``[row, row + ROWS)``, ``n_masked`` masked steps, the band
+    rule with ``n_local`` (None: causal). Takes traced scalars in the kernel, numpy arrays in tests.
+
+    A first half holds no visible key when it holds no sink and its last key lies before the window
+    of the warpgroup's first row; a second half holds none when it starts past the last row."""
+    half = block_kv // 2
+    high = 0
+    if n_local is not None:
+        start = first_block * block_kv
+        high = ((n_masked > 0) & (start >= n_init) & (row - n_local + 1 >= start + half)).astype(np.int32)
+    low = ((n_masked > high) & (row + ROWS - 1 < last_block * block_kv + half)).astype(np.int32)
+    return high, low
 
 
 def unsupported(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
@@ -104,7 +128,7 @@ class _Work:
 
 
 def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale, n_init, n_local, dtype, consumers=2,
-              n_items=None, sink_keys=0):
+              n_items=None, sink_keys=0, edges=False):
     """Producer/consumer attention over the steps ``work_of(wg, item)`` lists (see the module docstring).
 
     ``consumers`` compute warpgroups (1 or 2; two ping-pong on the tensor cores) share every K/V
@@ -114,7 +138,9 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
     the consumers finish the current one; an item's queries load (into the other of two query
     buffers) while the item before it computes, and its output leaves through a buffer of its own.
     ``sink_keys`` (0: off; band tables with ``0 < n_init <= sink_keys``) runs a step that sees only the
-    sinks of key block 0 on the tile's first ``sink_keys`` keys instead of all ``block_kv``."""
+    sinks of key block 0 on the tile's first ``sink_keys`` keys instead of all ``block_kv``. ``edges``
+    (``block_kv`` 128) runs the first and last masked steps on one 64-key half of their tiles where
+    ``edge_halves`` finds the other half invisible to all of a warpgroup's rows."""
     q_smem2, o_smem2, k_smem, v_smem, lse_smem2 = smem
     (k_ready, v_ready, q_ready), (k_free, v_free), turn = barriers
     wg = lax.axis_index("wg")
@@ -182,15 +208,16 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
 
             pl.when(wg == 1)(take_turn)
 
-            def visible_keys(s, masked, width):
-                """The [ROWS, width] mask of step ``s`` (``masked``: "columns", "sinks" or True)."""
+            def visible_keys(s, masked, width, offset):
+                """The [ROWS, width] mask of step ``s`` over its keys from ``offset`` in the block (``masked``:
+                "columns", "sinks", "low", "high" or True)."""
                 if masked == "columns":
                     return column_mask(w, s - w.n_steps)
                 if masked == "sinks":
                     return plgpu.broadcasted_iota(jnp.int32, (ROWS, width), 1, layout=plgpu.Layout.WGMMA) < n_init
-                rows = w.row + plgpu.broadcasted_iota(jnp.int32, (ROWS, block_kv), 0, layout=plgpu.Layout.WGMMA)
-                cols = w.kv_block(s) * block_kv + plgpu.broadcasted_iota(
-                    jnp.int32, (ROWS, block_kv), 1, layout=plgpu.Layout.WGMMA
+                rows = w.row + plgpu.broadcasted_iota(jnp.int32, (ROWS, width), 0, layout=plgpu.Layout.WGMMA)
+                cols = w.kv_block(s) * block_kv + offset + plgpu.broadcasted_iota(
+                    jnp.int32, (ROWS, width), 1, layout=plgpu.Layout.WGMMA
                 )
                 visible = cols <= rows
                 if n_local is not None:
@@ -220,11 +247,12 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
                 acc, m_i, l_i = carry
                 slot = slot_of(s)
                 # A sink step computes only the tile's first sink_keys keys: the sinks (the rest of the
-                # block is outside every row's window, see narrow_sink_steps)
-                width = sink_keys if masked == "sinks" else block_kv
+                # block is outside every row's window, see narrow_sink_steps); an edge step one half
+                width, offset = {"sinks": (sink_keys, 0), "low": (block_kv // 2, 0),
+                                 "high": (block_kv // 2, block_kv // 2)}.get(masked, (block_kv, 0))
                 k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
                 if width != block_kv:
-                    k_tile, v_tile = k_tile.at[pl.ds(0, width)], v_tile.at[pl.ds(0, width)]
+                    k_tile, v_tile = k_tile.at[pl.ds(offset, width)], v_tile.at[pl.ds(offset, width)]
 
                 def qk_product(acc_ref):
                     plgpu.wgmma(acc_ref, q_tile, k_tile.transpose((1, 0)))
@@ -233,7 +261,7 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
 
                 qk = pl.run_scoped(qk_product, plgpu.ACC((ROWS, width), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
-                alpha, m_new, l_i, p = online_softmax(qk, m_i, l_i, visible_keys(s, masked, width) if masked else None)
+                alpha, m_new, l_i, p = online_softmax(qk, m_i, l_i, visible_keys(s, masked, width, offset) if masked else None)
                 acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p16 = p.astype(dtype)
                 acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
@@ -260,7 +288,17 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
             if sink_keys:  # 0 or 1 sink step, the first partial one
                 masked_from = w.n_full + narrow_sink_steps(w)
                 carry = lax.fori_loop(w.n_full, masked_from, functools.partial(step, masked="sinks"), carry)
-            carry = lax.fori_loop(masked_from, w.n_steps, functools.partial(_masked, step), carry)
+            if edges:  # 0 or 1 step on each end of the masked ones, on one half of its tile
+                last = jnp.maximum(w.n_steps - 1, 0)
+                high, low = edge_halves(
+                    w.row, w.kv_block(jnp.minimum(masked_from, last)), w.kv_block(last), w.n_steps - masked_from,
+                    block_kv=block_kv, n_init=n_init, n_local=n_local,
+                )
+                carry = lax.fori_loop(masked_from, masked_from + high, functools.partial(step, masked="high"), carry)
+                carry = lax.fori_loop(masked_from + high, w.n_steps - low, functools.partial(_masked, step), carry)
+                carry = lax.fori_loop(w.n_steps - low, w.n_steps, functools.partial(step, masked="low"), carry)
+            else:
+                carry = lax.fori_loop(masked_from, w.n_steps, functools.partial(_masked, step), carry)
             if w.col_src is not None:
                 carry = lax.fori_loop(w.n_steps, total, functools.partial(step, masked="columns"), carry)
             acc, m_i, l_i = carry
@@ -424,6 +462,7 @@ def _static(q: jax.Array, k: jax.Array, v: jax.Array, table: Table, tuning: Tuni
             scale=d ** -0.5, n_init=table.n_init, n_local=table.n_local, dtype=q.dtype,
             n_items=None if per_cta == 1 else jnp.minimum(per_cta, nq - first_qb),
             sink_keys=tuning.sink_keys if table.n_local is not None and 0 < table.n_init <= tuning.sink_keys else 0,
+            edges=tuning.edges,
         )
 
     arrays = table.arrays()
@@ -472,7 +511,7 @@ def last_rows(q_rows: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, t
 
         _pipeline(
             work_of, k_ref, v_ref, smem, barriers, block_kv=bkv, stages=tuning.stages,
-            scale=d ** -0.5, n_init=0, n_local=None, dtype=q_rows.dtype,
+            scale=d ** -0.5, n_init=0, n_local=None, dtype=q_rows.dtype, edges=tuning.edges,
         )
 
     out_types = (

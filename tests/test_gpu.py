@@ -206,6 +206,35 @@ def test_narrow_sink_steps(case):
                 lambda n: reference.triangle_mask(n, **sizes))
 
 
+# Half-block edge steps (mosaic_gpu Tuning(block_kv=128, edges=True)): the window's first block and the diagonal
+# block of a 64-row warpgroup on one 64-key half; both pairings, one and several items, with and without sink steps,
+# a window that is not a multiple of 128 (the halves then fall elsewhere), lengths per row (the last rows then start
+# anywhere); the triangle and the causal table.
+EDGE_CASES = [((8, 2, 128), 1, 64, 512), ((8, 2, 128), 4, 64, 512), ((9, 3, 64), 4, 64, 512), ((7, 1, 64), 1, 0, 512),
+              ((8, 2, 128), 1, 64, 300), ((9, 3, 64), 1, 0, 129)]
+
+
+@pytest.mark.skipif("mosaic_gpu" not in PALLAS, reason="needs a Hopper GPU (mosaic_gpu)")
+@pytest.mark.parametrize("case", EDGE_CASES, ids=lambda c: "H%d_KV%d_D%d_items%d_sinks%d_local%d" % (*c[0], *c[1:]))
+def test_edge_steps(case):
+    from tmjax.pallas_kernels.mosaic_gpu import Tuning
+
+    heads, items, sinks, n_local = case
+    t, lengths = 1000, (1000, 811)
+    sizes = dict(SIZES, n_local=n_local)
+    tuning = Tuning(block_kv=128, stages=2, items=items, sink_keys=sinks, edges=True)
+    q, k, v = random_qkv(10, 2, t, *heads, jnp.bfloat16)
+    traced = jnp.asarray(lengths, jnp.int32)
+    name = "edges_H%d_KV%d_D%d_items%d_sinks%d_local%d" % (*heads, items, sinks, n_local)
+    triangle = jax.jit(lambda q, k, v, n: tmjax.triangle_attention(
+        q, k, v, **sizes, length=n, implementation="mosaic_gpu", tuning=tuning))
+    _check_rows(f"triangle_{name}", triangle(q, k, v, traced), q, k, v, lengths,
+                lambda n: reference.triangle_mask(n, **sizes))
+    causal = jax.jit(lambda q, k, v, n: tmjax.causal_attention(
+        q, k, v, length=n, implementation="mosaic_gpu", tuning=dataclasses.replace(tuning, sink_keys=0)))
+    _check_rows(f"causal_{name}", causal(q, k, v, traced), q, k, v, lengths, reference.causal_mask)
+
+
 @pytest.mark.skipif("mosaic_gpu" not in PALLAS, reason="needs a Hopper GPU (mosaic_gpu)")
 def test_mosaic_gpu_guard_only_for_nonfinite_values():
     """``Tuning(guard="nonfinite")``: finite inputs with garbage in the padding give rows before their length

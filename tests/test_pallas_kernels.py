@@ -156,6 +156,94 @@ def test_mosaic_gpu_narrow_sink_steps_lower_on_cpu(q_heads, kv_heads, head_dim, 
     assert texts[0].count("wgmma.mma_async") > texts[1].count("wgmma.mma_async")  # the sink step's own products
 
 
+@pytest.mark.parametrize("t, n_init, n_local, block_q", [(4096, 8, 512, 64), (4096, 8, 512, 128), (1000, 0, 100, 64),
+                                                          (1000, 70, 300, 128), (1000, 8, None, 64), (777, 0, None, 128),
+                                                          (1000, 8, 129, 64), (1000, 0, 130, 128)])
+def test_mosaic_gpu_edge_halves_skip_only_invisible_halves(t, n_init, n_local, block_q):
+    """``mosaic_gpu.edge_halves`` over every warpgroup of a band (or causal: ``n_local=None``) table with
+    128-key blocks: a half it skips holds no key visible to any of the warpgroup's rows under the mask
+    recomputed from its definition; and in the band's interior (past the window and the sinks) every
+    64-row warpgroup skips exactly one half (the window's first block or the diagonal block). The masked
+    steps start after the kernel's sink step (``sink_keys=64``: key block 0 first among the partial
+    ones, for a row past ``n_local + 127``)."""
+    from tmjax.pallas_kernels import block_tables, reference
+    from tmjax.pallas_kernels.mosaic_gpu import ROWS, edge_halves
+
+    table = block_tables.block_table(t, block_q, 128, n_init=n_init, n_local=n_local)
+    mask = reference.triangle_mask(t, n_init, n_local, 0) if n_local else reference.causal_mask(t)
+    mask = np.pad(mask, ((0, 2 * block_q), (0, 256)))  # padded rows and keys: invisible
+    skipped = []
+    for qb in range(table.kv_index.shape[0]):
+        for row in range(qb * block_q, (qb + 1) * block_q, ROWS):
+            full, steps = int(table.num_full[qb]), int(table.num_steps[qb])
+            blocks = table.kv_index[qb, :steps]
+            sink_step = n_local is not None and 0 < n_init <= 64 and full < steps and blocks[full] == 0 \
+                and row >= n_local + 127
+            first = full + sink_step
+            high, low = edge_halves(np.int32(row), blocks[min(first, steps - 1)], blocks[steps - 1],
+                                    np.int32(steps - first), block_kv=128, n_init=n_init, n_local=n_local)
+            rows = mask[row:row + ROWS]
+            if steps > first:  # a half is skipped exactly when no row sees a key in it (when some rows are
+                # padding, which the kernel treats as rows, only: skipped -> invisible)
+                high_invisible = not rows[:, blocks[first] * 128:blocks[first] * 128 + 64].any()
+                low_invisible = not rows[:, blocks[-1] * 128 + 64:blocks[-1] * 128 + 128].any()
+                low_invisible = low_invisible and steps - first - high >= 1  # the low step is not the high one
+                if row + ROWS <= t:
+                    assert (high, low) == (high_invisible, low_invisible), (row, blocks)
+                else:
+                    assert high <= high_invisible and low <= low_invisible, (row, blocks)
+            else:
+                assert high == low == 0
+            skipped.append((row, int(high) + int(low)))
+    interior = [n for row, n in skipped if row >= (n_local or 0) + 128 + n_init and row + ROWS <= t]
+    assert interior
+    if n_local is not None and n_local % 128 == 0:
+        assert set(interior) == {1}
+    else:
+        assert 1 in interior  # some warpgroups skip a half
+
+
+def test_mosaic_gpu_edge_halves_at_any_first_row():
+    """The last-rows pass starts its rows anywhere (``length - n_last``): for every first row, the last
+    128-key block its 64 rows need is cut to its first half exactly when no row sees its second half."""
+    from tmjax.pallas_kernels import reference
+    from tmjax.pallas_kernels.mosaic_gpu import ROWS, edge_halves
+
+    mask = np.pad(reference.causal_mask(700), ((0, ROWS), (0, 128)))
+    for row in range(700 - ROWS):
+        last = (row + ROWS - 1) // 128
+        _, low = edge_halves(np.int32(row), last, last, np.int32(2), block_kv=128, n_init=0, n_local=None)
+        assert low == (not mask[row:row + ROWS, last * 128 + 64:last * 128 + 128].any()), row
+
+
+@pytest.mark.parametrize("q_heads, kv_heads, head_dim, items", [(8, 2, 128, 1), (7, 1, 64, 4)])
+def test_mosaic_gpu_edge_steps_lower_on_cpu(q_heads, kv_heads, head_dim, items):
+    """``Tuning(block_kv=128, edges=True)``: the half-block edge steps (their own QK and PV products on one
+    half of the K/V tiles, the second half at an offset) lower for the band, last rows and causal
+    kernels, both pairings, with one and several items, with and without sink steps."""
+    from tmjax.pallas_kernels.mosaic_gpu import Tuning
+
+    q = jax.ShapeDtypeStruct((1, 1000, q_heads, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1000, kv_heads, head_dim), jnp.bfloat16)
+    base = Tuning(block_kv=128, stages=2, items=items)
+    for sinks in (0, 64):
+        tunings = (dataclasses.replace(base, sink_keys=sinks, edges=True), dataclasses.replace(base, sink_keys=sinks))
+        for fn, kernels in ((functools.partial(tmjax.triangle_attention, n_init=8, n_local=512, n_last=128), 2),
+                            (tmjax.causal_attention, 1)):
+            texts = [jax.jit(functools.partial(fn, implementation="mosaic_gpu", tuning=tuning)).trace(q, kv, kv)
+                     .lower(lowering_platforms=("cuda",)).as_text() for tuning in tunings]
+            assert [text.count("stablehlo.custom_call @mosaic_gpu") for text in texts] == [kernels, kernels]
+            assert texts[0].count("wgmma.mma_async") > texts[1].count("wgmma.mma_async")  # the edge steps' products
+
+
+@pytest.mark.parametrize("block_kv, edges", [(64, True), (128, 2), (128, "yes")])
+def test_mosaic_gpu_tuning_refuses_edges_without_halves(block_kv, edges):
+    from tmjax.pallas_kernels.mosaic_gpu import Tuning
+
+    with pytest.raises(ValueError, match="edges"):
+        Tuning(block_kv=block_kv, edges=edges)
+
+
 @pytest.mark.parametrize("block_kv, sink_keys", [(128, 16), (64, 64), (128, 128), (128, -64)])
 def test_mosaic_gpu_tuning_refuses_sink_keys_the_products_cannot_take(block_kv, sink_keys):
     from tmjax.pallas_kernels.mosaic_gpu import Tuning
