@@ -261,7 +261,8 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
 
                 qk = pl.run_scoped(qk_product, plgpu.ACC((ROWS, width), jnp.float32))
                 plgpu.barrier_arrive(k_free.at[slot])
-                alpha, m_new, l_i, p = online_softmax(qk, m_i, l_i, visible_keys(s, masked, width, offset) if masked else None)
+                visible = visible_keys(s, masked, width, offset) if masked else None
+                alpha, m_new, l_i, p = online_softmax(qk, m_i, l_i, visible)
                 acc *= lax.broadcast_in_dim(alpha, acc.shape, [0])
                 p16 = p.astype(dtype)
                 acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
