@@ -169,16 +169,21 @@ def test_several_query_blocks_per_cta(case):
     from tmjax.pallas_kernels.mosaic_gpu import Tuning
 
     items, block_kv, stages, heads = case
+    _check_triangle_and_causal("items%d_bkv%d_st%d_H%d_KV%d_D%d" % (*case[:3], *heads), heads, 8,
+                               Tuning(block_kv, stages, 2048, items))
+
+
+def _check_triangle_and_causal(name, heads, seed, tuning, sizes=SIZES):
+    """Triangle (``sizes``) and causal attention on mosaic_gpu with ``tuning`` (the causal table without sink
+    steps), batch 2 of lengths 1000 and 811 (traced), each row against the dense float32 reference."""
     t, lengths = 1000, (1000, 811)
-    tuning = Tuning(block_kv, stages, 2048, items)
-    q, k, v = random_qkv(8, 2, t, *heads, jnp.bfloat16)
+    q, k, v = random_qkv(seed, 2, t, *heads, jnp.bfloat16)
     traced = jnp.asarray(lengths, jnp.int32)
     triangle = jax.jit(lambda q, k, v, n: tmjax.triangle_attention(
-        q, k, v, **SIZES, length=n, implementation="mosaic_gpu", tuning=tuning))
-    causal = jax.jit(lambda q, k, v, n: tmjax.causal_attention(q, k, v, length=n, implementation="mosaic_gpu",
-                                                               tuning=tuning))
-    name = "items%d_bkv%d_st%d_H%d_KV%d_D%d" % (*case[:3], *heads)
-    for pattern, run, mask_of in (("triangle", triangle, lambda n: reference.triangle_mask(n, **SIZES)),
+        q, k, v, **sizes, length=n, implementation="mosaic_gpu", tuning=tuning))
+    causal = jax.jit(lambda q, k, v, n: tmjax.causal_attention(
+        q, k, v, length=n, implementation="mosaic_gpu", tuning=dataclasses.replace(tuning, sink_keys=0)))
+    for pattern, run, mask_of in (("triangle", triangle, lambda n: reference.triangle_mask(n, **sizes)),
                                   ("causal", causal, reference.causal_mask)):
         _check_rows(f"{pattern}_{name}", run(q, k, v, traced), q, k, v, lengths, mask_of)
 
@@ -220,19 +225,9 @@ def test_edge_steps(case):
     from tmjax.pallas_kernels.mosaic_gpu import Tuning
 
     heads, items, sinks, n_local = case
-    t, lengths = 1000, (1000, 811)
-    sizes = dict(SIZES, n_local=n_local)
-    tuning = Tuning(block_kv=128, stages=2, items=items, sink_keys=sinks, edges=True)
-    q, k, v = random_qkv(10, 2, t, *heads, jnp.bfloat16)
-    traced = jnp.asarray(lengths, jnp.int32)
-    name = "edges_H%d_KV%d_D%d_items%d_sinks%d_local%d" % (*heads, items, sinks, n_local)
-    triangle = jax.jit(lambda q, k, v, n: tmjax.triangle_attention(
-        q, k, v, **sizes, length=n, implementation="mosaic_gpu", tuning=tuning))
-    _check_rows(f"triangle_{name}", triangle(q, k, v, traced), q, k, v, lengths,
-                lambda n: reference.triangle_mask(n, **sizes))
-    causal = jax.jit(lambda q, k, v, n: tmjax.causal_attention(
-        q, k, v, length=n, implementation="mosaic_gpu", tuning=dataclasses.replace(tuning, sink_keys=0)))
-    _check_rows(f"causal_{name}", causal(q, k, v, traced), q, k, v, lengths, reference.causal_mask)
+    _check_triangle_and_causal("edges_H%d_KV%d_D%d_items%d_sinks%d_local%d" % (*heads, items, sinks, n_local), heads, 10,
+                               Tuning(block_kv=128, stages=2, items=items, sink_keys=sinks, edges=True),
+                               dict(SIZES, n_local=n_local))
 
 
 @pytest.mark.skipif("mosaic_gpu" not in PALLAS, reason="needs a Hopper GPU (mosaic_gpu)")
