@@ -102,6 +102,14 @@ def edge_halves(row, first_block, last_block, n_masked, *, block_kv: int, n_init
     return high, low
 
 
+def sink_steps(row, n_full, n_steps, first_partial, *, block_kv: int, n_local: int):
+    """1 when a warpgroup's first partial step (key block ``first_partial``, after ``n_full`` full
+    steps of ``n_steps``) is key block 0 and each of its rows, from ``row``, sees only the sinks there
+    (the window of its first row starts past the block), else 0: how many narrow sink steps the kernel
+    runs with ``sink_keys``. Takes traced scalars in the kernel, numpy scalars in tests."""
+    return ((n_full < n_steps) & (first_partial == 0) & (row >= n_local + block_kv - 1)).astype(np.int32)
+
+
 def unsupported(q: jax.Array, k: jax.Array, v: jax.Array) -> str | None:
     """Why these inputs cannot run here (dtype, head_dim), or None."""
     return _common.unsupported(q, k, v, "mosaic_gpu")
@@ -159,13 +167,6 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
         low, high = w.col_bits(column)
         word = jnp.where(lane < 32, lane * 0 + low, lane * 0 + high)
         return ((word >> (lane & 31)) & 1) == 1
-
-    def narrow_sink_steps(w) -> jax.Array:
-        """1 when the work's first partial step is key block 0 and every row sees only its sinks there
-        (the window of its first row starts past the block), else 0."""
-        first_partial = w.kv_block(jnp.clip(w.n_full, 0, jnp.maximum(w.n_steps - 1, 0)))
-        sinks_only = (w.n_full < w.n_steps) & (first_partial == 0) & (w.row >= n_local + block_kv - 1)
-        return sinks_only.astype(jnp.int32)
 
     def items(body):
         """``body(item, base) -> base``, over the CTA's items."""
@@ -247,7 +248,7 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
                 acc, m_i, l_i = carry
                 slot = slot_of(s)
                 # A sink step computes only the tile's first sink_keys keys: the sinks (the rest of the
-                # block is outside every row's window, see narrow_sink_steps); an edge step one half
+                # block is outside every row's window, see sink_steps); an edge step one half
                 width, offset = {"sinks": (sink_keys, 0), "low": (block_kv // 2, 0),
                                  "high": (block_kv // 2, block_kv // 2)}.get(masked, (block_kv, 0))
                 k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
@@ -287,7 +288,9 @@ def _pipeline(work_of, k_ref, v_ref, smem, barriers, *, block_kv, stages, scale,
             carry = lax.fori_loop(0, w.n_full, functools.partial(_unmasked, step), (acc, m_i, l_i))
             masked_from = w.n_full
             if sink_keys:  # 0 or 1 sink step, the first partial one
-                masked_from = w.n_full + narrow_sink_steps(w)
+                first_partial = w.kv_block(jnp.clip(w.n_full, 0, jnp.maximum(w.n_steps - 1, 0)))
+                masked_from = w.n_full + sink_steps(w.row, w.n_full, w.n_steps, first_partial, block_kv=block_kv,
+                                                    n_local=n_local)
                 carry = lax.fori_loop(w.n_full, masked_from, functools.partial(step, masked="sinks"), carry)
             if edges:  # 0 or 1 step on each end of the masked ones, on one half of its tile
                 last = jnp.maximum(w.n_steps - 1, 0)

@@ -164,10 +164,10 @@ def test_mosaic_gpu_edge_halves_skip_only_invisible_halves(t, n_init, n_local, b
     128-key blocks: a half it skips holds no key visible to any of the warpgroup's rows under the mask
     recomputed from its definition; and in the band's interior (past the window and the sinks) every
     64-row warpgroup skips exactly one half (the window's first block or the diagonal block). The masked
-    steps start after the kernel's sink step (``sink_keys=64``: key block 0 first among the partial
-    ones, for a row past ``n_local + 127``)."""
+    steps start after the kernel's sink step (``sink_keys=64``), which ``mosaic_gpu.sink_steps`` takes
+    exactly when key block 0 is the first partial step and no row sees a key of it past the sinks."""
     from tmjax.pallas_kernels import block_tables, reference
-    from tmjax.pallas_kernels.mosaic_gpu import ROWS, edge_halves
+    from tmjax.pallas_kernels.mosaic_gpu import ROWS, edge_halves, sink_steps
 
     table = block_tables.block_table(t, block_q, 128, n_init=n_init, n_local=n_local)
     mask = reference.triangle_mask(t, n_init, n_local, 0) if n_local else reference.causal_mask(t)
@@ -177,12 +177,17 @@ def test_mosaic_gpu_edge_halves_skip_only_invisible_halves(t, n_init, n_local, b
         for row in range(qb * block_q, (qb + 1) * block_q, ROWS):
             full, steps = int(table.num_full[qb]), int(table.num_steps[qb])
             blocks = table.kv_index[qb, :steps]
-            sink_step = n_local is not None and 0 < n_init <= 64 and full < steps and blocks[full] == 0 \
-                and row >= n_local + 127
+            rows = mask[row:row + ROWS]
+            sink_step = 0
+            if n_local is not None and 0 < n_init <= 64:  # the kernel's own rule, with sink_keys=64
+                sink_step = int(sink_steps(np.int32(row), np.int32(full), np.int32(steps),
+                                           blocks[min(full, steps - 1)], block_kv=128, n_local=n_local))
+                # taken exactly when block 0 is the first partial step and no row sees a key of it past the sinks
+                narrow_fits = full < steps and blocks[full] == 0 and not rows[:, n_init:128].any()
+                assert sink_step == narrow_fits if row + ROWS <= t else sink_step <= narrow_fits, (row, blocks)
             first = full + sink_step
             high, low = edge_halves(np.int32(row), blocks[min(first, steps - 1)], blocks[steps - 1],
                                     np.int32(steps - first), block_kv=128, n_init=n_init, n_local=n_local)
-            rows = mask[row:row + ROWS]
             if steps > first:  # a half is skipped exactly when no row sees a key in it (when some rows are
                 # padding, which the kernel treats as rows, only: skipped -> invisible)
                 high_invisible = not rows[:, blocks[first] * 128:blocks[first] * 128 + 64].any()
