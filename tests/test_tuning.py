@@ -56,8 +56,8 @@ def test_shipped_entries_name_their_backends_fields_and_sources(name):
         assert entry["source"].strip()
 
 
-@pytest.mark.parametrize("run", ["attention-combined-H100-20261207/attention-NVIDIA_H100_80GB_HBM3-20261207-2105.json",
-                                 "attention-variants-H100-20261207/attention-NVIDIA_H100_80GB_HBM3-20261207-1859.json"])
+@pytest.mark.parametrize("run", ["attention-edges-H100-20261208/attention-NVIDIA_H100_80GB_HBM3-20261208-0048.json",
+                                 "attention-edges-H100-20261208/attention-NVIDIA_H100_80GB_HBM3-20261208-0050.json"])
 def test_mosaic_gpu_triangle_runs_what_the_recorded_figures_measured(run):
     """``implementation=None`` on that device and those shapes runs the tuning of the recorded run's
     fastest mosaic_gpu triangle row at its longest length (the figure the README quotes), as the row
