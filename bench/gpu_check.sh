@@ -48,8 +48,8 @@
 #          within 30 s, carries part b)
 #   first  a session's first call when either card may come (kind nvidia-h200, needs_h200 false): on an
 #          H200, issue 20's 512K rows (`long 524288`, tm and tm+fp, bf16 cache); on an H100, issue 21's
-#          variants (default: the half-block edge steps' GPU tests, then edges and longer KV chunks for the
-#          dense last rows on the table's entries)
+#          variants (default: test_mosaic_gpu_guard_only_for_nonfinite_values, then longer KV chunks for the dense last rows and the
+#          non-finite-only guard on the table's entries)
 #   bash bench/gpu_check.sh prep|first|tests|bench|variants|vs|ttft|sweep|gridsweep|evals|dynamic|long|fp8eval [seqs|parts]
 # The device tool allows 10 minutes a call: one mode per call.
 set -uo pipefail
@@ -84,8 +84,9 @@ case "$what" in
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
       CONFIGS="${CONFIGS:-tm,tm+fp}" REPEATS="${REPEATS:-0}" ROW_S="${ROW_S:-280}" LONG_S="${LONG_S:-300}" \
         bash "$0" long 524288
-    else  # issue 21 on the H100: lead 5 (edges) and the last rows' KV chunk on the table's entries, both head shapes
-      TESTS_K="${TESTS_K:-edge}" VARIANTS="${VARIANTS:-edges=1;kv_chunk=8192;kv_chunk=16384}" bash "$0" variants 32768,131072
+    else  # issue 21 on the H100: the last rows' KV chunk and the non-finite-only guard on the table's entries
+      # (edges on since 2026-12-08), both head shapes, after the value-guard tests
+      TESTS_K="${TESTS_K:-guard_only_for_nonfinite}" VARIANTS="${VARIANTS:-kv_chunk=8192;kv_chunk=16384;guard=nonfinite}" bash "$0" variants 32768,131072
     fi ;;
   tests)
     # TESTS_K="expr" runs a part of the grid (pytest -k), for a grid longer than one call
