@@ -48,8 +48,8 @@
 #          within 30 s, carries part b)
 #   first  a session's first call when either card may come (kind nvidia-h200, needs_h200 false): on an
 #          H200, issue 20's 512K rows (`long 524288`, tm and tm+fp, bf16 cache); on an H100, issue 21's
-#          variants (default: test_mosaic_gpu_guard_only_for_nonfinite_values, then longer KV chunks for the dense last rows and the
-#          non-finite-only guard on the table's entries)
+#          variants (default: test_mosaic_gpu_guard_only_for_nonfinite_values, then longer KV chunks for
+#          the dense last rows and the non-finite-only guard on the table's entries)
 #   bash bench/gpu_check.sh prep|first|tests|bench|variants|vs|ttft|sweep|gridsweep|evals|dynamic|long|fp8eval [seqs|parts]
 # The device tool allows 10 minutes a call: one mode per call.
 set -uo pipefail
